@@ -1,0 +1,27 @@
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# Re-install whenever pyproject.toml changes.
+STAMP := .venv/.installed-stamp
+
+.PHONY: venv demo test test-slow bench
+
+venv: $(STAMP)
+
+# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: venv
+	.venv/bin/flextron demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+bench: venv
+	$(PY) benchmarks/forward_speed.py

@@ -1,0 +1,26 @@
+"""flextron_fx: one trained transformer in, a family of nested elastic sub-networks out.
+
+Example:
+    >>> import flextron_fx                              # doctest: +SKIP
+    >>> em = flextron_fx.flextronize(model, (ids,), calibration)  # doctest: +SKIP
+    >>> em.set_widths(0.5); small = em.materialize()    # doctest: +SKIP
+"""
+
+from .config import FlextronConfig
+from .elastic.model import ElasticModel
+from .errors import (
+    CalibrationDataError,
+    CheckpointError,
+    FlextronError,
+    TraceError,
+    UnsupportedModelError,
+    WidthError,
+)
+from .export.checkpoint import load, save
+from .pipeline import flextronize
+
+__all__ = [
+    "CalibrationDataError", "CheckpointError", "ElasticModel", "FlextronConfig", "FlextronError",
+    "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
+]
+__version__ = "0.1.0"

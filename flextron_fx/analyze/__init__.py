@@ -1,0 +1,278 @@
+"""Stage 2: find MLP and attention blocks in a traced graph by dataflow alone.
+
+`analyze(gm, sample_inputs)` runs the graph once on the sample inputs to record concrete
+shapes, propagates dimension atoms (propagate.py), and reads the blocks off the result:
+
+* an MLP is a set of projections from one input whose output axes unify into one class
+  (the neurons) that a single projection contracts back (down);
+* attention is the same with an attention core (scaled_dot_product_attention or
+  matmul-softmax-matmul) in between; the axes that the core batches over are the heads,
+  those present in every projection are KV groups, the rest are query heads per group.
+
+Nothing here reads class or parameter names. A block whose axes got pinned (an op that
+needs the full axis, or one the analysis does not know) is reported with the node and the
+reason and left dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .dims import AtomTable
+from .propagate import Projection, Propagation, ShapeArg, propagate
+
+__all__ = ["Analysis", "Block", "Proj", "Skipped", "analyze"]
+
+
+@dataclass
+class Proj:
+    """One weight of a block: which node, which parameter, which axis is sliced, and how."""
+
+    role: str  # gate / up / gate_up / in / down ; q / k / v / qkv / kv / o
+    node: fx.Node
+    weight: str  # get_attr target of the weight
+    bias: str | None  # get_attr target of the bias sliced with it (in-projections only)
+    axis: int  # weight axis that is sliced
+    layout: tuple  # AtomTable.tree of the sliced axis
+
+
+@dataclass
+class Block:
+    """An elastic MLP or attention block, with the facts passes and users need."""
+
+    name: str
+    kind: str  # "mlp" or "attention"
+    projections: list[Proj]
+    classes: dict[str, int]  # "neurons" / "groups" / "per_group" -> atom class
+    sizes: dict[str, int]  # hidden, heads, kv_heads, head_dim, model_dim
+    biases: bool
+    module_path: str = ""
+
+    @property
+    def out_proj(self) -> Proj:
+        return self.projections[-1]
+
+    @property
+    def in_projs(self) -> list[Proj]:
+        return self.projections[:-1]
+
+    @property
+    def full_width(self) -> int:
+        return self.sizes["hidden"] if self.kind == "mlp" else self.sizes["heads"]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "module": self.module_path,
+            "projections": {p.role: p.weight for p in self.projections},
+            "sizes": dict(self.sizes), "biases": self.biases,
+        }
+
+
+@dataclass
+class Skipped:
+    """A block-like region left dense, and why."""
+
+    node: str
+    module_path: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    atoms: AtomTable
+    blocks: list[Block]
+    skipped: list[Skipped]
+    shape_args: list[ShapeArg] = field(default_factory=list)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("model.") if path else ""
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    out = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        out.append(segs[0])
+    return ".".join(out)
+
+
+def analyze(gm: fx.GraphModule, sample_inputs: tuple) -> Analysis:
+    """Find the elastic blocks of `gm` (see the module docstring).
+
+    Requires: `gm` is an aten-level graph (torch.export), parameters as get_attr nodes.
+    Ensures: every node has `meta["tensor_meta"]`; blocks list their projections in
+    graph order with the out-projection last.
+
+    Example:
+        >>> from flextron_fx.trace import trace
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        >>> x = (torch.randn(2, 3, 8),)
+        >>> [b.kind for b in analyze(trace(m, x).graph_module, x).blocks]
+        ['mlp']
+    """
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*sample_inputs)
+    st = propagate(gm)
+    blocks, skipped = _extract(gm, st)
+    return Analysis(atoms=st.atoms, blocks=blocks, skipped=skipped, shape_args=st.shape_args)
+
+
+def _extract(gm: fx.GraphModule, st: Propagation):
+    A = st.atoms
+    blocks: list[Block] = []
+    skipped: list[Skipped] = []
+    by_root: dict[int, list[Projection]] = {}
+    for p in st.projections:
+        for r in A.tree_roots(p.out_atom):
+            by_root.setdefault(r, []).append(p)
+    used: set[fx.Node] = set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pending: list[tuple[set, Skipped]] = []
+
+    for out in st.projections:
+        if not out.contraction:
+            continue
+        roots = [A.find(a) for a in out.contraction if A.size[A.find(a)] > 1]
+        derived = [r for r in roots if A.is_derived(r)]
+        if not derived:
+            continue
+        heads = [r for r in derived if A.has_role(r, "head")]
+        kind = "attention" if heads else "mlp"
+        elastic = heads if heads else derived
+        ins = {p.node: p for r in elastic for p in by_root.get(r, []) if p is not out}
+        path = _common_prefix([_module_path(p.node) for p in [*ins.values(), out]])
+        where = f"{out.node.format_node()}"
+        if not ins:
+            continue
+        pins = [A.pinned[r] for r in elastic if r in A.pinned]
+        if pins:
+            pending.append((set(ins), Skipped(where, path, f"{kind} left dense: {pins[0]}")))
+            continue
+        if kind == "mlp" and len(set(derived)) != 1:
+            skipped.append(Skipped(where, path, "mlp hidden axis is a product of several "
+                                               "axes; left dense"))
+            continue
+        if any(n in used for n in [*ins, out.node]):
+            skipped.append(Skipped(where, path, "projection shared with another block"))
+            continue
+        block = _make_block(gm, st, out, sorted(ins.values(), key=lambda p: order[p.node]),
+                            kind, elastic, path, len(blocks))
+        if isinstance(block, Skipped):
+            skipped.append(block)
+            continue
+        used.update([*ins, out.node])
+        blocks.append(block)
+    # a pinned "block" whose inputs are all out-projections of found blocks is just the
+    # residual stream between blocks, not a block that was missed
+    skipped += [s for ins, s in pending if not ins <= used]
+    return blocks, skipped
+
+
+def _terms(tree) -> list[list[int]]:
+    """Roots of each product term of a layout tree (sums expanded into separate terms)."""
+    kind = tree[0]
+    if kind == "atom":
+        return [[tree[1]]]
+    if kind == "sum":
+        return [t for c in tree[1] for t in _terms(c)]
+    out = [[]]
+    for c in tree[1]:
+        out = [a + b for a in out for b in _terms(c)]
+    return out
+
+
+def _make_block(gm, st, out: Projection, ins: list[Projection], kind, elastic, path, idx):
+    A = st.atoms
+    projs: list[Proj] = []
+    biases = False
+    for p in ins:
+        bias = p.bias.target if isinstance(p.bias, fx.Node) else None
+        biases |= bias is not None
+        projs.append(Proj("", p.node, p.weight.target, bias, p.out_axis, A.tree(p.out_atom)))
+    out_bias = out.bias is not None
+    projs.append(Proj("o" if kind == "attention" else "down", out.node, out.weight.target, None,
+                      1 - out.out_axis, ("prod", [A.tree(a) for a in out.contraction])))
+    model_dim = _param(gm, out.weight).shape[out.out_axis]
+    name = f"{path or 'block'}#{idx}"
+    if kind == "mlp":
+        n = elastic[0]
+        _name_mlp(st, projs, n)
+        sizes = {"hidden": A.size[n], "model_dim": model_dim}
+        return Block(name, kind, projs, {"neurons": n}, sizes, biases or out_bias, path)
+
+    # query heads that share one K/V head were broadcast to it (repeat_kv or enable_gqa)
+    per_group = {c for c in elastic if A.has_role(c, "broadcast")}
+    groups = set(elastic) - per_group
+    if len(groups) > 1 or len(per_group) > 1:
+        return Skipped(out.node.format_node(), path,
+                       "attention heads factor into more than two axes; left dense")
+    g = next(iter(groups), None)
+    r = next(iter(per_group), None)
+    G = A.size[g] if g is not None else 1
+    R = A.size[r] if r is not None else 1
+    head_dim = math.prod(A.size[A.find(a)] for a in out.contraction) // (G * R)
+    classes = {}
+    if g is not None:
+        classes["groups"] = g
+    if r is not None:
+        classes["per_group"] = r
+    _name_attention(st, projs, r)
+    kv = G  # with no per-group axis every head has its own K/V
+    sizes = {"heads": G * R, "kv_heads": kv, "head_dim": head_dim, "model_dim": model_dim}
+    return Block(name, "attention", projs, classes, sizes, biases or out_bias, path)
+
+
+def _param(gm, node):
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _name_mlp(st, projs: list[Proj], n: int) -> None:
+    ins = projs[:-1]
+    if len(ins) == 1:
+        ins[0].role = "gate_up" if ins[0].layout[0] == "sum" else "up"
+        return
+    # the gate goes through a non-linearity before meeting the other input at a product
+    for p in ins:
+        user = next(iter(p.node.users), None)
+        p.role = "up" if user is not None and len(user.all_input_nodes) > 1 else "gate"
+    if all(p.role == "up" for p in ins) or all(p.role == "gate" for p in ins):
+        for k, p in enumerate(ins):
+            p.role = f"in{k}"
+
+
+def _name_attention(st, projs: list[Proj], r) -> None:
+    ins = projs[:-1]
+    if len(ins) == 1:
+        ins[0].role = "qkv" if len(_terms(ins[0].layout)) >= 3 else "q"
+        return
+    for p in ins:
+        n_terms = len(_terms(p.layout))
+        has_r = r is not None and r in {a for t in _terms(p.layout) for a in t}
+        p.role = "qkv" if n_terms >= 3 else ("q" if has_r else "")
+    unnamed = [p for p in ins if not p.role]
+    if len(unnamed) == 3 and r is None:
+        for p, role in zip(unnamed, "qkv"):
+            p.role = role
+    elif len(unnamed) == 2:
+        unnamed[0].role, unnamed[1].role = "k", "v"
+    elif len(unnamed) == 1:
+        unnamed[0].role = "kv" if len(_terms(unnamed[0].layout)) == 2 else "k"
+    for k, p in enumerate(ins):
+        p.role = p.role or f"in{k}"

@@ -1,0 +1,80 @@
+"""Configuration of the flextronize pipeline: frozen, validated, JSON-serialisable data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+HEAD_MODES = ("query", "group")
+HEAD_SCORES = ("output_l1", "contribution")
+
+
+@dataclass(frozen=True)
+class FlextronConfig:
+    """Everything `flextronize` needs besides the model and its sample inputs.
+
+    Example:
+        >>> cfg = FlextronConfig(num_candidates=3, mlp_multiple=32)
+        >>> FlextronConfig.from_json(cfg.to_json()) == cfg
+        True
+
+    Attributes:
+        num_candidates: nested widths per elastic op (the paper uses 4).
+        mlp_multiple: MLP candidate widths are rounded to a multiple of this
+            (hardware-friendly matmul shapes); capped at the layer width.
+        head_mode: how attention heads shrink under grouped-query attention.
+            "query" keeps every KV group and drops query heads inside each group;
+            "group" drops whole KV groups together with their query heads.
+        head_score: head importance. "contribution" (default) is the L2 norm of each
+            head's output after the output projection, summed over calibration tokens;
+            "output_l1" is the paper's Eq. 3 (L1 norm of the head output).
+        calibration_batch_size: sequences per forward pass while ranking.
+        seed: seeds the calibration order; the same seed gives the same permutation.
+    """
+
+    num_candidates: int = 4
+    mlp_multiple: int = 64
+    head_mode: str = "query"
+    head_score: str = "contribution"
+    calibration_batch_size: int = 8
+    seed: int = 0
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_candidates, int) or self.num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {self.num_candidates!r}")
+        if not isinstance(self.mlp_multiple, int) or self.mlp_multiple < 1:
+            raise ValueError(f"mlp_multiple must be an int >= 1, got {self.mlp_multiple!r}")
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
+        if self.head_score not in HEAD_SCORES:
+            raise ValueError(f"head_score must be one of {HEAD_SCORES}, got {self.head_score!r}")
+        if self.calibration_batch_size < 1:
+            raise ValueError("calibration_batch_size must be >= 1, "
+                             f"got {self.calibration_batch_size!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported by this "
+                             f"flextron_fx (expects {CONFIG_VERSION}); re-run the conversion")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlextronConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown FlextronConfig fields {sorted(unknown)}; "
+                             f"allowed: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FlextronConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,194 @@
+"""ElasticModel: a flextronized graph plus its blocks, candidate widths and current widths."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..analyze import Block
+from ..config import FlextronConfig
+from ..errors import WidthError
+from .ops import WidthState
+
+
+@dataclass(frozen=True)
+class ElasticOp:
+    """One elastic block as users see it: its name, kind, full width and candidates.
+
+    Widths count MLP neurons or attention query heads.
+    """
+
+    name: str
+    kind: str
+    module: str
+    full: int
+    candidates: tuple[int, ...]
+    sizes: dict
+
+
+def mlp_candidates(hidden: int, k: int, multiple: int) -> tuple[int, ...]:
+    """K nested MLP widths, rounded to a multiple that still leaves K distinct values."""
+    step = max(1, min(multiple, hidden))
+    while step > 1 and hidden // step < k:
+        step //= 2
+    out = {hidden}
+    for i in range(1, k):
+        out.add(min(hidden, max(step, round(hidden * i / k / step) * step)))
+    return tuple(sorted(out))
+
+
+def head_candidates(axis: int, k: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(axis * i / k)) for i in range(1, k + 1)}))
+
+
+class ElasticModel(nn.Module):
+    """A model whose MLP and attention blocks run at any of their candidate widths.
+
+    Example:
+        >>> em.set_widths(0.5)                        # doctest: +SKIP
+        >>> em.set_widths({"model.layers.0.mlp#1": 768})  # doctest: +SKIP
+        >>> dense = em.materialize()                  # doctest: +SKIP
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, blocks: list[Block], state: WidthState,
+                 config: FlextronConfig, *, source: dict | None = None,
+                 sample_shape: tuple[int, ...] = (2, 8), param_prefix: str = ""):
+        super().__init__()
+        self.graph_module = graph_module
+        self.config = config
+        self.source = source or {"kind": "module"}
+        self.sample_shape = tuple(sample_shape)
+        self.param_prefix = param_prefix
+        self._state = state
+        self._blocks = {b.name: b for b in blocks}
+        self.ops: dict[str, ElasticOp] = {}
+        for b in blocks:
+            cands = (mlp_candidates(b.full_width, config.num_candidates, config.mlp_multiple)
+                     if b.kind == "mlp" else self._head_candidates(b))
+            self.ops[b.name] = ElasticOp(b.name, b.kind, b.module_path, b.full_width, cands,
+                                         dict(b.sizes))
+        self._widths = {name: op.full for name, op in self.ops.items()}
+
+    # ---- widths ------------------------------------------------------------------------
+    def _head_axis(self, b: Block) -> tuple[str, int, int]:
+        """(class key that varies, its size, heads per unit of it) under the head mode."""
+        g, r = b.classes.get("groups"), b.classes.get("per_group")
+        G = b.sizes["kv_heads"] if g is not None else 1
+        R = b.sizes["heads"] // G
+        if self.config.head_mode == "query":
+            return ("per_group", R, G) if r is not None and R > 1 else ("groups", G, R)
+        return ("groups", G, R) if g is not None and G > 1 else ("per_group", R, G)
+
+    def _head_candidates(self, b: Block) -> tuple[int, ...]:
+        _, size, unit = self._head_axis(b)
+        return tuple(c * unit for c in head_candidates(size, self.config.num_candidates))
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return dict(self._widths)
+
+    def set_full(self) -> None:
+        self.set_widths(1.0)
+
+    def set_widths(self, widths) -> None:
+        """Choose the sub-network: a fraction for every op, {op: width}, or a list in op order.
+
+        A fraction picks, per op, the smallest candidate at least that share of the full
+        width. Ops missing from a dict stay at their current width.
+        """
+        new = dict(self._widths)
+        if isinstance(widths, (int, float)) and not isinstance(widths, bool):
+            frac = float(widths)
+            if not 0.0 < frac <= 1.0:
+                raise WidthError(f"a uniform width is a fraction in (0, 1], got {widths!r}")
+            for name, op in self.ops.items():
+                new[name] = next(c for c in op.candidates if c >= frac * op.full - 1e-9)
+        elif isinstance(widths, dict):
+            for name, w in widths.items():
+                if name not in self.ops:
+                    near = [n for n in self.ops if n.split("#")[0] in name or name in n][:3]
+                    raise WidthError(f"no elastic op named {name!r}; "
+                                     f"{'did you mean ' + str(near) + '? ' if near else ''}"
+                                     f"see ElasticModel.ops for the {len(self.ops)} names")
+                new[name] = w
+        elif isinstance(widths, (list, tuple)):
+            if len(widths) != len(self.ops):
+                raise WidthError(f"got {len(widths)} widths for {len(self.ops)} elastic ops; "
+                                 "pass one per op, in the order of ElasticModel.ops")
+            new.update(zip(self.ops, widths))
+        else:
+            raise WidthError("widths must be a fraction, a dict {op name: width} or a list, "
+                             f"got {type(widths).__name__}")
+        for name, w in new.items():
+            op = self.ops[name]
+            if not isinstance(w, int) or isinstance(w, bool) or w not in op.candidates:
+                what = "neurons" if op.kind == "mlp" else "query heads"
+                raise WidthError(f"width {w!r} for {name} ({op.kind}, {op.full} {what}) is not "
+                                 f"a candidate; allowed: {list(op.candidates)}")
+        self._widths = new
+        self._state.set(self._class_widths(new))
+
+    def _class_widths(self, widths: dict[str, int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for name, w in widths.items():
+            b = self._blocks[name]
+            if b.kind == "mlp":
+                out[b.classes["neurons"]] = w
+                continue
+            key, _, unit = self._head_axis(b)
+            if key in b.classes:
+                out[b.classes[key]] = w // unit
+        return out
+
+    # ---- running and exporting ----------------------------------------------------------
+    def forward(self, *inputs):
+        return self.graph_module(*inputs)
+
+    def materialize(self, widths=None) -> nn.Module:
+        """A plain dense copy at `widths` (default: the current ones) with sliced weights.
+
+        The result holds no flextron modules: its parameters have the smaller shapes and
+        its shape constants the smaller values.
+        """
+        from ..passes.elasticize import freeze
+
+        gm = copy.deepcopy(self.graph_module)
+        state = _find_state(gm)
+        current = self.widths
+        try:
+            if widths is not None:
+                self.set_widths(widths)
+            state.set(self._class_widths(self._widths))
+        finally:
+            self._widths = current
+            self._state.set(self._class_widths(current))
+        frozen = freeze(gm)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        return frozen
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.graph_module.parameters())
+
+    def summary(self) -> str:
+        lines = [f"{'op':<40} {'kind':<10} {'full':>6}  candidates"]
+        for op in self.ops.values():
+            lines.append(f"{op.name:<40} {op.kind:<10} {op.full:>6}  {list(op.candidates)}")
+        return "\n".join(lines)
+
+    def block(self, name: str) -> Block:
+        return self._blocks[name]
+
+
+def _find_state(gm: nn.Module) -> WidthState:
+    from .ops import WeightSlice
+
+    for m in gm.modules():
+        if isinstance(m, WeightSlice):
+            return m.state
+    raise RuntimeError("no elastic op in this graph")  # pragma: no cover
+

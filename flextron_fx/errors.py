@@ -1,0 +1,27 @@
+"""Error types. Every message names what is wrong and what the user can do about it."""
+
+from __future__ import annotations
+
+
+class FlextronError(Exception):
+    """Base class of every error raised by flextron_fx."""
+
+
+class TraceError(FlextronError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class UnsupportedModelError(FlextronError):
+    """The graph holds no MLP or attention block that can be made elastic."""
+
+
+class WidthError(FlextronError, ValueError):
+    """Widths given to an elastic model are out of range or not among the candidates."""
+
+
+class CalibrationDataError(FlextronError, ValueError):
+    """Calibration inputs have the wrong type, shape or values."""
+
+
+class CheckpointError(FlextronError):
+    """A saved elastic model is missing, incomplete or does not match the model given."""

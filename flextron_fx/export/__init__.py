@@ -1,0 +1,1 @@
+"""Stage: export. Materialised dense models and elastic checkpoints."""

@@ -1,0 +1,1 @@
+"""Graph passes: rank (importance), permute (sort by importance), elasticize (slicing ops)."""

@@ -1,0 +1,72 @@
+"""flextronize(): the whole conversion, one named stage per line."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .analyze import analyze
+from .config import FlextronConfig
+from .elastic.model import ElasticModel
+from .errors import UnsupportedModelError
+from .passes.elasticize import elasticize
+from .passes.permute import permute, sort_order
+from .passes.rank import rank
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+
+def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
+                config: FlextronConfig | None = None, progress: bool = True) -> ElasticModel:
+    """Turn a trained model into an elastic one with importance-sorted neurons and heads.
+
+    `sample_inputs` is a tuple whose first tensor is [batch >= 2, seq >= 2] (token ids for
+    language models); `calibration` is a [n, seq] tensor of real inputs (the paper uses
+    512 sequences). Without calibration data the blocks keep their stored order.
+    The user's model is not modified.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(),
+        ...                         torch.nn.Linear(64, 8))
+        >>> em = flextronize(m, (torch.randn(2, 4, 8),), torch.randn(16, 4, 8), progress=False)
+        >>> em.set_widths(0.5); em(torch.randn(3, 5, 8)).shape
+        torch.Size([3, 5, 8])
+    """
+    config = config or FlextronConfig()
+    traced = trace(model, sample_inputs)
+    gm = traced.graph_module
+    analysis = analyze(gm, traced.sample_inputs)
+    blocks = analysis.blocks
+    for s in analysis.skipped:
+        log.warning("left dense: %s (%s)", s.reason, s.module_path or s.node)
+    if not blocks:
+        why = "; ".join(f"{s.module_path or s.node}: {s.reason}" for s in analysis.skipped[:3])
+        raise UnsupportedModelError(
+            f"found no MLP or attention block to make elastic in {type(model).__name__}"
+            + (f" ({why})" if why else " (no linear layer feeds another through element-wise "
+               "ops or an attention core)")
+            + ". flextron_fx needs blocks of the form linear -> element-wise -> linear or "
+            "q/k/v projections -> attention -> output projection.")
+    if calibration is not None:
+        scores = rank(gm, analysis, blocks, calibration, head_score=config.head_score,
+                      batch_size=config.calibration_batch_size,
+                      sample_inputs=traced.sample_inputs, progress=progress)
+        permute(gm, analysis, blocks, {b.name: sort_order(b, scores[b.name]) for b in blocks})
+    state = elasticize(gm, analysis, blocks)
+    em = ElasticModel(gm, blocks, state, config, source=_source(model, traced.is_hf),
+                      sample_shape=tuple(traced.sample_inputs[0].shape),
+                      param_prefix=traced.param_prefix)
+    em.skipped = analysis.skipped
+    return em
+
+
+def _source(model: nn.Module, is_hf: bool) -> dict:
+    if is_hf:
+        return {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
+    return {"kind": "module", "class": type(model).__name__}
+
+
+__all__ = ["flextronize"]

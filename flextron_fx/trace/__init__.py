@@ -1,0 +1,111 @@
+"""Stage 1: capture a user's model as a torch.fx GraphModule (torch.export, non-strict)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TraceError
+
+log = logging.getLogger(__name__)
+
+
+class LogitsOnly(nn.Module):
+    """Calls a Hugging Face model without a KV cache and returns one tensor.
+
+    Causal LMs give their logits, encoders their last hidden state.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids, use_cache=False)
+        if hasattr(out, "logits") and out.logits is not None:
+            return out.logits
+        return out.last_hidden_state
+
+
+@dataclass
+class Traced:
+    """A traced model: the graph, the prefix of parameter names added by the wrapper."""
+
+    graph_module: torch.fx.GraphModule
+    param_prefix: str
+    is_hf: bool
+    sample_inputs: tuple
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _check_inputs(sample_inputs) -> tuple:
+    if isinstance(sample_inputs, torch.Tensor):
+        sample_inputs = (sample_inputs,)
+    if not isinstance(sample_inputs, tuple) or not sample_inputs:
+        raise TraceError("sample_inputs must be a tensor or a non-empty tuple of tensors, "
+                         f"got {type(sample_inputs).__name__}")
+    first = sample_inputs[0]
+    if not isinstance(first, torch.Tensor) or first.dim() < 2:
+        raise TraceError("the first sample input must be a tensor of shape [batch, seq, ...]; "
+                         f"got {getattr(first, 'shape', type(first).__name__)}")
+    if first.shape[0] < 2 or first.shape[1] < 2:
+        raise TraceError(f"sample inputs of shape {tuple(first.shape)} would specialise the "
+                         "graph to batch or sequence 1; pass at least 2 sequences of 2+ tokens")
+    return sample_inputs
+
+
+def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Traced:
+    """Export `model` to a GraphModule with dynamic batch and sequence length.
+
+    Hugging Face models are wrapped so the graph returns only logits (no cache).
+    Parameters keep their module paths (`get_attr` targets), every node keeps its
+    `nn_module_stack`, and `node.meta["val"]` holds fake tensors with symbolic shapes.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> trace(m, (torch.randn(2, 3, 4),)).graph_module(torch.randn(5, 7, 4)).shape
+        torch.Size([5, 7, 4])
+    """
+    sample_inputs = _check_inputs(sample_inputs)
+    hf = is_hf_model(model)
+    root = LogitsOnly(model) if hf else model
+    if max_seq is None:
+        max_seq = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_seq = max_seq or 1 << 16
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("seq", min=2, max=max(int(max_seq), 3))
+    dynamic = tuple({0: batch, 1: seq} if i == 0 else None for i in range(len(sample_inputs)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(root, sample_inputs, dynamic_shapes=dynamic,
+                                          strict=False)
+    except Exception as exc:  # export raises many unrelated types; all mean the same here
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "What to do: make forward() traceable (no data-dependent Python control flow on "
+            "tensor values, no printing of tensors), or wrap the part that fails in a leaf "
+            "module; the first sample input must be [batch, seq] and the output a tensor."
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    # the exported module may share parameter storage with the user's model; passes
+    # rewrite weights in place, so give the graph its own copies
+    with torch.no_grad():
+        for name, p in list(gm.named_parameters()) + list(gm.named_buffers()):
+            p.data = p.data.clone()
+    return Traced(graph_module=gm, param_prefix="model." if hf else "", is_hf=hf,
+                  sample_inputs=sample_inputs)
