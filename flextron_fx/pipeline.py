@@ -50,17 +50,25 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                "ops or an attention core)")
             + ". flextron_fx needs blocks of the form linear -> element-wise -> linear or "
             "q/k/v projections -> attention -> output projection.")
+    orders = {}
     if calibration is not None:
         scores = rank(gm, analysis, blocks, calibration, head_score=config.head_score,
                       batch_size=config.calibration_batch_size,
                       sample_inputs=traced.sample_inputs, progress=progress)
-        permute(gm, analysis, blocks, {b.name: sort_order(b, scores[b.name]) for b in blocks})
+        orders = {b.name: sort_order(b, scores[b.name]) for b in blocks}
+        permute(gm, analysis, blocks, orders)
     state = elasticize(gm, analysis, blocks)
     em = ElasticModel(gm, blocks, state, config, source=_source(model, traced.is_hf),
                       sample_shape=tuple(traced.sample_inputs[0].shape),
                       param_prefix=traced.param_prefix)
     em.skipped = analysis.skipped
+    em.orders = {name: {_axis_name(b, c): idx.tolist() for c, idx in sel.items()}
+                 for b in blocks for name, sel in [(b.name, orders.get(b.name, {}))]}
     return em
+
+
+def _axis_name(block, cls: int) -> str:
+    return next(k for k, v in block.classes.items() if v == cls)
 
 
 def _source(model: nn.Module, is_hf: bool) -> dict:

@@ -72,6 +72,8 @@ class ElasticModel(nn.Module):
             self.ops[b.name] = ElasticOp(b.name, b.kind, b.module_path, b.full_width, cands,
                                          dict(b.sizes))
         self._widths = {name: op.full for name, op in self.ops.items()}
+        self.skipped: list = []  # blocks left dense, with reasons (analyze.Skipped)
+        self.orders: dict = {}  # block -> axis -> stored order of original indices
 
     # ---- widths ------------------------------------------------------------------------
     def _head_axis(self, b: Block) -> tuple[str, int, int]:
@@ -94,19 +96,23 @@ class ElasticModel(nn.Module):
     def set_full(self) -> None:
         self.set_widths(1.0)
 
-    def set_widths(self, widths) -> None:
+    def set_widths(self, widths, *, kind: str | None = None) -> None:
         """Choose the sub-network: a fraction for every op, {op: width}, or a list in op order.
 
         A fraction picks, per op, the smallest candidate at least that share of the full
-        width. Ops missing from a dict stay at their current width.
+        width; with `kind` ("mlp" or "attention") only ops of that kind change. Ops missing
+        from a dict stay at their current width.
         """
         new = dict(self._widths)
+        if kind not in (None, "mlp", "attention"):
+            raise WidthError(f"kind must be 'mlp', 'attention' or None, got {kind!r}")
         if isinstance(widths, (int, float)) and not isinstance(widths, bool):
             frac = float(widths)
             if not 0.0 < frac <= 1.0:
                 raise WidthError(f"a uniform width is a fraction in (0, 1], got {widths!r}")
             for name, op in self.ops.items():
-                new[name] = next(c for c in op.candidates if c >= frac * op.full - 1e-9)
+                if kind is None or op.kind == kind:
+                    new[name] = next(c for c in op.candidates if c >= frac * op.full - 1e-9)
         elif isinstance(widths, dict):
             for name, w in widths.items():
                 if name not in self.ops:

@@ -50,6 +50,8 @@ def save(em: ElasticModel, path: str | os.PathLike) -> Path:
         "ops": [{"name": o.name, "kind": o.kind, "module": o.module, "full": o.full,
                  "candidates": list(o.candidates), "sizes": o.sizes} for o in em.ops.values()],
         "widths": em.widths,
+        "orders": em.orders,
+        "skipped": [vars(s) for s in em.skipped],
         "aliases": aliases,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     em.set_widths(meta["widths"])
+    em.orders = meta.get("orders", {})
     return em
 
 

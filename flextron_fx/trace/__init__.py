@@ -61,7 +61,28 @@ def _check_inputs(sample_inputs) -> tuple:
     if first.shape[0] < 2 or first.shape[1] < 2:
         raise TraceError(f"sample inputs of shape {tuple(first.shape)} would specialise the "
                          "graph to batch or sequence 1; pass at least 2 sequences of 2+ tokens")
-    return sample_inputs
+    # a strided view (e.g. ids[:2, :16]) would put its parent's stride into the guards
+    return tuple(t.contiguous().clone() if isinstance(t, torch.Tensor) else t
+                 for t in sample_inputs)
+
+
+def _own_weights(gm: nn.Module) -> None:
+    """Give the graph its own parameter objects (tied ones stay tied).
+
+    The exported module holds the user's very Parameter objects; passes rewrite weights
+    in place and must not change the user's model.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
+                mod._parameters[name] = copies[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                copies.setdefault(id(b), b.detach().clone())
+                mod._buffers[name] = copies[id(b)]
 
 
 def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Traced:
@@ -102,10 +123,6 @@ def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Tra
     finally:
         model.train(was_training)
     gm = program.module()
-    # the exported module may share parameter storage with the user's model; passes
-    # rewrite weights in place, so give the graph its own copies
-    with torch.no_grad():
-        for name, p in list(gm.named_parameters()) + list(gm.named_buffers()):
-            p.data = p.data.clone()
+    _own_weights(gm)
     return Traced(graph_module=gm, param_prefix="model." if hf else "", is_hf=hf,
                   sample_inputs=sample_inputs)

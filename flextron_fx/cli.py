@@ -1,0 +1,159 @@
+"""The `flextron` command line: demo, convert, ablate-sorting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("flextron_fx")
+
+
+def _data(tokenizer, args):
+    from .data import calibration_and_heldout
+
+    return calibration_and_heldout(tokenizer, seq_len=args.seq_len, n_calib=args.calib_samples,
+                                   n_heldout_tokens=args.heldout_tokens, seed=args.seed)
+
+
+def _config(args):
+    from .config import FlextronConfig
+
+    return FlextronConfig(head_mode=args.head_mode, head_score=args.head_score, seed=args.seed,
+                          calibration_batch_size=args.batch_size)
+
+
+def convert(args) -> dict:
+    """Trace, rank, permute, elasticize and save a model; returns a summary."""
+    import torch
+
+    from . import flextronize, save
+    from .models import load
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tok = load(args.model)
+    calib, _, source = _data(tok, args)
+    print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
+    sample = (calib[:2, :16],)
+    em = flextronize(model, sample, calib, config=_config(args))
+    out = save(em, args.out)
+    secs = time.perf_counter() - t0
+    print(em.summary())
+    print(f"saved {len(em.ops)} elastic ops to {out} in {secs:.0f} s")
+    return {"seconds": secs, "ops": len(em.ops), "out": str(out)}
+
+
+def ablate_sorting(args) -> dict:
+    """The paper's Table 5: perplexity at 50 % MLP / 50 % heads, without and with sorting."""
+    import torch
+
+    from . import flextronize
+    from .eval import perplexity
+    from .models import load
+
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model)
+    calib, heldout, source = _data(tok, args)
+    sample = (calib[:2, :16],)
+    print(f"held-out: {heldout.numel()} tokens ({source}); calibration: {calib.shape[0]} seqs")
+    result: dict = {"model": args.model, "eval_source": source,
+                    "eval_tokens": int(heldout.shape[0] * (heldout.shape[1] - 1)),
+                    "calibration_sequences": int(calib.shape[0]),
+                    "head_mode": args.head_mode, "head_score": args.head_score}
+    ppl = lambda m, what: perplexity(m, heldout, batch_size=args.batch_size, desc=what)["ppl"]  # noqa: E731
+    runs = {"unsorted": flextronize(model, sample, None, config=_config(args)),
+            "sorted": flextronize(model, sample, calib, config=_config(args))}
+    del model
+    for label, em in runs.items():
+        em.set_full()
+        if label == "sorted":
+            result["full_ppl"] = ppl(em, "full")
+        em.set_widths(0.5, kind="mlp")
+        result["mlp_fraction_kept"] = _kept(em, "mlp")
+        result[f"mlp50_{label}_ppl"] = ppl(em, f"mlp50 {label}")
+        em.set_full()
+        em.set_widths(0.5, kind="attention")
+        result["heads_fraction_kept"] = _kept(em, "attention")
+        result[f"heads50_{label}_ppl"] = ppl(em, f"heads50 {label}")
+        em.set_full()
+        print(json.dumps({k: v for k, v in result.items() if label in k}, indent=1))
+    print(_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+def _kept(em, kind: str) -> float:
+    ops = [o for o in em.ops.values() if o.kind == kind]
+    return sum(em.widths[o.name] for o in ops) / sum(o.full for o in ops)
+
+
+def _table(r: dict) -> str:
+    return "\n".join([
+        f"Held-out perplexity ({r['eval_tokens']} tokens, {r['eval_source']})",
+        f"{'setup':<34}{'MHA':>12}{'MLP':>12}",
+        f"{'full (baseline)':<34}{r['full_ppl']:>12.2f}{r['full_ppl']:>12.2f}",
+        f"{'50 % w/o sorting':<34}{r['heads50_unsorted_ppl']:>12.2f}"
+        f"{r['mlp50_unsorted_ppl']:>12.2f}",
+        f"{'50 % with sorting (flextron_fx)':<34}{r['heads50_sorted_ppl']:>12.2f}"
+        f"{r['mlp50_sorted_ppl']:>12.2f}",
+        f"(kept: {r['heads_fraction_kept']:.0%} of query heads, "
+        f"{r['mlp_fraction_kept']:.0%} of MLP neurons per layer)",
+    ])
+
+
+def demo(args) -> None:
+    """Convert SmolLM2, save it, and print the sorting ablation (paper Table 5)."""
+    args.out = args.out or "runs/smollm2-135m"
+    convert(args)
+    ablate_sorting(args)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name")
+    p.add_argument("--calib-samples", type=int, default=512,
+                   help="calibration sequences (paper: 512)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--heldout-tokens", type=int, default=32768)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--head-mode", choices=["query", "group"], default="query")
+    p.add_argument("--head-score", choices=["contribution", "output_l1"],
+                   default="contribution")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flextron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="convert SmolLM2 and print the sorting ablation")
+    _common(p)
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", default="runs/ablate-sorting.json")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=convert)
+    p = sub.add_parser("ablate-sorting", help="paper Table 5 on held-out text")
+    _common(p)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=ablate_sorting)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import FlextronError
+
+    try:
+        args.func(args)
+    except FlextronError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared test helpers: the one tolerance table, and converted zoo models cached per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flextron_fx
+from flextron_fx import FlextronConfig
+from zoo import ZOO, sample_inputs
+
+# One tolerance per dtype for every "same output" comparison in the suite.
+ATOL = {torch.float32: 1e-4}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same shape and values within ATOL (absolute, no relative slack)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, atol=ATOL[expected.dtype], rtol=0)
+
+
+def output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The tensor a model returns: logits, last_hidden_state (BertModel) or itself."""
+    with torch.no_grad():
+        out = model(ids)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+def calibration(seed: int = 2, n: int = 8, seq: int = 8) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def token_ids(batch: int, seq: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="session")
+def zoo_converted():
+    """get(name, calibrated=True, head_mode="query") -> (original model, ElasticModel).
+
+    Conversions are cached for the session (each takes about a second); the elastic
+    model is handed out at full width.
+    """
+    cache: dict = {}
+
+    def get(name: str, calibrated: bool = True, head_mode: str = "query"):
+        key = (name, calibrated, head_mode)
+        if key not in cache:
+            model = ZOO[name]()
+            em = flextron_fx.flextronize(
+                model, sample_inputs(name), calibration() if calibrated else None,
+                config=FlextronConfig(head_mode=head_mode), progress=False)
+            cache[key] = (model, em)
+        model, em = cache[key]
+        em.set_full()
+        return model, em
+
+    return get
