@@ -39,8 +39,11 @@ def convert(args) -> dict:
     calib, _, source = _data(tok, args)
     print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     sample = (calib[:2, :16],)
-    em = flextronize(model, sample, calib, config=_config(args))
+    partial = Path(str(args.out).rstrip("/") + ".partial") / "calibration.safetensors"
+    em = flextronize(model, sample, calib, config=_config(args), resume=partial)
     out = save(em, args.out)
+    partial.unlink(missing_ok=True)
+    partial.parent.rmdir() if partial.parent.exists() else None
     secs = time.perf_counter() - t0
     print(em.summary())
     print(f"saved {len(em.ops)} elastic ops to {out} in {secs:.0f} s")
@@ -64,7 +67,7 @@ def ablate_sorting(args) -> dict:
                     "eval_tokens": int(heldout.shape[0] * (heldout.shape[1] - 1)),
                     "calibration_sequences": int(calib.shape[0]),
                     "head_mode": args.head_mode, "head_score": args.head_score}
-    ppl = lambda m, what: perplexity(m, heldout, batch_size=args.batch_size, desc=what)["ppl"]  # noqa: E731
+    ppl = lambda m, what: perplexity(m, heldout, batch_size=args.batch_size, desc=what)["ppl"]
     runs = {"unsorted": flextronize(model, sample, None, config=_config(args)),
             "sorted": flextronize(model, sample, calib, config=_config(args))}
     del model
@@ -98,12 +101,12 @@ def _table(r: dict) -> str:
         f"Held-out perplexity ({r['eval_tokens']} tokens, {r['eval_source']})",
         f"{'setup':<34}{'MHA':>12}{'MLP':>12}",
         f"{'full (baseline)':<34}{r['full_ppl']:>12.2f}{r['full_ppl']:>12.2f}",
-        f"{'50 % w/o sorting':<34}{r['heads50_unsorted_ppl']:>12.2f}"
-        f"{r['mlp50_unsorted_ppl']:>12.2f}",
-        f"{'50 % with sorting (flextron_fx)':<34}{r['heads50_sorted_ppl']:>12.2f}"
-        f"{r['mlp50_sorted_ppl']:>12.2f}",
-        f"(kept: {r['heads_fraction_kept']:.0%} of query heads, "
-        f"{r['mlp_fraction_kept']:.0%} of MLP neurons per layer)",
+        (f"{'50 % w/o sorting':<34}{r['heads50_unsorted_ppl']:>12.2f}"
+         f"{r['mlp50_unsorted_ppl']:>12.2f}"),
+        (f"{'50 % with sorting (flextron_fx)':<34}{r['heads50_sorted_ppl']:>12.2f}"
+         f"{r['mlp50_sorted_ppl']:>12.2f}"),
+        (f"(kept: {r['heads_fraction_kept']:.0%} of query heads, "
+         f"{r['mlp_fraction_kept']:.0%} of MLP neurons per layer)"),
     ])
 
 
@@ -121,7 +124,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--heldout-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--head-mode", choices=["query", "group"], default="query")
+    p.add_argument("--head-mode", choices=["query", "group"], default="group")
     p.add_argument("--head-score", choices=["contribution", "output_l1"],
                    default="contribution")
     p.add_argument("--seed", type=int, default=0)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 
+import torch
 from torch import nn
 
 from .analyze import analyze
 from .config import FlextronConfig
 from .elastic.model import ElasticModel
-from .errors import UnsupportedModelError
+from .errors import FlextronError, UnsupportedModelError
 from .passes.elasticize import elasticize
 from .passes.permute import permute, sort_order
 from .passes.rank import rank
@@ -19,13 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
-                config: FlextronConfig | None = None, progress: bool = True) -> ElasticModel:
+                config: FlextronConfig | None = None, progress: bool = True,
+                resume: str | os.PathLike | None = None) -> ElasticModel:
     """Turn a trained model into an elastic one with importance-sorted neurons and heads.
 
     `sample_inputs` is a tuple whose first tensor is [batch >= 2, seq >= 2] (token ids for
     language models); `calibration` is a [n, seq] tensor of real inputs (the paper uses
     512 sequences). Without calibration data the blocks keep their stored order.
-    The user's model is not modified.
+    `resume` names a file for calibration progress, so an interrupted conversion picks
+    up where it stopped. The user's model is not modified.
 
     Example:
         >>> import torch
@@ -38,7 +42,9 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
     config = config or FlextronConfig()
     traced = trace(model, sample_inputs)
     gm = traced.graph_module
+    check = _invariant_check(gm, traced.sample_inputs, config.debug)
     analysis = analyze(gm, traced.sample_inputs)
+    check("analyze")
     blocks = analysis.blocks
     for s in analysis.skipped:
         log.warning("left dense: %s (%s)", s.reason, s.module_path or s.node)
@@ -54,10 +60,13 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
     if calibration is not None:
         scores = rank(gm, analysis, blocks, calibration, head_score=config.head_score,
                       batch_size=config.calibration_batch_size,
-                      sample_inputs=traced.sample_inputs, progress=progress)
+                      sample_inputs=traced.sample_inputs, progress=progress, resume=resume)
         orders = {b.name: sort_order(b, scores[b.name]) for b in blocks}
+        check("rank")
         permute(gm, analysis, blocks, orders)
+        check("permute")
     state = elasticize(gm, analysis, blocks)
+    check("elasticize")
     em = ElasticModel(gm, blocks, state, config, source=_source(model, traced.is_hf),
                       sample_shape=tuple(traced.sample_inputs[0].shape),
                       param_prefix=traced.param_prefix)
@@ -69,6 +78,29 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
 
 def _axis_name(block, cls: int) -> str:
     return next(k for k, v in block.classes.items() if v == cls)
+
+
+def _invariant_check(gm, sample_inputs, enabled: bool):
+    """With config.debug: lint and compare full-width outputs after each pass."""
+    if not enabled:
+        return lambda name: None
+    with torch.no_grad():
+        reference = gm(*sample_inputs)
+
+    def check(name: str) -> None:
+        try:
+            gm.graph.lint()
+        except Exception as exc:
+            raise FlextronError(f"pass {name!r} left an invalid graph: {exc}") from exc
+        with torch.no_grad():
+            out = gm(*sample_inputs)
+        err = (out - reference).abs().max().item()
+        if not err <= 1e-4 * max(1.0, reference.abs().max().item()):
+            raise FlextronError(f"pass {name!r} changed the full-width outputs "
+                                f"(max abs difference {err:.3g})")
+        log.info("pass %s: graph lints, outputs unchanged (max diff %.2g)", name, err)
+
+    return check
 
 
 def _source(model: nn.Module, is_hf: bool) -> dict:

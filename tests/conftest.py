@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo import ZOO, sample_inputs
 
 import flextron_fx
 from flextron_fx import FlextronConfig
-from zoo import ZOO, sample_inputs
 
 # One tolerance per dtype for every "same output" comparison in the suite.
 ATOL = {torch.float32: 1e-4}

@@ -22,7 +22,7 @@ def _hf(cls_name: str, config_name: str, **kw):
     return model
 
 
-_SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+_SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
 
 
 class NanoBlock(nn.Module):

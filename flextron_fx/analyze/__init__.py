@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .dims import AtomTable
@@ -141,7 +141,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             by_root.setdefault(r, []).append(p)
     used: set[fx.Node] = set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pending: list[tuple[set, Skipped]] = []
+    pending: list[tuple[set, fx.Node, Skipped]] = []
 
     for out in st.projections:
         if not out.contraction:
@@ -160,7 +160,8 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             continue
         pins = [A.pinned[r] for r in elastic if r in A.pinned]
         if pins:
-            pending.append((set(ins), Skipped(where, path, f"{kind} left dense: {pins[0]}")))
+            pending.append((set(ins), out.node,
+                            Skipped(where, path, f"{kind} left dense: {pins[0]}")))
             continue
         if kind == "mlp" and len(set(derived)) != 1:
             skipped.append(Skipped(where, path, "mlp hidden axis is a product of several "
@@ -176,9 +177,13 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             continue
         used.update([*ins, out.node])
         blocks.append(block)
+        for proj in block.projections:  # analyses write facts into node.meta
+            proj.node.meta["flextron"] = {"block": block.name, "kind": block.kind,
+                                          "role": proj.role, "sizes": dict(block.sizes)}
     # a pinned "block" whose inputs are all out-projections of found blocks is just the
     # residual stream between blocks, not a block that was missed
-    skipped += [s for ins, s in pending if not ins <= used]
+    outs = used | {out for _, out, _ in pending}
+    skipped += [s for ins, _, s in pending if not ins <= outs]
     return blocks, skipped
 
 

@@ -13,6 +13,7 @@ classes are never sliced, and the pin records why.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ class AtomTable:
         ref = self.refine.get(r)
         if ref is None:
             cuts = sorted({0, start, end, self.size[r]})
-            self.refine_as(r, SUM, [b - a_ for a_, b in zip(cuts, cuts[1:])])
+            self.refine_as(r, SUM, [b - a_ for a_, b in itertools.pairwise(cuts)])
             ref = self.refine[r]
         if ref[0] != SUM:
             raise _Mismatch(f"a slice cuts across a product axis of size {self.size[r]}")

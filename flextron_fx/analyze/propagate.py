@@ -12,7 +12,7 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .dims import AtomTable, _Mismatch
 
@@ -187,7 +187,18 @@ def _visit(gm: fx.GraphModule, st: Propagation, node: fx.Node) -> None:
             rule = _broadcast
     if rule is None:
         _pin_inputs(st, node, f"op not understood on a sliced axis: {node.format_node()}")
-        st.labels[node] = None
+        # a same-shape op (cumsum, sort, roll...) keeps its now pinned labels, so the block
+        # it sits in is still found, and reported as left dense with this reason
+        first = node.args[0] if node.args else None
+        src = _shape(first) if isinstance(first, fx.Node) else None
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
+            st.labels[node] = tuple(
+                _lab(st, first) if src is not None and tuple(getattr(m, "shape", ())) == src
+                else None for m in meta)
+        else:
+            st.labels[node] = _lab(st, first) if src is not None and src == _shape(node) \
+                else None
         return
     st.labels[node] = rule(st, node)
 
@@ -409,7 +420,10 @@ def _concat_atom(st, parts):
 def _split(st, node):
     lab, shp = _lab(st, node.args[0]), _shape(node.args[0])
     name = _name(node.target)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if name == "unbind":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim %= len(shp)
     size = shp[dim]
     if name == "chunk":
@@ -419,7 +433,7 @@ def _split(st, node):
     elif name == "split_with_sizes":
         sizes = list(node.args[1])
     elif name == "unbind":
-        sizes, dim = [1] * shp[node.args[1] if len(node.args) > 1 else 0], dim
+        sizes = [1] * size
     else:
         step = node.args[1]
         sizes = [min(step, size - k) for k in range(0, size, step)]

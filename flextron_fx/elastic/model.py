@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from ..analyze import Block
 from ..config import FlextronConfig
@@ -116,10 +114,12 @@ class ElasticModel(nn.Module):
         elif isinstance(widths, dict):
             for name, w in widths.items():
                 if name not in self.ops:
-                    near = [n for n in self.ops if n.split("#")[0] in name or name in n][:3]
-                    raise WidthError(f"no elastic op named {name!r}; "
-                                     f"{'did you mean ' + str(near) + '? ' if near else ''}"
-                                     f"see ElasticModel.ops for the {len(self.ops)} names")
+                    near = [n for n in self.ops if n.split("#")[0] in name or name in n]
+                    names = list(self.ops)
+                    listing = (f"did you mean {near[:3]}? " if near else "") + \
+                        f"the {len(names)} ops are {names[:6]}{' ...' if len(names) > 6 else ''}"
+                    raise WidthError(f"no elastic op named {name!r}; {listing} "
+                                     "(all in ElasticModel.ops)")
                 new[name] = w
         elif isinstance(widths, (list, tuple)):
             if len(widths) != len(self.ops):

@@ -9,7 +9,7 @@ weights themselves, sizes their original values); the graph lints.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils._pytree import tree_map
 
 from ..analyze import Analysis, Block

@@ -13,7 +13,7 @@ both the producing and the consuming weights).
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..analyze import Analysis, Block
 from ..elastic import layout as L

@@ -19,13 +19,23 @@ Ensures: the graph is unchanged (observers are removed again).
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
 import torch
-import torch.fx as fx
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import fx
 from tqdm.auto import tqdm
 
 from ..analyze import Analysis, Block
 from ..elastic import layout as L
 from ..errors import CalibrationDataError
+
+log = logging.getLogger(__name__)
 
 OBSERVER_PREFIX = "flextron_observer_"
 
@@ -73,11 +83,14 @@ def _check(batch: torch.Tensor, sample: tuple) -> None:
 
 def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibration,
          *, head_score: str = "contribution", batch_size: int = 8,
-         sample_inputs: tuple = (), progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+         sample_inputs: tuple = (), progress: bool = True,
+         resume: str | Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Importance of every neuron and head, per block name.
 
     `calibration` is a tensor [n, seq] (split into batches of `batch_size`) or an iterable
     of input tensors. Returns {block: {"neurons": [hidden]} or {"heads": [groups, per_group]}}.
+    With `resume`, running sums are saved to that file every ~30 s and a rerun on the same
+    data continues after the last saved batch.
     """
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
@@ -116,10 +129,28 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         out.node.replace_input_with(x, seen)
         observers[block.name] = obs
     gm.recompile()
+    fingerprint = _fingerprint(batches, head_score)
+    done = _restore(resume, observers, fingerprint) if resume else 0
     try:
+        last = time.monotonic()
         with torch.no_grad():
-            for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                gm(b)
+            bar = tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
+                       initial=done, total=len(batches))
+            finished = done
+            try:
+                for b in batches[done:]:
+                    gm(b)
+                    finished += 1
+                    bar.update(1)
+                    if resume and (time.monotonic() - last > 30 or finished == len(batches)):
+                        _checkpoint(resume, observers, fingerprint, finished)
+                        last = time.monotonic()
+            except BaseException:  # Ctrl-C or a crash: keep what was measured
+                if resume and finished > done:
+                    _checkpoint(resume, observers, fingerprint, finished)
+                raise
+            finally:
+                bar.close()
     finally:
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target.startswith(OBSERVER_PREFIX):
@@ -143,6 +174,45 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
             heads.index_add_(0, obs.head_of, obs.channel)
         scores[block.name] = {"heads": heads.reshape(obs.shape).float()}
     return scores
+
+
+def _fingerprint(batches, head_score: str) -> str:
+    h = hashlib.sha256(head_score.encode())
+    for b in batches:
+        h.update(str(tuple(b.shape)).encode())
+        h.update(b.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _checkpoint(path, observers, fingerprint: str, done: int) -> None:
+    tensors = {}
+    for name, obs in observers.items():
+        tensors[f"{name}/channel"] = obs.channel
+        if obs.heads is not None:
+            tensors[f"{name}/heads"] = obs.heads
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "done": str(done)})
+    os.replace(tmp, path)
+
+
+def _restore(path, observers, fingerprint: str) -> int:
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            log.warning("ignoring %s: it was written for other calibration data", path)
+            return 0
+        for name, obs in observers.items():
+            obs.channel.copy_(f.get_tensor(f"{name}/channel"))
+            if obs.heads is not None:
+                obs.heads.copy_(f.get_tensor(f"{name}/heads"))
+    done = int(meta.get("done", 0))
+    log.warning("resuming calibration from %s after %d batches", path, done)
+    return done
 
 
 def _fetch(gm, target: str) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Forward latency of flextronized SmolLM2 against the original, side by side in one run.
+
+    python benchmarks/forward_speed.py [--batch 1] [--seq 256] [--reps 15] [--json out.json]
+
+Every configuration runs once per round, rounds interleaved, so drift in the machine's
+speed hits all of them alike; the table reports each one's median and its ratio to the
+original Hugging Face model. Weights are random-order (no calibration): speed does not
+depend on the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from flextron_fx import flextronize
+from flextron_fx.models import load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model, _ = load(args.model)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    em = flextronize(model, (ids[:1].repeat(2, 1)[:, :16],), None, progress=False)
+
+    def setting(fraction: float, kind: str | None):
+        def run():
+            return em(ids)
+        def prepare():
+            em.set_full()
+            if fraction < 1.0:
+                em.set_widths(fraction, kind=kind)
+        return prepare, run
+
+    em.set_widths(0.5, kind="mlp")
+    mlp50_dense = em.materialize()
+    em.set_full()
+    configs = {
+        "original (HF eager)": (lambda: None, lambda: model(ids, use_cache=False).logits),
+        "flextron full width": setting(1.0, None),
+        "flextron MLP 50%": setting(0.5, "mlp"),
+        "flextron heads 67%": setting(0.6, "attention"),
+        "flextron heads 33%": setting(0.3, "attention"),
+        "flextron MLP 50% + heads 67%": setting(0.5, None),
+        "materialized MLP 50%": (lambda: None, lambda: mlp50_dense(ids)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up
+            for prepare, run in configs.values():
+                prepare()
+                run()
+        for _ in range(args.reps):
+            for name, (prepare, run) in configs.items():
+                prepare()
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["original (HF eager)"])
+    full = statistics.median(times["flextron full width"])
+    rows = []
+    print(f"{args.model}, batch {args.batch} x seq {args.seq}, {args.reps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'configuration':<32}{'median ms':>10}{'vs original':>13}{'speed-up vs full':>18}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"config": name, "median_ms": med * 1e3, "ratio_to_original": med / base,
+                     "speedup_vs_full": full / med})
+        print(f"{name:<32}{med * 1e3:>10.1f}{med / base:>13.3f}{full / med:>18.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch": args.batch, "seq": args.seq,
+                       "reps": args.reps, "threads": torch.get_num_threads(), "rows": rows},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
