@@ -68,8 +68,17 @@ def ablate_sorting(args) -> dict:
                     "calibration_sequences": int(calib.shape[0]),
                     "head_mode": args.head_mode, "head_score": args.head_score}
     ppl = lambda m, what: perplexity(m, heldout, batch_size=args.batch_size, desc=what)["ppl"]
-    runs = {"unsorted": flextronize(model, sample, None, config=_config(args)),
-            "sorted": flextronize(model, sample, calib, config=_config(args))}
+    unsorted = flextronize(model, sample, None, config=_config(args))
+    if args.elastic:  # a model saved by `flextron convert` on the same calibration data
+        from . import load as load_elastic
+
+        print(f"sorted model: {args.elastic}")
+        sorted_em = load_elastic(args.elastic)
+        result["head_mode"] = sorted_em.config.head_mode
+        result["head_score"] = sorted_em.config.head_score
+    else:
+        sorted_em = flextronize(model, sample, calib, config=_config(args))
+    runs = {"unsorted": unsorted, "sorted": sorted_em}
     del model
     for label, em in runs.items():
         em.set_full()
@@ -114,6 +123,7 @@ def demo(args) -> None:
     """Convert SmolLM2, save it, and print the sorting ablation (paper Table 5)."""
     args.out = args.out or "runs/smollm2-135m"
     convert(args)
+    args.elastic = args.out
     ablate_sorting(args)
 
 
@@ -145,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ablate-sorting", help="paper Table 5 on held-out text")
     _common(p)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--elastic", default=None,
+                   help="use this saved elastic model (flextron convert) as the sorted one "
+                        "instead of calibrating again")
     p.set_defaults(func=ablate_sorting)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -45,7 +45,10 @@ def test_data_dependent_control_flow_is_a_trace_error():
     with pytest.raises(TraceError, match="DataDependent") as e:
         flextron_fx.flextronize(DataDependent(), SAMPLE, progress=False)
     msg = str(e.value)
-    assert "What to do" in msg and "data-dependent Python control flow" in msg
+    assert "What to do" in msg and "torch.where or torch.cond" in msg
+    # the message points at the line of user code that export could not handle
+    line = DataDependent.forward.__code__.co_firstlineno + 1
+    assert f"test_errors.py:{line} in forward()" in msg, msg
     assert isinstance(e.value, FlextronError)
 
 

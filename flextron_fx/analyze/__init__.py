@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 from torch import fx
@@ -211,7 +212,7 @@ def _make_block(gm, st, out: Projection, ins: list[Projection], kind, elastic, p
     out_bias = out.bias is not None
     projs.append(Proj("o" if kind == "attention" else "down", out.node, out.weight.target, None,
                       1 - out.out_axis, ("prod", [A.tree(a) for a in out.contraction])))
-    model_dim = _param(gm, out.weight).shape[out.out_axis]
+    model_dim = attrgetter(out.weight.target)(gm).shape[out.out_axis]
     name = f"{path or 'block'}#{idx}"
     if kind == "mlp":
         n = elastic[0]
@@ -239,13 +240,6 @@ def _make_block(gm, st, out: Projection, ins: list[Projection], kind, elastic, p
     kv = G  # with no per-group axis every head has its own K/V
     sizes = {"heads": G * R, "kv_heads": kv, "head_dim": head_dim, "model_dim": model_dim}
     return Block(name, "attention", projs, classes, sizes, biases or out_bias, path)
-
-
-def _param(gm, node):
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _name_mlp(st, projs: list[Proj], n: int) -> None:

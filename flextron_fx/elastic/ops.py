@@ -2,7 +2,8 @@
 
 `WeightSlice` sits between a weight's get_attr node and its matmul and returns the
 kept rows or columns: a view (`narrow`) when they are a prefix, a gathered copy
-otherwise (query heads kept inside each KV group). `ShapeSize` replaces a shape
+otherwise (query heads kept inside each KV group). Under inference, strided views and
+gathers are copied once per width setting and reused. `ShapeSize` replaces a shape
 constant (a head count in a view, a split size) with the value for the current widths.
 Both read one shared `WidthState`; nothing is ever multiplied by a mask.
 """
@@ -62,17 +63,25 @@ class WeightSlice(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.state.is_full:
+            self._cache = None
             return w
         plan = self.plan()
         if plan is None:
             return w
+        training = torch.is_grad_enabled() and w.requires_grad
         if isinstance(plan, int):
-            return w.narrow(self.axis, 0, plan)
-        if torch.is_grad_enabled() and w.requires_grad:
+            view = w.narrow(self.axis, 0, plan)
+            if training or view.is_contiguous():
+                return view
+            make = view.contiguous  # a column prefix is strided: matmuls run faster on a copy
+        elif training:
             return w.index_select(self.axis, plan.to(w.device))
+        else:
+            make = lambda: w.index_select(self.axis, plan.to(w.device))
+        # inference: keep the sliced copy until the widths or the weight change
         key = (w.data_ptr(), w._version)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, w.index_select(self.axis, plan.to(w.device)))
+            self._cache = (key, make())
         return self._cache[1]
 
 

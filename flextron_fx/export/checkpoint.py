@@ -59,6 +59,11 @@ def save(em: ElasticModel, path: str | os.PathLike) -> Path:
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps(meta, indent=1, default=_jsonable))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

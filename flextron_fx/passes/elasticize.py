@@ -8,6 +8,8 @@ weights themselves, sizes their original values); the graph lints.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 from torch import fx
 from torch.utils._pytree import tree_map
@@ -82,7 +84,7 @@ def freeze(gm: fx.GraphModule) -> fx.GraphModule:
             mod = gm.get_submodule(node.target)
             src = node.args[0]
             with torch.no_grad():
-                value = mod(_fetch(gm, src.target)).detach().clone().contiguous()
+                value = mod(attrgetter(src.target)(gm)).detach().clone().contiguous()
             param = torch.nn.Parameter(value, requires_grad=False)
             if len(src.users) == 1:  # the usual case: the weight now has its sliced shape
                 _assign(gm, src.target, param)
@@ -115,9 +117,3 @@ def _assign(gm, target: str, value) -> None:
         owner = getattr(owner, part)
     setattr(owner, leaf, value)
 
-
-def _fetch(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -19,10 +19,12 @@ Ensures: the graph is unchanged (observers are removed again).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import time
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -109,7 +111,7 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
     for k, block in enumerate(blocks):
         out = block.out_proj
         lay = L.sized(A, out.layout)
-        getter = (lambda t=out.weight: _fetch(gm, t))
+        getter = functools.partial(attrgetter(out.weight), gm)
         obs = _Observer(lay, getter, out.axis, head_score if block.kind == "attention" else "")
         if block.kind == "attention":
             g, r = block.classes.get("groups"), block.classes.get("per_group")
@@ -136,18 +138,20 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         with torch.no_grad():
             bar = tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                        initial=done, total=len(batches))
-            finished = done
+            finished, good = done, _sums(observers) if resume else None
             try:
                 for b in batches[done:]:
                     gm(b)
                     finished += 1
                     bar.update(1)
-                    if resume and (time.monotonic() - last > 30 or finished == len(batches)):
-                        _checkpoint(resume, observers, fingerprint, finished)
-                        last = time.monotonic()
+                    if resume:
+                        good = _sums(observers)  # sums after whole batches only
+                        if time.monotonic() - last > 30 or finished == len(batches):
+                            _checkpoint(resume, good, fingerprint, finished)
+                            last = time.monotonic()
             except BaseException:  # Ctrl-C or a crash: keep what was measured
                 if resume and finished > done:
-                    _checkpoint(resume, observers, fingerprint, finished)
+                    _checkpoint(resume, good, fingerprint, finished)
                 raise
             finally:
                 bar.close()
@@ -184,12 +188,16 @@ def _fingerprint(batches, head_score: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _checkpoint(path, observers, fingerprint: str, done: int) -> None:
+def _sums(observers) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, obs in observers.items():
-        tensors[f"{name}/channel"] = obs.channel
+        tensors[f"{name}/channel"] = obs.channel.clone()
         if obs.heads is not None:
-            tensors[f"{name}/heads"] = obs.heads
+            tensors[f"{name}/heads"] = obs.heads.clone()
+    return tensors
+
+
+def _checkpoint(path, tensors: dict[str, torch.Tensor], fingerprint: str, done: int) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -215,8 +223,3 @@ def _restore(path, observers, fingerprint: str) -> int:
     return done
 
 
-def _fetch(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

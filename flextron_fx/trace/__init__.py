@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,19 @@ def _own_weights(gm: nn.Module) -> None:
                 mod._buffers[name] = copies[id(b)]
 
 
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of user code named in an export error, as 'file:line in fn'."""
+    frames = []
+    while exc is not None:
+        frames += re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(exc))
+        exc = exc.__cause__
+    user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0]]
+    if not (user or frames):
+        return ""
+    file, line, fn = (user or frames)[-1]
+    return f"{file}:{line} in {fn}()"
+
+
 def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Traced:
     """Export `model` to a GraphModule with dynamic batch and sequence length.
 
@@ -113,12 +127,15 @@ def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Tra
             program = torch.export.export(root, sample_inputs, dynamic_shapes=dynamic,
                                           strict=False)
     except Exception as exc:  # export raises many unrelated types; all mean the same here
+        where = _user_frame(exc)
         raise TraceError(
-            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
+            f"torch.export could not trace {type(model).__name__}"
+            f"{' at ' + where if where else ''}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
-            "What to do: make forward() traceable (no data-dependent Python control flow on "
-            "tensor values, no printing of tensors), or wrap the part that fails in a leaf "
-            "module; the first sample input must be [batch, seq] and the output a tensor."
+            "What to do: make forward() traceable by torch.export: replace Python `if` on "
+            "tensor values with torch.where or torch.cond, do not call .item(), print or "
+            "numpy() on tensors inside forward; the first sample input must be [batch, seq] "
+            "and forward must return a tensor (or a Hugging Face model output)."
         ) from exc
     finally:
         model.train(was_training)

@@ -1,0 +1,72 @@
+"""An interrupted calibration resumes where it stopped and gives the same permutation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from zoo import ZOO, sample_inputs
+
+import flextron_fx
+from flextron_fx import FlextronConfig
+from flextron_fx.passes import rank as rank_mod
+
+
+def _convert(resume=None, n=12):
+    calib = torch.randint(0, 128, (12, 8), generator=torch.Generator().manual_seed(5))[:n]
+    return flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), calib,
+                                   config=FlextronConfig(calibration_batch_size=2),
+                                   progress=False, resume=resume)
+
+
+def test_interrupted_calibration_resumes(tmp_path, monkeypatch):
+    reference = _convert()
+    state = tmp_path / "calib.safetensors"
+    calls = {"n": 0}
+    real_observer_forward = rank_mod._Observer.forward
+
+    def interrupt_after_three_batches(self, x):
+        calls["n"] += 1
+        if calls["n"] > 3 * 4 + 1:  # 4 blocks observe each batch: stop inside batch 4
+            raise KeyboardInterrupt
+        return real_observer_forward(self, x)
+
+    monkeypatch.setattr(rank_mod._Observer, "forward", interrupt_after_three_batches)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(state)
+    monkeypatch.setattr(rank_mod._Observer, "forward", real_observer_forward)
+    assert state.is_file(), "progress must be saved when the run is interrupted"
+    # what was saved is exactly the sums over the 3 whole batches, nothing of batch 4
+    three = tmp_path / "three.safetensors"
+    _convert(three, n=6)
+    saved, expected = load_file(str(state)), load_file(str(three))
+    assert saved.keys() == expected.keys()
+    for k in saved:
+        assert torch.equal(saved[k], expected[k]), k
+
+    seen = {"n": 0}
+
+    def counting(self, x):
+        seen["n"] += 1
+        return real_observer_forward(self, x)
+
+    monkeypatch.setattr(rank_mod._Observer, "forward", counting)
+    resumed = _convert(state)
+    assert seen["n"] == 3 * 4, "only the 3 batches not yet measured run again"
+    assert resumed.orders == reference.orders
+    for (k, a), (_, b) in zip(reference.graph_module.state_dict().items(),
+                              resumed.graph_module.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_progress_for_other_data_is_ignored(tmp_path):
+    state = tmp_path / "calib.safetensors"
+    _convert(state)
+    other = torch.randint(0, 128, (12, 8), generator=torch.Generator().manual_seed(6))
+    em = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), other,
+                                 config=FlextronConfig(calibration_batch_size=2),
+                                 progress=False, resume=state)
+    fresh = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), other,
+                                    config=FlextronConfig(calibration_batch_size=2),
+                                    progress=False)
+    assert em.orders == fresh.orders
