@@ -91,6 +91,12 @@ def ablate_sorting(args) -> dict:
         em.set_widths(0.5, kind="attention")
         result["heads_fraction_kept"] = _kept(em, "attention")
         result[f"heads50_{label}_ppl"] = ppl(em, f"heads50 {label}")
+        # with grouped-query attention 50 % may not exist: also show the size below it
+        em.set_full()
+        low = max(c for c in _head_candidates(em) if c < 0.5 * _full_heads(em))
+        em.set_widths(low / _full_heads(em), kind="attention")
+        result["heads_low_fraction_kept"] = _kept(em, "attention")
+        result[f"heads_low_{label}_ppl"] = ppl(em, f"heads low {label}")
         em.set_full()
         print(json.dumps({k: v for k, v in result.items() if label in k}, indent=1))
     print(_table(result))
@@ -98,6 +104,14 @@ def ablate_sorting(args) -> dict:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
+
+
+def _full_heads(em) -> int:
+    return next(o.full for o in em.ops.values() if o.kind == "attention")
+
+
+def _head_candidates(em) -> tuple[int, ...]:
+    return next(o.candidates for o in em.ops.values() if o.kind == "attention")
 
 
 def _kept(em, kind: str) -> float:
@@ -116,6 +130,9 @@ def _table(r: dict) -> str:
          f"{r['mlp50_sorted_ppl']:>12.2f}"),
         (f"(kept: {r['heads_fraction_kept']:.0%} of query heads, "
          f"{r['mlp_fraction_kept']:.0%} of MLP neurons per layer)"),
+        (f"with {r['heads_low_fraction_kept']:.0%} of query heads: "
+         f"{r['heads_low_unsorted_ppl']:.2f} without sorting, "
+         f"{r['heads_low_sorted_ppl']:.2f} with"),
     ])
 
 
@@ -150,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
     _common(p)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder; an interrupted run resumes its calibration from "
+                        "OUT.partial/ when started again with the same arguments")
     p.set_defaults(func=convert)
     p = sub.add_parser("ablate-sorting", help="paper Table 5 on held-out text")
     _common(p)

@@ -1,4 +1,3 @@
-import importlib.util
 
 import pytest
 import torch
@@ -74,16 +73,11 @@ def test_wikitext_to_plain_drops_markup():
                                       "It was named after Ada Lovelace.")
 
 
-needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
-                                  reason="the gensim wheel is not installed (no network here)")
-
-
 @pytest.fixture(scope="session")
 def wiki_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("flextron_cache")
 
 
-@needs_gensim
 def test_wikipedia_articles_are_plain_text(wiki_cache):
     docs = wikipedia_articles(cache_dir=wiki_cache)
     assert len(docs) >= 80
@@ -94,7 +88,6 @@ def test_wikipedia_articles_are_plain_text(wiki_cache):
     assert wikipedia_articles(cache_dir=wiki_cache) == docs  # the JSON cache round-trips
 
 
-@needs_gensim
 def test_calibration_and_heldout_use_disjoint_articles(wiki_cache):
     tok = CharTokenizer()
     calib, held, source = calibration_and_heldout(tok, seq_len=64, n_calib=32,

@@ -1,0 +1,41 @@
+"""The `flextron` command line on the real SmolLM2, with small data so it runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flextron_fx import cli
+
+SMALL = ["--calib-samples", "8", "--seq-len", "64", "--heldout-tokens", "1024",
+         "--batch-size", "4"]
+
+
+def test_convert_then_ablate_from_the_saved_model(tmp_path, capsys):
+    out = tmp_path / "smol"
+    assert cli.main(["convert", "--out", str(out), *SMALL]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "flextron.json").is_file()
+    assert not (tmp_path / "smol.partial").exists(), "calibration progress is cleaned up"
+    meta = json.loads((out / "flextron.json").read_text())
+    assert len(meta["ops"]) == 60 and meta["skipped"] == []
+
+    report = tmp_path / "ablate.json"
+    assert cli.main(["ablate-sorting", "--elastic", str(out), "--json", str(report),
+                     *SMALL]) == 0
+    r = json.loads(report.read_text())
+    for key in ("full_ppl", "mlp50_unsorted_ppl", "mlp50_sorted_ppl", "heads50_unsorted_ppl",
+                "heads50_sorted_ppl", "eval_tokens", "eval_source"):
+        assert key in r, key
+    assert r["eval_tokens"] == 16 * 63
+    assert r["mlp_fraction_kept"] == 0.5 and r["heads_fraction_kept"] == pytest.approx(2 / 3)
+    # even with 8 calibration sequences, sorting beats the stored order by far
+    assert r["mlp50_sorted_ppl"] < r["mlp50_unsorted_ppl"] / 10
+    assert r["full_ppl"] < r["mlp50_sorted_ppl"]
+    assert "with sorting" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["shrink"])
+    assert e.value.code == 2
