@@ -108,3 +108,44 @@ ZOO = {
 def sample_inputs(name: str, batch: int = 2, seq: int = 8):
     g = torch.Generator().manual_seed(1)
     return (torch.randint(0, 128, (batch, seq), generator=g),)
+
+
+def _hf_extra(cls_name: str, config_name: str, **kw):
+    return lambda: _hf(cls_name, config_name, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                       **kw)
+
+
+_S4 = dict(_SMALL, num_attention_heads=4)
+
+# More families, beyond the list, each with what the analysis must conclude:
+# (model factory, kinds of the elastic ops, text that the reason for a dense block contains).
+MORE = {
+    "qwen3": (_hf_extra("Qwen3ForCausalLM", "Qwen3Config", **_S4, num_key_value_heads=2,
+                        head_dim=16), ["attention", "mlp"] * 2, None),
+    "gptj": (_hf_extra("GPTJForCausalLM", "GPTJConfig", vocab_size=128, n_embd=64, n_layer=2,
+                       n_head=4, rotary_dim=8, n_positions=64), ["attention", "mlp"] * 2, None),
+    "codegen": (_hf_extra("CodeGenForCausalLM", "CodeGenConfig", vocab_size=128, n_embd=64,
+                          n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
+                ["attention", "mlp"] * 2, None),
+    "stablelm": (_hf_extra("StableLmForCausalLM", "StableLmConfig", **_S4,
+                           num_key_value_heads=2), ["attention", "mlp"] * 2, None),
+    "gpt_bigcode": (_hf_extra("GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=128,
+                              n_embd=64, n_layer=2, n_head=4, multi_query=True,
+                              n_positions=64), ["attention", "mlp"] * 2, None),
+    "olmo": (_hf_extra("OlmoForCausalLM", "OlmoConfig", **_S4, num_key_value_heads=2),
+             ["attention", "mlp"] * 2, None),
+    "gemma2": (_hf_extra("Gemma2ForCausalLM", "Gemma2Config", **_S4, num_key_value_heads=2,
+                         head_dim=16), ["attention", "mlp"] * 2, None),
+    "phi": (_hf_extra("PhiForCausalLM", "PhiConfig", **_S4), ["attention", "mlp"] * 2, None),
+    # q_norm over the whole query width: heads cannot be sliced without slicing the norm
+    "olmo2": (_hf_extra("Olmo2ForCausalLM", "Olmo2Config", **_S4, num_key_value_heads=2),
+              ["mlp"] * 2, "reduction over a sliced axis"),
+    # ALiBi: one slope per head, added to the scores
+    "bloom": (_hf_extra("BloomForCausalLM", "BloomConfig", vocab_size=128, hidden_size=64,
+                        n_layer=2, n_head=4), ["mlp"] * 2, "baddbmm"),
+    # K and V are gathered out of the fused projection with an index tensor
+    "falcon": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         new_decoder_architecture=True, num_kv_heads=2),
+               ["mlp"] * 2, "index"),
+}

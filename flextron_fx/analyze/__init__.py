@@ -128,6 +128,7 @@ def analyze(gm: fx.GraphModule, sample_inputs: tuple) -> Analysis:
     with torch.no_grad():
         ShapeProp(gm).propagate(*sample_inputs)
     st = propagate(gm)
+    st.atoms.close_pins()
     blocks, skipped = _extract(gm, st)
     return Analysis(atoms=st.atoms, blocks=blocks, skipped=skipped, shape_args=st.shape_args)
 
@@ -142,7 +143,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             by_root.setdefault(r, []).append(p)
     used: set[fx.Node] = set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pending: list[tuple[set, fx.Node, Skipped]] = []
+    pending: list[tuple[fx.Node, set, Skipped]] = []
 
     for out in st.projections:
         if not out.contraction:
@@ -161,7 +162,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             continue
         pins = [A.pinned[r] for r in elastic if r in A.pinned]
         if pins:
-            pending.append((set(ins), out.node,
+            pending.append((out.node, {A.find(c) for c in elastic},
                             Skipped(where, path, f"{kind} left dense: {pins[0]}")))
             continue
         if kind == "mlp" and len(set(derived)) != 1:
@@ -181,10 +182,18 @@ def _extract(gm: fx.GraphModule, st: Propagation):
         for proj in block.projections:  # analyses write facts into node.meta
             proj.node.meta["flextron"] = {"block": block.name, "kind": block.kind,
                                           "role": proj.role, "sizes": dict(block.sizes)}
-    # a pinned "block" whose inputs are all out-projections of found blocks is just the
-    # residual stream between blocks, not a block that was missed
-    outs = used | {out for _, out, _ in pending}
-    skipped += [s for ins, _, s in pending if not ins <= outs]
+    # A pinned "block" whose axis several projections read, or the in-projections of found
+    # blocks read, is the residual stream between blocks, not a block that was missed: a
+    # block's hidden axis (neurons, heads) is read back by its one out-projection only.
+    readers: dict[int, set] = {}
+    for p in st.projections:
+        for a in p.contraction or ():
+            readers.setdefault(A.find(a), set()).add(p.node)
+    by_node = {p.node: p for p in st.projections}
+    stream = {A.find(a) for b in blocks for q in b.in_projs
+              for a in by_node[q.node].contraction or ()}
+    skipped += [s for _, classes, s in pending
+                if not classes & stream and all(len(readers[c]) == 1 for c in classes)]
     return blocks, skipped
 
 

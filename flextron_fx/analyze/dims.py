@@ -52,6 +52,17 @@ class AtomTable:
     def is_pinned(self, a: int) -> bool:
         return self.find(a) in self.pinned
 
+    def close_pins(self) -> None:
+        """Pin the parts of pinned axes: an axis needed whole is needed in every part."""
+        changed = True
+        while changed:
+            changed = False
+            for root, reason in list(self.pinned.items()):
+                for c in self.refine.get(self.find(root), (None, ()))[1]:
+                    if self.find(c) not in self.pinned:
+                        self.pin(c, reason)
+                        changed = True
+
     def add_role(self, a: int, role: str) -> None:
         self.roles.setdefault(self.find(a), set()).add(role)
 

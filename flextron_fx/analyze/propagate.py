@@ -51,20 +51,11 @@ class ShapeArg:
 
 
 @dataclass
-class Core:
-    """An attention core: scaled_dot_product_attention or a matmul of two activations."""
-
-    node: fx.Node
-    inputs: tuple[fx.Node, ...]
-
-
-@dataclass
 class Propagation:
     atoms: AtomTable
     labels: dict = field(default_factory=dict)
     projections: list[Projection] = field(default_factory=list)
     shape_args: list[ShapeArg] = field(default_factory=list)
-    cores: list[Core] = field(default_factory=list)
 
 
 def _name(target) -> str:
@@ -99,7 +90,7 @@ def propagate(gm: fx.GraphModule) -> Propagation:
             _visit(gm, st, node)
         except _Mismatch as exc:
             _pin_inputs(st, node, f"{exc} at {node.format_node()}")
-            st.labels[node] = None
+            _keep_same_shape(st, node)
     return st
 
 
@@ -187,34 +178,64 @@ def _visit(gm: fx.GraphModule, st: Propagation, node: fx.Node) -> None:
             rule = _broadcast
     if rule is None:
         _pin_inputs(st, node, f"op not understood on a sliced axis: {node.format_node()}")
-        # a same-shape op (cumsum, sort, roll...) keeps its now pinned labels, so the block
-        # it sits in is still found, and reported as left dense with this reason
-        first = node.args[0] if node.args else None
-        src = _shape(first) if isinstance(first, fx.Node) else None
-        meta = node.meta.get("tensor_meta")
-        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
-            st.labels[node] = tuple(
-                _lab(st, first) if src is not None and tuple(getattr(m, "shape", ())) == src
-                else None for m in meta)
-        else:
-            st.labels[node] = _lab(st, first) if src is not None and src == _shape(node) \
-                else None
+        _keep_same_shape(st, node)
         return
     st.labels[node] = rule(st, node)
 
 
+def _keep_same_shape(st: Propagation, node: fx.Node) -> None:
+    """After pinning: a same-shape op (cumsum, sort, roll...) keeps its input's labels.
+
+    The labels are pinned by now, so the block the op sits in is still found and is
+    reported as left dense, with the op in the reason, instead of silently vanishing.
+    """
+    first = node.args[0] if node.args else None
+    src = _shape(first) if isinstance(first, fx.Node) else None
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
+        st.labels[node] = tuple(
+            _lab(st, first) if src is not None and tuple(getattr(m, "shape", ())) == src
+            else None for m in meta)
+    else:
+        st.labels[node] = _lab(st, first) if src is not None and src == _shape(node) else None
+
+
 def _projection(gm, node):
+    """(input, weight, bias, weight axis of the outputs) of a matmul with a weight parameter.
+
+    A bias must be a parameter too (it is sliced with the weight); anything else makes
+    the op an ordinary one.
+    """
     t = node.target
     if t == aten.linear.default and _param(gm, node.args[1]) is not None:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias is not None and getattr(bias, "op", None) != "get_attr":
+            return None
         return node.args[0], node.args[1], bias, 0
     if t == aten.addmm.default and _param(gm, node.args[2]) is not None:
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return None
+        if getattr(node.args[0], "op", None) != "get_attr":
+            return None
         return node.args[1], node.args[2], node.args[0], 1
-    if t in (aten.mm.default, aten.matmul.default) and _param(gm, node.args[1]) is not None:
-        return node.args[0], node.args[1], None, 1
+    if t in (aten.mm.default, aten.matmul.default):
+        w = node.args[1]
+        if _param(gm, w) is not None:
+            return node.args[0], w, None, 1
+        if _is_transpose(w) and _param(gm, w.args[0]) is not None:  # x @ W.T
+            return node.args[0], w.args[0], None, 0
     return None
+
+
+def _is_transpose(node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    if t in (aten.t.default, aten.numpy_T.default):
+        return True
+    if t == aten.transpose.int:
+        return {d % 2 for d in node.args[1:3]} == {0, 1}
+    return t == aten.permute.default and list(node.args[1]) in ([1, 0], [-1, -2])
 
 
 # ---- rules -------------------------------------------------------------------------------
@@ -254,6 +275,28 @@ def _broadcast(st, node):
 
 
 def _view(st, node):
+    out = _regroup(st, node)
+    _record_shape_list(st, node, 1, out)
+    return out
+
+
+def _flatten(st, node):
+    return _regroup(st, node)
+
+
+def _unflatten(st, node):
+    out = _regroup(st, node)
+    dim = node.args[1] % len(_shape(node.args[0]))
+    sizes = node.args[2]
+    for k in range(len(sizes)):
+        d = out[dim + k]
+        if d is not None and not (isinstance(sizes[k], int) and sizes[k] == -1):
+            st.shape_args.append(ShapeArg(node, (2, k), [list(d)]))
+    return out
+
+
+def _regroup(st, node):
+    """Labels of a reshape's output: dims grouped by equal products, atoms split to fit."""
     in_shape, out_shape = _shape(node.args[0]), _shape(node)
     in_lab = _lab(st, node.args[0]) or [None] * len(in_shape)
     out: Dims = [None] * len(out_shape)
@@ -301,7 +344,6 @@ def _view(st, node):
                 prod *= s
             if got:
                 out[k] = got
-    _record_shape_list(st, node, 1, out)
     return out
 
 
@@ -367,8 +409,8 @@ def _squeeze(st, node):
 def _select(st, node):
     lab = _lab(st, node.args[0])
     d = node.args[1] % len(lab)
-    if lab[d] is not None:
-        raise _Mismatch("select picks one index of a sliced axis")
+    for a in st.atoms.leaves(lab[d] or []):  # the picked axis stays whole, others live on
+        st.atoms.pin(a, f"one index of it is selected: {node.format_node()}")
     return lab[:d] + lab[d + 1:]
 
 
@@ -388,7 +430,11 @@ def _slice(st, node):
     if lab[dim] is None:
         return lab
     if not all(isinstance(v, (int, type(None))) for v in (start, end)) or step != 1:
-        raise _Mismatch("a strided or symbolic slice of a sliced axis")
+        # e.g. GPT-J's rotate_every_two on the head dim: that axis stays whole, others live
+        for a in st.atoms.leaves(lab[dim]):
+            st.atoms.pin(a, f"a strided or symbolic slice of it: {node.format_node()}")
+        lab[dim] = None
+        return lab
     size = shp[dim]
     lo, hi, _ = slice(start, end).indices(size)
     if (lo, hi) == (0, size):
@@ -491,6 +537,22 @@ def _cat(st, node):
     return out
 
 
+def _stack(st, node):
+    shp = _shape(node)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(shp)
+    labs = [_lab(st, t) or [None] * (len(shp) - 1) for t in node.args[0]]
+    out: Dims = []
+    for k in range(len(shp) - 1):
+        ds = [lab[k] for lab in labs if lab[k] is not None]
+        for d in ds[1:]:
+            st.atoms.unify(ds[0], d)
+        if ds and len(ds) < len(labs):
+            for a in st.atoms.leaves(ds[0]):
+                st.atoms.pin(a, f"stacked with an unsliced tensor in {node.format_node()}")
+        out.append(ds[0] if ds else None)
+    return out[:dim] + [None] + out[dim:]
+
+
 def _keep_dims_pin(st, node, dims, reason):
     lab = _lab(st, node.args[0])
     for d in dims:
@@ -548,8 +610,36 @@ def _matmul(st, node):
         for x in st.atoms.leaves(d or []):
             st.atoms.add_role(x, "head")
         batch.append(d)
-    st.cores.append(Core(node, (a, b)))
     return batch + [la[-2], lb[-1]]
+
+
+def _baddbmm(st, node):
+    """input + b1 @ b2 (Bloom's ALiBi scores): a core, then a broadcast add."""
+    out = _matmul(st, _Args(node, node.args[1:3]))
+    inp, shp = node.args[0], _shape(node)
+    in_shape, in_lab = _shape(inp), _lab(st, inp)
+    off = len(shp) - len(in_shape)
+    for k, d in enumerate(out):
+        j = k - off
+        if d is None or j < 0 or in_shape[j] != shp[k] or shp[k] == 1:
+            continue
+        if in_lab is not None and in_lab[j] is not None:
+            st.atoms.unify(d, in_lab[j])
+        else:
+            for a in st.atoms.leaves(d):
+                st.atoms.pin(a, f"mixed with an unsliced tensor of the same size in "
+                                f"{node.format_node()}")
+    return out
+
+
+class _Args:
+    """A view of `node` with other positional args, to reuse a rule on part of an op."""
+
+    def __init__(self, node: fx.Node, args):
+        self.node, self.args, self.kwargs = node, tuple(args), {}
+
+    def format_node(self) -> str:
+        return self.node.format_node()
 
 
 def _sdpa(st, node):
@@ -574,13 +664,14 @@ def _sdpa(st, node):
     for j in range(len(sq) - 3):
         if lq[j] is not None and lk[j] is not None:
             st.atoms.unify(lq[j], lk[j])
-    st.cores.append(Core(node, (q, k, v)))
     return lq[:-1] + [lv[-1]]
 
 
 _RULES = {
     **{n: _view for n in _VIEWS},
     "expand": _expand,
+    "flatten": _flatten,
+    "unflatten": _unflatten,
     "transpose": _transpose,
     "permute": _permute_rule,
     "t": _t,
@@ -593,11 +684,13 @@ _RULES = {
     "chunk": _split,
     "unbind": _split,
     "cat": _cat,
+    "stack": _stack,
     **{n: _softmax for n in _SOFTMAX},
     "layer_norm": _norm,
     "rms_norm": _norm,
     **{n: _reduce for n in _REDUCTIONS},
     "matmul": _matmul,
     "bmm": _matmul,
+    "baddbmm": _baddbmm,
     "scaled_dot_product_attention": _sdpa,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -162,7 +163,9 @@ class ElasticModel(nn.Module):
         """
         from ..passes.elasticize import freeze
 
-        gm = copy.deepcopy(self.graph_module)
+        with warnings.catch_warnings():  # torch's own pytree deprecation, nothing to act on
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            gm = copy.deepcopy(self.graph_module)
         state = _find_state(gm)
         current = self.widths
         try:

@@ -40,14 +40,13 @@ def elasticize(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block]) -> W
             if proj.bias is not None:
                 targets.append((proj.bias, 0))
             for target, axis in targets:
-                src = next(a for a in node.all_input_nodes
-                           if a.op == "get_attr" and a.target == target)
+                consumer, src = _weight_edge(node, target)
                 name = f"{SLICE_PREFIX}{counter}"
                 counter += 1
                 gm.add_submodule(name, WeightSlice(state, lay, axis, groups))
-                with graph.inserting_before(node):
+                with graph.inserting_before(consumer):
                     sliced = graph.call_module(name, (src,))
-                node.replace_input_with(src, sliced)
+                consumer.replace_input_with(src, sliced)
 
     elastic = set(full)
     for k, sa in enumerate(analysis.shape_args):
@@ -69,6 +68,15 @@ def elasticize(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block]) -> W
     graph.lint()
     gm.recompile()
     return state
+
+
+def _weight_edge(node: fx.Node, target: str) -> tuple[fx.Node, fx.Node]:
+    """(consumer, get_attr) for a parameter read by `node` directly or through a transpose."""
+    for user in [node, *node.all_input_nodes]:
+        for a in user.all_input_nodes:
+            if a.op == "get_attr" and a.target == target:
+                return user, a
+    raise AssertionError(f"{target} is not an input of {node.format_node()}")
 
 
 def freeze(gm: fx.GraphModule) -> fx.GraphModule:

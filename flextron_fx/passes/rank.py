@@ -45,16 +45,16 @@ OBSERVER_PREFIX = "flextron_observer_"
 class _Observer(torch.nn.Module):
     def __init__(self, layout, weight_getter, in_axis: int, score: str):
         super().__init__()
-        self.layout, self.weight_getter, self.in_axis, self.score = layout, weight_getter, \
-            in_axis, score
+        self.weight_getter, self.in_axis, self.score = weight_getter, in_axis, score
         self.channel = torch.zeros(layout[2], dtype=torch.float64)
         self.heads: torch.Tensor | None = None  # [num heads] for "contribution"
-        self.head_of: torch.Tensor | None = None
+        self.head_of: torch.Tensor | None = None  # head index of every input channel
+        self.shape = (1, 1)  # (KV groups, query heads per group)
 
     def forward(self, x):
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         self.channel += flat.abs().sum(0).double()
-        if self.head_of is not None:
+        if self.score == "contribution" and self.head_of is not None:
             w = self.weight_getter().detach().float()
             w = w if self.in_axis == 1 else w.t()  # [out, in]
             scores = torch.zeros(self.heads.shape, dtype=torch.float64)
