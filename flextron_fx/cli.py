@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("flextron_fx")
-
 
 def _data(tokenizer, args):
     from .data import calibration_and_heldout
@@ -43,7 +41,8 @@ def convert(args) -> dict:
     em = flextronize(model, sample, calib, config=_config(args), resume=partial)
     out = save(em, args.out)
     partial.unlink(missing_ok=True)
-    partial.parent.rmdir() if partial.parent.exists() else None
+    if partial.parent.exists():
+        partial.parent.rmdir()
     secs = time.perf_counter() - t0
     print(em.summary())
     print(f"saved {len(em.ops)} elastic ops to {out} in {secs:.0f} s")

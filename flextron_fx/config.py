@@ -35,7 +35,8 @@ class FlextronConfig:
             head's output after the output projection, summed over calibration tokens;
             "output_l1" is the paper's Eq. 3 (L1 norm of the head output).
         calibration_batch_size: sequences per forward pass while ranking.
-        seed: seeds the calibration order; the same seed gives the same permutation.
+        seed: the seed that chose the calibration data (recorded with the model); the
+            passes themselves are deterministic: the same data gives the same permutation.
         debug: after every pass, lint the graph and check that the full-width model
             still computes the traced model's outputs on the sample inputs; a failure
             names the pass that broke the invariant.

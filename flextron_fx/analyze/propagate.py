@@ -24,7 +24,7 @@ _IDENTITY = {
     "dropout", "feature_dropout", "alpha_dropout", "type_as", "_assert_tensor_metadata",
 }
 _VIEWS = {"view", "reshape", "_unsafe_view"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp"}
 _SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
 
@@ -90,6 +90,10 @@ def propagate(gm: fx.GraphModule) -> Propagation:
             _visit(gm, st, node)
         except _Mismatch as exc:
             _pin_inputs(st, node, f"{exc} at {node.format_node()}")
+            _keep_same_shape(st, node)
+        except Exception as exc:  # noqa: BLE001 - an unexpected overload: stay dense, say so
+            _pin_inputs(st, node, f"no rule for this form of the op ({type(exc).__name__}: "
+                                  f"{exc}): {node.format_node()}")
             _keep_same_shape(st, node)
     return st
 
