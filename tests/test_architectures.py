@@ -110,8 +110,10 @@ def test_any_widths_match_materialized_model(name, zoo_converted, data):
     dense = em.materialize()
     assert_close(output(dense, ids), output(em, ids))
 
-    full = em.num_params()
+    full = em.num_params(1.0)
     small = param_count(dense)
+    assert em.num_params() == small  # the parameter model, exact, without slicing
+    assert em.num_params(widths) == small
     assert small <= full
     if not _is_full(em):
         assert small < full
@@ -136,3 +138,11 @@ def test_mlp_widths_are_nested_prefixes(name, zoo_converted):
         assert torch.equal(weights[small], weights[large].narrow(down.axis, 0, small))
     # materialize must not leave the elastic model at the widths it exported
     assert _is_full(em)
+
+
+def test_non_embedding_parameters_leave_out_the_token_embedding(zoo_converted):
+    model, em = zoo_converted("llama")
+    table = model.get_input_embeddings().weight.numel()
+    for widths in (1.0, 0.5):
+        assert em.num_params(widths) - em.num_params(widths, non_embedding=True) == table
+    assert em.num_params(0.5, non_embedding=True) < em.num_params(1.0, non_embedding=True)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from operator import attrgetter
 
+import torch
 from torch import fx, nn
 
 from ..analyze import Block
 from ..config import FlextronConfig
 from ..errors import WidthError
-from .ops import WidthState
+from . import layout as L
+from .ops import WeightSlice, WidthState
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ class ElasticModel(nn.Module):
         width; with `kind` ("mlp" or "attention") only ops of that kind change. Ops missing
         from a dict stay at their current width.
         """
+        self._widths = self._resolve(widths, kind)
+        self._state.set(self._class_widths(self._widths))
+
+    def _resolve(self, widths, kind: str | None = None) -> dict[str, int]:
+        """The per-op widths that `set_widths(widths, kind=kind)` would set (validated)."""
         new = dict(self._widths)
         if kind not in (None, "mlp", "attention"):
             raise WidthError(f"kind must be 'mlp', 'attention' or None, got {kind!r}")
@@ -136,8 +144,7 @@ class ElasticModel(nn.Module):
                 what = "neurons" if op.kind == "mlp" else "query heads"
                 raise WidthError(f"width {w!r} for {name} ({op.kind}, {op.full} {what}) is not "
                                  f"a candidate; allowed: {list(op.candidates)}")
-        self._widths = new
-        self._state.set(self._class_widths(new))
+        return new
 
     def _class_widths(self, widths: dict[str, int]) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -163,25 +170,62 @@ class ElasticModel(nn.Module):
         """
         from ..passes.elasticize import freeze
 
+        chosen = self._resolve(widths) if widths is not None else self._widths
         with warnings.catch_warnings():  # torch's own pytree deprecation, nothing to act on
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             gm = copy.deepcopy(self.graph_module)
-        state = _find_state(gm)
-        current = self.widths
-        try:
-            if widths is not None:
-                self.set_widths(widths)
-            state.set(self._class_widths(self._widths))
-        finally:
-            self._widths = current
-            self._state.set(self._class_widths(current))
+        _find_state(gm).set(self._class_widths(chosen))
         frozen = freeze(gm)
         for p in frozen.parameters():
             p.requires_grad_(False)
         return frozen
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.graph_module.parameters())
+    def num_params(self, widths=None, *, non_embedding: bool = False) -> int:
+        """Parameters of the sub-network at `widths` (default: current), counted exactly.
+
+        Computed from the weight layouts, without slicing anything; equals the parameter
+        count of `materialize(widths)` (parameters the graph reads; unused ones, like a
+        pooler an encoder's traced output never reaches, are not counted). `non_embedding` leaves out tables read by
+        `embedding` ops (token and position embeddings, and an lm_head tied to them).
+        """
+        cw = self._class_widths(self._resolve(widths) if widths is not None else self._widths)
+        total = sum(p.numel() for p in self._used_parameters())
+        for slicer in self.graph_module.modules():
+            if isinstance(slicer, WeightSlice):
+                full = slicer.layout[2]
+                kept = L.extent(slicer.layout, cw)
+                total -= (full - kept) * slicer.numel_per_index
+        if non_embedding:
+            total -= sum(t.numel() for t in self._embedding_tables())
+        return total
+
+    def _used_parameters(self) -> list:
+        """Parameters the graph reads (an exported model may keep unused ones, e.g. a pooler)."""
+        params = dict(self.graph_module.named_parameters(remove_duplicate=False))
+        graph = self.graph_module.graph
+        live, stack = set(), [n for n in graph.nodes if n.op == "output"]
+        while stack:  # what the outputs depend on
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack.extend(node.all_input_nodes)
+        seen, out = set(), []
+        for node in graph.nodes:
+            p = params.get(node.target) if node.op == "get_attr" and node in live else None
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def _embedding_tables(self) -> list:
+        seen, out = set(), []
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
+                w = node.args[0]
+                if w.op == "get_attr" and w.target not in seen:
+                    seen.add(w.target)
+                    out.append(attrgetter(w.target)(self.graph_module))
+        return out
 
     def summary(self) -> str:
         lines = [f"{'op':<40} {'kind':<10} {'full':>6}  candidates"]
@@ -194,8 +238,6 @@ class ElasticModel(nn.Module):
 
 
 def _find_state(gm: nn.Module) -> WidthState:
-    from .ops import WeightSlice
-
     for m in gm.modules():
         if isinstance(m, WeightSlice):
             return m.state

@@ -42,6 +42,7 @@ class WeightSlice(nn.Module):
     def __init__(self, state: WidthState, layout: tuple, axis: int, groups: int | None):
         super().__init__()
         self.state, self.layout, self.axis, self.groups = state, layout, axis, groups
+        self.numel_per_index = 1  # parameters per index of the sliced axis (set by the pass)
         self.classes = L.classes(layout)
         self._key = None
         self._plan = None  # None: full; int: prefix length; tensor: gather indices

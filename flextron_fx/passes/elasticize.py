@@ -43,7 +43,10 @@ def elasticize(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block]) -> W
                 consumer, src = _weight_edge(node, target)
                 name = f"{SLICE_PREFIX}{counter}"
                 counter += 1
-                gm.add_submodule(name, WeightSlice(state, lay, axis, groups))
+                slicer = WeightSlice(state, lay, axis, groups)
+                weight = attrgetter(target)(gm)
+                slicer.numel_per_index = weight.numel() // weight.shape[axis]
+                gm.add_submodule(name, slicer)
                 with graph.inserting_before(consumer):
                     sliced = graph.call_module(name, (src,))
                 consumer.replace_input_with(src, sliced)
