@@ -225,7 +225,7 @@ def _make_block(gm, st, out: Projection, ins: list[Projection], kind, elastic, p
     name = f"{path or 'block'}#{idx}"
     if kind == "mlp":
         n = elastic[0]
-        _name_mlp(st, projs, n)
+        _name_mlp(projs)
         sizes = {"hidden": A.size[n], "model_dim": model_dim}
         return Block(name, kind, projs, {"neurons": n}, sizes, biases or out_bias, path)
 
@@ -245,13 +245,13 @@ def _make_block(gm, st, out: Projection, ins: list[Projection], kind, elastic, p
         classes["groups"] = g
     if r is not None:
         classes["per_group"] = r
-    _name_attention(st, projs, r)
+    _name_attention(projs, r)
     kv = G  # with no per-group axis every head has its own K/V
     sizes = {"heads": G * R, "kv_heads": kv, "head_dim": head_dim, "model_dim": model_dim}
     return Block(name, "attention", projs, classes, sizes, biases or out_bias, path)
 
 
-def _name_mlp(st, projs: list[Proj], n: int) -> None:
+def _name_mlp(projs: list[Proj]) -> None:
     ins = projs[:-1]
     if len(ins) == 1:
         ins[0].role = "gate_up" if ins[0].layout[0] == "sum" else "up"
@@ -265,7 +265,7 @@ def _name_mlp(st, projs: list[Proj], n: int) -> None:
             p.role = f"in{k}"
 
 
-def _name_attention(st, projs: list[Proj], r) -> None:
+def _name_attention(projs: list[Proj], r) -> None:
     ins = projs[:-1]
     if len(ins) == 1:
         ins[0].role = "qkv" if len(_terms(ins[0].layout)) >= 3 else "q"
