@@ -71,8 +71,8 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                       sample_shape=tuple(traced.sample_inputs[0].shape),
                       param_prefix=traced.param_prefix)
     em.skipped = analysis.skipped
-    em.orders = {name: {_axis_name(b, c): idx.tolist() for c, idx in sel.items()}
-                 for b in blocks for name, sel in [(b.name, orders.get(b.name, {}))]}
+    em.orders = {b.name: {_axis_name(b, c): idx.tolist()
+                          for c, idx in orders.get(b.name, {}).items()} for b in blocks}
     return em
 
 
