@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this saved elastic model (flextron convert) as the sorted one "
                         "instead of calibrating again")
     p.set_defaults(func=ablate_sorting)
+    from .train.command import add_parser as add_train
+
+    add_train(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError

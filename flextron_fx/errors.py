@@ -25,3 +25,7 @@ class CalibrationDataError(FlextronError, ValueError):
 
 class CheckpointError(FlextronError):
     """A saved elastic model is missing, incomplete or does not match the model given."""
+
+
+class TrainingError(FlextronError):
+    """A training run was started with bad settings or cannot resume from its folder."""

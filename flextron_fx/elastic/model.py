@@ -95,6 +95,9 @@ class ElasticModel(nn.Module):
     def widths(self) -> dict[str, int]:
         return dict(self._widths)
 
+    def full_widths(self) -> dict[str, int]:
+        return {name: op.full for name, op in self.ops.items()}
+
     def set_full(self) -> None:
         self.set_widths(1.0)
 

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,23 +26,36 @@ FORMAT = 1
 WEIGHTS, META = "model.safetensors", "flextron.json"
 
 
-def save(em: ElasticModel, path: str | os.PathLike) -> Path:
-    """Write `em` to the folder `path` (replaced atomically if it exists).
-
-    Example:
-        >>> flextron_fx.save(em, "runs/smollm2")   # doctest: +SKIP
-    """
-    path = Path(path)
+def unique_tensors(state: dict[str, torch.Tensor], prefix: str = ""
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into tensors stored once and aliases of tied ones (safetensors
+    refuses shared storage). Keys lose `prefix`."""
     tensors, aliases, seen = {}, {}, {}
-    state = em.graph_module.state_dict(keep_vars=False)
     for key, t in state.items():
-        name = key.removeprefix(em.param_prefix)
+        name = key.removeprefix(prefix)
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ptr in seen:
             aliases[name] = seen[ptr]
             continue
         seen[ptr] = name
         tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save(em: ElasticModel, path: str | os.PathLike,
+         state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `em` to the folder `path` (replaced atomically if it exists).
+
+    `state` replaces the graph module's own state dict (the gathered full weights of a
+    sharded model).
+
+    Example:
+        >>> flextron_fx.save(em, "runs/smollm2")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if state is None:
+        state = em.graph_module.state_dict(keep_vars=False)
+    tensors, aliases = unique_tensors(state, em.param_prefix)
     meta = {
         "format": FORMAT,
         "config": em.config.to_dict(),
@@ -54,11 +69,20 @@ def save(em: ElasticModel, path: str | os.PathLike) -> Path:
         "skipped": [vars(s) for s in em.skipped],
         "aliases": aliases,
     }
+    with atomic_folder(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=_jsonable))
+    return path
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder next to `path` that replaces `path` only if the block succeeds,
+    so a crash never leaves a half-written folder under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / META).write_text(json.dumps(meta, indent=1, default=_jsonable))
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder
@@ -70,7 +94,6 @@ def save(em: ElasticModel, path: str | os.PathLike) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return path
 
 
 def _jsonable(x):

@@ -23,7 +23,7 @@ import torch
 
 from flextron_fx.data._fetch import cache_root, package_file
 
-__all__ = ["ModelSpec", "available", "cache_root", "load", "register"]
+__all__ = ["ModelSpec", "available", "cache_root", "load", "register", "tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,7 @@ def load(name: str, *, cache_dir: str | os.PathLike | None = None,
         >>> model(tok("The cat", return_tensors="pt").input_ids).logits.shape  # doctest: +SKIP
         torch.Size([1, 2, 49152])
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    spec = _REGISTRY[name]
-    root = cache_root(cache_dir)
-    target = root / "models" / name
-    if not _is_saved_model(target):
-        _convert_gguf(spec, root, target)
-
+    target = _saved(name, cache_dir)
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     t0 = time.perf_counter()
@@ -112,6 +105,23 @@ def load(name: str, *, cache_dir: str | os.PathLike | None = None,
     tokenizer = AutoTokenizer.from_pretrained(target)
     log.info("loaded %s from %s in %.2f s", name, target, time.perf_counter() - t0)
     return model.eval(), tokenizer
+
+
+def tokenizer(name: str, *, cache_dir: str | os.PathLike | None = None):
+    """Only the tokenizer of a registered model (converting the model once if needed)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_saved(name, cache_dir))
+
+
+def _saved(name: str, cache_dir) -> Path:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    root = cache_root(cache_dir)
+    target = root / "models" / name
+    if not _is_saved_model(target):
+        _convert_gguf(_REGISTRY[name], root, target)
+    return target
 
 
 def _is_saved_model(folder: Path) -> bool:

@@ -1,0 +1,113 @@
+"""`flextron train-elastic RUN_DIR ...`: elastic training of a saved elastic model, on one
+process or under `torchrun` (DDP or FSDP2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import TrainingError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train-elastic", help="train every sub-network (paper Eq. 5)",
+                       description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="checkpoints, metrics.jsonl, curves.png and final/ go here")
+    p.add_argument("--elastic", default=None,
+                   help="saved elastic model to train (flextron convert --out); on --resume "
+                        "the run's own record is used when omitted")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model whose tokenizer reads the training text")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=4, help="global batch, in sequences")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--samples", type=int, default=3, help="k sub-networks per step")
+    p.add_argument("--sampler", choices=["uniform", "sandwich", "budget"], default="uniform")
+    p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 0.8),
+                   metavar=("LOW", "HIGH"), help="parameter fractions for --sampler budget")
+    p.add_argument("--loss", choices=["lm", "kd", "lm+kd"], default="lm")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens for the periodic validation")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="checkpoint and stop after this much training time")
+    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp", "none"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from .. import load, save
+    from ..data import split_documents, token_blocks
+    from ..data.wikipedia import wikipedia_articles
+    from ..models import tokenizer
+    from .loop import TrainConfig, train_elastic
+    from .state import full_model_state
+
+    rank, world, device = _init_distributed()
+    run_dir = Path(args.run_dir)
+    record = run_dir / "config.json"
+    elastic = args.elastic
+    if elastic is None and args.resume and record.is_file():
+        elastic = json.loads(record.read_text()).get("extra", {}).get("elastic")
+    if elastic is None:
+        raise TrainingError("say which elastic model to train: --elastic DIR (a folder "
+                            "written by `flextron convert --out DIR`)")
+    em = load(elastic).to(device)
+    tok = tokenizer(args.model)
+    train_docs, held_docs = split_documents(wikipedia_articles(), heldout_fraction=0.2,
+                                            seed=args.seed)
+    tokens = token_blocks(tok, (t for _, t in train_docs), args.seq)
+    heldout = token_blocks(tok, (t for _, t in held_docs), args.seq,
+                           max_blocks=max(1, args.eval_tokens // args.seq))
+    if rank == 0:
+        print(f"training on {tokens.numel():,} tokens of {len(train_docs)} Wikipedia articles; "
+              f"validating on {heldout.numel():,} tokens of {len(held_docs)} others")
+    config = TrainConfig(
+        steps=args.steps, batch=args.batch, samples=args.samples, sampler=args.sampler,
+        budget_range=tuple(args.budget_range), loss=args.loss,
+        kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+        extra={"elastic": str(elastic), "seq": args.seq, "data": "gensim enwiki sample"})
+    max_s = None if args.max_minutes is None else 60 * args.max_minutes
+    summary = train_elastic(em, tokens, run_dir, config, heldout=heldout, resume=args.resume,
+                            parallel=args.parallel, progress=not args.no_progress,
+                            max_seconds=max_s)
+    state = full_model_state(em)  # every rank joins the gather under FSDP
+    if rank == 0:
+        if summary["status"] == "done":
+            save(em, run_dir / "final", state=state)
+            summary["final"] = str(run_dir / "final")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment (gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, device

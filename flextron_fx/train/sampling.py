@@ -1,0 +1,80 @@
+"""Which sub-networks a training step visits (paper Eq. 5: the full model plus k samples).
+
+A sampler maps a `torch.Generator` to one width per elastic op. Every rank of a
+distributed run seeds its generator the same way, so all ranks train the same
+sub-networks at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..elastic.model import ElasticModel
+from ..errors import FlextronError
+
+Widths = dict[str, int]
+
+
+def _pick(seq, gen: torch.Generator):
+    return seq[int(torch.randint(len(seq), (1,), generator=gen))]
+
+
+def uniform(em: ElasticModel) -> Callable[[torch.Generator], Widths]:
+    """The paper's sampler: an independent random candidate for every op of every layer."""
+    def sample(gen: torch.Generator) -> Widths:
+        return {name: _pick(op.candidates, gen) for name, op in em.ops.items()}
+    return sample
+
+
+def smallest(em: ElasticModel) -> Widths:
+    return {name: op.candidates[0] for name, op in em.ops.items()}
+
+
+def sandwich(em: ElasticModel) -> Callable[[torch.Generator, int], Widths]:
+    """The smallest network as the first sample of each step, uniform ones after it."""
+    draw = uniform(em)
+
+    def sample(gen: torch.Generator, i: int = 0) -> Widths:
+        return smallest(em) if i == 0 else draw(gen)
+    return sample
+
+
+def budget(em: ElasticModel, low: float, high: float,
+           tries: int = 200) -> Callable[[torch.Generator], Widths]:
+    """Uniform samples kept only if their non-embedding parameters are within [low, high]
+    of the full model's (rejection sampling; the closest of `tries` draws otherwise)."""
+    if not 0.0 < low <= high <= 1.0:
+        raise FlextronError(f"a budget range is 0 < low <= high <= 1, got [{low}, {high}]")
+    full = em.num_params(em.full_widths(), non_embedding=True)
+    draw = uniform(em)
+
+    def sample(gen: torch.Generator) -> Widths:
+        best, gap = None, float("inf")
+        for _ in range(tries):
+            w = draw(gen)
+            f = em.num_params(w, non_embedding=True) / full
+            d = max(low - f, f - high, 0.0)
+            if d == 0.0:
+                return w
+            if d < gap:
+                best, gap = w, d
+        return best
+    return sample
+
+
+SAMPLERS = ("uniform", "sandwich", "budget")
+
+
+def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] = (0.4, 0.8)):
+    """A function (generator, index of the sample within the step) -> widths."""
+    if name == "uniform":
+        draw = uniform(em)
+        return lambda gen, i: draw(gen)
+    if name == "sandwich":
+        return sandwich(em)
+    if name == "budget":
+        draw = budget(em, *budget_range)
+        return lambda gen, i: draw(gen)
+    raise FlextronError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
