@@ -85,7 +85,7 @@ def run(args) -> dict:
     summary = train_elastic(em, tokens, run_dir, config, heldout=heldout, resume=args.resume,
                             parallel=args.parallel, progress=not args.no_progress,
                             max_seconds=max_s)
-    state = full_model_state(em)  # every rank joins the gather under FSDP
+    state = full_model_state(em.graph_module)  # every rank joins the gather under FSDP
     if rank == 0:
         if summary["status"] == "done":
             save(em, run_dir / "final", state=state)
