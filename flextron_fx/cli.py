@@ -1,4 +1,4 @@
-"""The `flextron` command line: demo, convert, ablate-sorting."""
+"""The `flextron` command line: demo, convert, ablate-sorting, data, eval."""
 
 from __future__ import annotations
 
@@ -180,16 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     from .train.command import add_parser as add_train
 
     add_train(sub)
+    from .data.commands import add_parser as add_data
+    from .eval.commands import add_parser as add_eval
+
+    add_data(sub)
+    add_eval(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError
 
     try:
-        args.func(args)
+        rc = args.func(args)
     except FlextronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

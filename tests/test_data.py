@@ -11,6 +11,8 @@ from flextron_fx.data import (
     wikipedia_articles,
     wikitext_to_plain,
 )
+from flextron_fx.data.corpus import split_corpus
+from flextron_fx.data.domains import DOMAINS
 
 
 class CharTokenizer:
@@ -89,15 +91,19 @@ def test_wikipedia_articles_are_plain_text(wiki_cache):
 
 
 def test_calibration_and_heldout_use_disjoint_articles(wiki_cache):
+    """Calibration and held-out text are the Wikipedia domain's calibration and validation
+    splits: never the test split that `flextron eval` reports."""
     tok = CharTokenizer()
     calib, held, source = calibration_and_heldout(tok, seq_len=64, n_calib=32,
                                                   n_heldout_tokens=640, cache_dir=wiki_cache)
     assert calib.shape == (32, 64) and held.shape == (10, 64)
-    assert "held-out" in source
+    assert "validation articles" in source
     docs = wikipedia_articles(cache_dir=wiki_cache)
-    calib_docs, held_docs = split_documents(docs)
-    assert held[0].tolist() == tok.encode(held_docs[0][1])[:64]
-    assert calib[0].tolist() == tok.encode(calib_docs[0][1])[:64]
+    parts = split_corpus(docs, DOMAINS["wikipedia"].splits)
+    assert held[0].tolist() == tok.encode(parts["validation"][0][1])[:64]
+    assert calib[0].tolist() == tok.encode(parts["calibration"][0][1])[:64]
+    test_text = {t for _, t in parts["test"]}
+    assert not test_text & {t for _, t in parts["calibration"] + parts["validation"]}
     with pytest.raises(ValueError, match="held-out text too short"):
         calibration_and_heldout(tok, seq_len=64, n_calib=1, n_heldout_tokens=10**9,
                                 cache_dir=wiki_cache)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -27,11 +26,11 @@ def split_documents(docs: Sequence[tuple[str, str]], heldout_fraction: float = 0
     """
     if not 0.0 <= heldout_fraction <= 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    from flextron_fx.data.corpus import doc_hash
+
     calib, held = [], []
     for doc in docs:
-        digest = hashlib.sha256(f"{seed}\x00{doc[0]}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0**64
-        (held if u < heldout_fraction else calib).append(doc)
+        (held if doc_hash(seed, doc[0]) < heldout_fraction else calib).append(doc)
     return calib, held
 
 
@@ -75,6 +74,9 @@ def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 512,
                             cache_dir=None) -> tuple[torch.LongTensor, torch.LongTensor, str]:
     """Calibration and held-out token blocks from disjoint Wikipedia articles.
 
+    The articles are the ``calibration`` and ``validation`` parts of the Wikipedia domain's
+    split (:func:`flextron_fx.data.corpus.split_corpus`, the split ``flextron data fetch``
+    writes), so neither ever overlaps the ``test`` part that ``flextron eval`` reports.
     Returns ``(calib [<= n_calib, seq_len], heldout [n_heldout_tokens // seq_len, seq_len],
     source)``, where ``source`` says where the text came from. Fewer calibration blocks
     than asked (with a warning) when the calibration articles run out; a ``ValueError``
@@ -85,10 +87,14 @@ def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 512,
         >>> calib.shape, held.shape  # doctest: +SKIP
         (torch.Size([64, 256]), torch.Size([128, 256]))
     """
+    from flextron_fx.data.corpus import split_corpus
+    from flextron_fx.data.domains import DOMAINS
     from flextron_fx.data.wikipedia import GENSIM_VERSION, wikipedia_articles
 
-    docs = wikipedia_articles(cache_dir)
-    calib_docs, held_docs = split_documents(docs, heldout_fraction=0.2, seed=seed)
+    wiki = DOMAINS["wikipedia"]
+    parts = split_corpus(wikipedia_articles(cache_dir), wiki.splits, seed=seed,
+                         max_chars=wiki.max_chars)
+    calib_docs, held_docs = parts["calibration"], parts["validation"]
     n_held = n_heldout_tokens // seq_len
     if n_held < 1:
         raise ValueError(f"n_heldout_tokens={n_heldout_tokens} is less than one block of "
@@ -103,5 +109,5 @@ def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 512,
         log.warning("calibration articles exhausted: %d of %d blocks of %d tokens",
                     calib.shape[0], n_calib, seq_len)
     source = (f"enwiki sample in gensim-{GENSIM_VERSION} wheel, {len(calib_docs)} calibration"
-              f" / {len(held_docs)} held-out articles (seed {seed})")
+              f" / {len(held_docs)} validation articles (seed {seed})")
     return calib, heldout, source

@@ -1,0 +1,219 @@
+"""`flextron eval`: one model, several budgets, every domain and task; JSON, Markdown, PNG.
+
+A *budget* ``f`` is, for now, the uniform width fraction ``f`` of every elastic op
+(``ElasticModel.set_widths(f)``: each MLP keeps the smallest candidate width >= f of its
+neurons, each attention block the smallest head count >= f of its heads). Once routers
+and a latency profiler exist, a budget will mean what the router picks for it; the
+reported parameter counts (``num_params``) and latencies are those of the widths used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_model(spec: str):
+    """``(model, is_elastic)`` for a bundled model name or a folder saved by ``convert``."""
+    path = Path(spec)
+    if (path / "flextron.json").is_file():
+        import flextron_fx
+
+        return flextron_fx.load(path), True
+    if path.exists():
+        raise ValueError(f"{spec} is a path but holds no flextron.json; pass a folder saved by "
+                         "`flextron convert` or a bundled model name")
+    from flextron_fx.models import available, load
+
+    if spec not in available():
+        raise ValueError(f"unknown model {spec!r}; pass a bundled model "
+                         f"({', '.join(available())}) or a folder saved by `flextron convert`")
+    model, _ = load(spec)
+    return model, False
+
+
+def param_counts(model, elastic: bool) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters) of the current sub-network."""
+    if elastic:
+        return model.num_params(), model.num_params(non_embedding=True)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    emb = model.get_input_embeddings().weight.numel()
+    return total, total - emb
+
+
+def latency_ms(model, reps: int = 5, seq_len: int = 256, vocab: int = 1000) -> float:
+    """Median forward time of one ``[1, seq_len]`` input, after one warm-up call."""
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            model(ids)
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _kept(model, kind: str) -> float:
+    ops = [o for o in model.ops.values() if o.kind == kind]
+    return sum(model.widths[o.name] for o in ops) / sum(o.full for o in ops) if ops else 1.0
+
+
+def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tasks=(),
+             limit: int | None = None, max_tokens: int | None = 32768, seq_len: int = 512,
+             batch_size: int = 4, split: str = "test", latency_reps: int = 5,
+             max_length: int = 2048, cache_dir=None, echo=print) -> dict:
+    """Evaluate ``model`` at each budget on ``domains`` (loss) and ``tasks`` (accuracy)."""
+    from flextron_fx.eval.loss import domain_loss, domain_tokens
+    from flextron_fx.eval.tasks import build_requests, lm_adapter, run_tasks
+
+    budgets = [float(b) for b in budgets]
+    if not elastic and budgets != [1.0]:
+        raise ValueError("budgets below 1.0 need an elastic model: pass a folder saved by "
+                         "`flextron convert` as --model")
+    for b in budgets:
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"a budget is a fraction in (0, 1], got {b}")
+    blocks = {d: domain_tokens(tokenizer, d, split, seq_len, max_tokens, cache_dir)
+              for d in domains}
+    built = build_requests(list(tasks), limit, cache_dir) if tasks else []
+    vocab = int(getattr(tokenizer, "vocab_size", None) or 100)
+    rows = []
+    for b in budgets:
+        t0 = time.perf_counter()
+        row: dict = {"budget": b}
+        if elastic:
+            model.set_widths(b)
+            row["mlp_kept"], row["heads_kept"] = _kept(model, "mlp"), _kept(model, "attention")
+        row["params"], row["params_non_embedding"] = param_counts(model, elastic)
+        row["latency_ms"] = latency_ms(model, latency_reps, vocab=vocab)
+        echo(f"budget {b}: {row['params_non_embedding'] / 1e6:.1f} M non-embedding params, "
+             f"{row['latency_ms']:.0f} ms per 1x256 forward")
+        row["domains"] = {}
+        for d, toks in blocks.items():
+            r = domain_loss(model, tokenizer, d, split=split, batch_size=batch_size,
+                            blocks=toks)
+            row["domains"][d] = r
+            echo(f"  {d:<10} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  "
+                 f"({r['tokens']:,} tokens)")
+        if built:
+            lm = lm_adapter(model, tokenizer, max_length=max_length,
+                            batch_tokens=max(batch_size * seq_len, 2048))
+            row["tasks"] = run_tasks(lm, built)
+            for t, r in row["tasks"].items():
+                norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
+                echo(f"  {t:<10} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  "
+                     f"(n={r['n']}, {r['shots']}-shot)")
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    if elastic:
+        model.set_full()
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "split": split,
+            "seq_len": seq_len, "max_tokens_per_domain": max_tokens, "limit": limit,
+            "budget_meaning": "uniform width fraction of every elastic op (set_widths)",
+            "settings": rows}
+
+
+def markdown(result: dict) -> str:
+    """The result as Markdown tables: loss (perplexity) and bits per byte per domain, and
+    accuracy ± standard error per task, one row per budget."""
+    rows = result["settings"]
+    domains = list(rows[0].get("domains", {}))
+    tasks = list(rows[0].get("tasks", {}))
+    head = "| budget | params (non-emb.) | latency ms |"
+    lines = [(f"Model: `{result.get('model', '?')}`; split `{result['split']}`; "
+              f"{result['seq_len']}-token blocks, at most {result['max_tokens_per_domain']} "
+              f"tokens per domain; task limit {result['limit']}."), ""]
+
+    def lead(r):
+        return (f"| {r['budget']:g} | {r['params'] / 1e6:.1f} M ({r['params_non_embedding'] / 1e6:.1f} M) | "
+                f"{r['latency_ms']:.0f} |")
+
+    if domains:
+        lines += ["Loss in nats per token (perplexity):", "",
+                  head + "".join(f" {d} |" for d in domains),
+                  "|---:|---:|---:|" + "---:|" * len(domains)]
+        lines += [lead(r) + "".join(f" {r['domains'][d]['loss']:.3f} ({r['domains'][d]['ppl']:.1f}) |"
+                                    for d in domains) for r in rows]
+        lines += ["", "Bits per byte:", "", head + "".join(f" {d} |" for d in domains),
+                  "|---:|---:|---:|" + "---:|" * len(domains)]
+        lines += [lead(r) + "".join(f" {r['domains'][d]['bpb']:.3f} |" for d in domains)
+                  for r in rows]
+    if tasks:
+        first = rows[0]["tasks"]
+        cols = [(t, m) for t in tasks for m in ("acc", "acc_norm") if m in first[t]]
+        lines += ["", "Accuracy ± standard error (n documents, shots):", "",
+                  head + "".join(f" {t} {m} ({first[t]['n']}, {first[t]['shots']}) |"
+                                 for t, m in cols),
+                  "|---:|---:|---:|" + "---:|" * len(cols)]
+        lines += [lead(r) + "".join(f" {100 * r['tasks'][t][m]:.1f} ± "
+                                    f"{100 * r['tasks'][t][m + '_stderr']:.1f} |"
+                                    for t, m in cols) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, prefix: str | Path) -> list[Path]:
+    """The paper's Figure 5 (loss against parameters, against latency) and Figure 8
+    (per-domain PPL_sub / PPL_full against budget), one curve per domain, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["settings"], key=lambda r: r["budget"])
+    domains = list(rows[0].get("domains", {}))
+    if not domains:
+        return []
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    full = max(rows, key=lambda r: r["budget"])
+    out = []
+    figures = [
+        ("loss-vs-params", "non-embedding parameters (millions)",
+         lambda r: r["params_non_embedding"] / 1e6, lambda r, d: r["domains"][d]["loss"],
+         "loss (nats per token)"),
+        ("loss-vs-latency", "latency of a 1x256 forward (ms, median)",
+         lambda r: r["latency_ms"], lambda r, d: r["domains"][d]["loss"],
+         "loss (nats per token)"),
+        ("degradation", "budget (width fraction)", lambda r: r["budget"],
+         lambda r, d: r["domains"][d]["ppl"] / full["domains"][d]["ppl"],
+         "PPL_sub / PPL_full"),
+    ]
+    for name, xlabel, x, y, ylabel in figures:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for d in domains:
+            ax.plot([x(r) for r in rows], [y(r, d) for r in rows], marker="o", label=d)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{result.get('model', '')}: {ylabel} per domain", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}-{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def write_outputs(result: dict, json_path: str | Path, md_path: str | Path | None = None,
+                  plot_prefix: str | Path | None = None) -> list[Path]:
+    """Write the JSON, the Markdown tables and the plots; return the paths written."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path = Path(md_path) if md_path else json_path.with_suffix(".md")
+    prefix = Path(plot_prefix) if plot_prefix else json_path.with_suffix("")
+    pngs = plot(result, prefix)
+    result["plots"] = [str(p) for p in pngs]
+    json_path.write_text(json.dumps(result, indent=1))
+    md_path.write_text(markdown(result))
+    return [json_path, md_path, *pngs]
