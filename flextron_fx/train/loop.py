@@ -257,8 +257,6 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
         first = evaluate(model, em, heldout, settings, local)  # straight after sorting
         if rank == 0:
             metrics.write_text(json.dumps({"step": 0, "tokens": 0, "val": first}) + "\n")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
     bar = tqdm(total=config.steps, initial=start, desc="train-elastic", unit="step",
                disable=not progress or rank != 0, dynamic_ncols=True)
     info = {"config": asdict(config), "world": world}
@@ -271,38 +269,14 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
             ids = tokens[rows[rank * local:(rank + 1) * local]].to(device)
             picks = [sample(gen, i) for i in range(config.samples)]
             optimizer.zero_grad(set_to_none=True)
-            runs = [em.full_widths()] + picks
-            losses = []
-            teacher = None
-            for j, widths in enumerate(runs):
-                em.set_widths(widths)
-                sync = j == len(runs) - 1
-                with (nullcontext() if sync or not hasattr(model, "no_sync")
-                      else model.no_sync()), autocast:
-                    logits = _logits(model(ids))
-                    if j == 0:
-                        loss = lm_loss(logits, ids)
-                        if config.loss != "lm":
-                            teacher = logits.detach()
-                    elif config.loss == "lm":
-                        loss = lm_loss(logits, ids)
-                    elif config.loss == "kd":
-                        loss = kd_loss(logits, teacher, config.kd_temperature)
-                    else:
-                        loss = 0.5 * (lm_loss(logits, ids)
-                                      + kd_loss(logits, teacher, config.kd_temperature))
-                loss.backward()
-                losses.append(loss.detach().float())
-                del logits, loss
-            em.set_full()
-            teacher = None
+            losses = accumulate(model, em, ids, [em.full_widths()] + picks, config)
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(em.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
             seen += config.batch * tokens.shape[1]
-            loss_t = torch.stack(losses)
+            loss_t = losses
             if world > 1:
                 dist.all_reduce(loss_t)
                 loss_t /= world
@@ -314,7 +288,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
                                         / em.num_params(em.full_widths(), non_embedding=True),
                                         4) for w in picks],
                    "lr": scheduler.get_last_lr()[0], "tokens": seen,
-                   "tok_per_s": config.batch * tokens.shape[1] * len(runs) / dt,
+                   "tok_per_s": config.batch * tokens.shape[1] * (1 + len(picks)) / dt,
                    "elapsed_s": round(elapsed, 3)}
             if heldout is not None and config.eval_every and (
                     step % config.eval_every == 0 or step == config.steps):
@@ -345,6 +319,36 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     return {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
             "wall_s": time.perf_counter() - t_run, "val": last_val,
             "settings": {k: _fraction(em, w) for k, w in settings.items()}}
+
+
+def accumulate(model, em: ElasticModel, ids: torch.Tensor, runs: list[dict],
+               config: TrainConfig) -> torch.Tensor:
+    """Forward and backward every sub-network in `runs` on `ids`, summing gradients into the
+    shared weights (Eq. 5); the first run is the teacher when the loss uses KD. Returns the
+    losses. Under DDP only the last backward synchronises gradients."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ids.device.type == "cuda"
+                else nullcontext())
+    losses, teacher = [], None
+    for j, widths in enumerate(runs):
+        em.set_widths(widths)
+        last = j == len(runs) - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), \
+                autocast:
+            logits = _logits(model(ids))
+            if j == 0 or config.loss == "lm":
+                loss = lm_loss(logits, ids)
+            elif config.loss == "kd":
+                loss = kd_loss(logits, teacher, config.kd_temperature)
+            else:
+                loss = 0.5 * (lm_loss(logits, ids)
+                              + kd_loss(logits, teacher, config.kd_temperature))
+            if j == 0 and config.loss != "lm":
+                teacher = logits.detach()
+        loss.backward()
+        losses.append(loss.detach().float())
+        del logits, loss
+    em.set_full()
+    return torch.stack(losses)
 
 
 def _fraction(em: ElasticModel, widths: dict) -> float:
