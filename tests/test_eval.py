@@ -84,7 +84,7 @@ class FixedLM:
 def arc_fixture(tmp_path):
     """lm-eval's own ARC-Easy task definition over three hand-made questions."""
     pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from flextron_fx.eval.tasks import _lm_eval_tasks_dir
 
@@ -103,8 +103,8 @@ def arc_fixture(tmp_path):
         "tag": [], "dataset_path": "json", "dataset_name": None,
         "dataset_kwargs": {"data_files": {"test": str(data)}}, "training_split": None,
         "validation_split": None, "test_split": "test", "num_fewshot": 0}))
-    tasks = get_task_dict(["fx_arc_fixture"],
-                          TaskManager(include_path=str(tmp_path), include_defaults=False))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    tasks = manager.load(["fx_arc_fixture"])["tasks"]
     tasks["fx_arc_fixture"].build_all_requests(samples=[0, 1, 2], rank=0, world_size=1)
     return tasks
 
@@ -225,6 +225,9 @@ def test_eval_over_budgets_writes_rows_markdown_and_labelled_plots(tiny_corpus, 
     em.set_widths(0.5)
     direct = domain_loss(em, tok, "tiny", seq_len=16, max_tokens=64, cache_dir=tiny_corpus)
     assert math.isclose(rows[1]["domains"]["tiny"]["loss"], direct["loss"], rel_tol=1e-6)
+    dense = domain_loss(em.materialize(), tok, "tiny", seq_len=16, max_tokens=64,
+                        cache_dir=tiny_corpus)  # any ids -> logits callable works
+    assert math.isclose(dense["loss"], direct["loss"], rel_tol=1e-5)
     paths = write_outputs(result, tmp_path / "out" / "r.json")
     md = (tmp_path / "out" / "r.md").read_text()
     assert "| 0.5 |" in md and "tiny" in md
@@ -240,3 +243,16 @@ def test_budgets_need_an_elastic_model():
 
     with pytest.raises(ValueError, match="need an elastic model"):
         evaluate(ZOO["llama"](), CharTokenizer(), elastic=False, budgets=[1.0, 0.5])
+
+
+def test_cli_rejects_unknown_names_with_the_valid_ones(capsys, tmp_path):
+    from flextron_fx import cli
+
+    assert cli.main(["eval", "--tasks", "boolq", "--json", str(tmp_path / "x.json")]) == 2
+    assert "valid: arc_easy, lambada" in capsys.readouterr().err
+    assert cli.main(["eval", "--domains", "klingon", "--json", str(tmp_path / "x.json")]) == 2
+    assert "valid: wikipedia, arxiv, books, german, korean, html, java, python" in \
+        capsys.readouterr().err
+    assert cli.main(["data", "fetch", "--domains", "klingon"]) == 2
+    assert "unknown domain" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -36,9 +37,15 @@ def add_parser(sub) -> None:
 
 def fetch_command(args: argparse.Namespace) -> int:
     from flextron_fx.data.corpus import corpus_dir, fetch, record_table
+    from flextron_fx.data.domains import resolve_domains
     from flextron_fx.data.evalsets import fetch_eval_sets
 
     domains = "small" if args.small else (args.domains or "all")
+    try:
+        resolve_domains(domains)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     tokenizer = None
     if args.tokenizer != "none":
         from flextron_fx.models import load

@@ -149,6 +149,7 @@ class TaskRequests:
     name: str
     tasks: dict            # lm-eval task name -> task object (built requests inside)
     available: int         # documents the split offers for evaluation
+    chosen: dict | None = None  # lm-eval task name -> indices of the evaluated documents
 
 
 def build_requests(names: list[str], limit: int | None, cache_dir=None,
@@ -156,7 +157,7 @@ def build_requests(names: list[str], limit: int | None, cache_dir=None,
     """lm-eval tasks for ``names`` with their requests built on a deterministic subsample."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     folder = write_task_configs(cache_dir)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
@@ -165,7 +166,7 @@ def build_requests(names: list[str], limit: int | None, cache_dir=None,
         spec = TASKS[name]
         if name == "mmlu":
             subjects = sorted(eval_set_files("mmlu", cache_dir))
-            objs = get_task_dict([f"fx_mmlu_{s}" for s in subjects], manager)
+            objs = manager.load([f"fx_mmlu_{s}" for s in subjects])["tasks"]
             pool = [(s, i) for s in subjects
                     for i in range(len(objs[f"fx_mmlu_{s}"].eval_docs))]
             chosen: dict[str, list[int]] = defaultdict(list)
@@ -173,13 +174,13 @@ def build_requests(names: list[str], limit: int | None, cache_dir=None,
                 chosen[f"fx_mmlu_{s}"].append(i)
             objs = {k: v for k, v in objs.items() if k in chosen}
         else:
-            objs = get_task_dict([f"fx_{name}"], manager)
+            objs = manager.load([f"fx_{name}"])["tasks"]
             n = len(objs[f"fx_{name}"].eval_docs)
             pool = list(range(spec.fewshot_pool, n))
             chosen = {f"fx_{name}": sample_docs(pool, limit, seed)}
         for key, task in objs.items():
             task.build_all_requests(samples=chosen[key], rank=0, world_size=1)
-        built.append(TaskRequests(name, objs, len(pool)))
+        built.append(TaskRequests(name, objs, len(pool), dict(chosen)))
     return built
 
 
