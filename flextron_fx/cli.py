@@ -136,11 +136,17 @@ def _table(r: dict) -> str:
 
 
 def demo(args) -> None:
-    """Convert SmolLM2, save it, and print the sorting ablation (paper Table 5)."""
+    """Convert SmolLM2, save it, print the sorting ablation (paper Table 5), then a short
+    elastic training run (a few steps; `flextron train-elastic` runs long ones)."""
     args.out = args.out or "runs/smollm2-135m"
     convert(args)
     args.elastic = args.out
     ablate_sorting(args)
+    rc = main(["train-elastic", f"{args.out}-train", "--elastic", args.out, "--model", args.model,
+               "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
+               "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), "--resume"])
+    if rc:
+        raise SystemExit(rc)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
