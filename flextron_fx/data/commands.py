@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,12 +52,13 @@ def fetch_command(args: argparse.Namespace) -> int:
         from flextron_fx.models import load
 
         _, tokenizer = load(args.tokenizer)
+    say = functools.partial(print, flush=True)  # progress shows up in logs too
     record = fetch(domains, cache_dir=args.cache_dir, tokenizer=tokenizer, seed=args.seed,
-                   force=args.force)
+                   force=args.force, echo=say)
     failed = dict(record["failures"])
     if not args.no_eval_sets:
         try:
-            record["eval_sets"] = fetch_eval_sets(args.cache_dir, force=args.force)
+            record["eval_sets"] = fetch_eval_sets(args.cache_dir, force=args.force, echo=say)
         except Exception as exc:  # noqa: BLE001 - reported like a failed domain
             failed["eval_sets"] = f"{type(exc).__name__}: {exc}"
             print(f"evaluation sets: FAILED: {failed['eval_sets']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 
@@ -60,7 +61,8 @@ def eval_command(args: argparse.Namespace) -> int:
         result = evaluate(model, tokenizer, elastic=elastic, budgets=budgets, domains=domains,
                           tasks=tasks, limit=args.limit, max_tokens=args.max_tokens or None,
                           seq_len=args.seq_len, batch_size=args.batch_size, split=args.split,
-                          latency_reps=args.latency_reps, cache_dir=args.cache_dir)
+                          latency_reps=args.latency_reps, cache_dir=args.cache_dir,
+                          echo=functools.partial(print, flush=True))
     except (ValueError, DataNotFetchedError, EvalSetNotFetchedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,17 +49,26 @@ def param_counts(model, elastic: bool) -> tuple[int, int]:
     return total, total - emb
 
 
-def latency_ms(model, reps: int = 5, seq_len: int = 256, vocab: int = 1000) -> float:
-    """Median forward time of one ``[1, seq_len]`` input, after one warm-up call."""
+def latencies_ms(model, budgets, *, elastic: bool, reps: int = 5, seq_len: int = 256,
+                 vocab: int = 100) -> dict[float, float]:
+    """Median forward time of one ``[1, seq_len]`` input at each budget, in ms.
+
+    Budgets are timed in interleaved rounds (each round visits every budget: set the
+    widths, one untimed call that pays the one-time weight slicing, one timed call), so a
+    change in machine load spreads over all budgets instead of biasing one.
+    """
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    times = []
+    times: dict[float, list[float]] = {b: [] for b in budgets}
     with torch.inference_mode():
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            model(ids)
-            if i:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for _ in range(max(reps, 1)):
+            for b in budgets:
+                if elastic:
+                    model.set_widths(b)
+                model(ids)
+                t0 = time.perf_counter()
+                model(ids)
+                times[b].append((time.perf_counter() - t0) * 1e3)
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def _kept(model, kind: str) -> float:
@@ -86,6 +95,7 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
               for d in domains}
     built = build_requests(list(tasks), limit, cache_dir) if tasks else []
     vocab = int(getattr(tokenizer, "vocab_size", None) or 100)
+    latency = latencies_ms(model, budgets, elastic=elastic, reps=latency_reps, vocab=vocab)
     rows = []
     for b in budgets:
         t0 = time.perf_counter()
@@ -94,9 +104,9 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
             model.set_widths(b)
             row["mlp_kept"], row["heads_kept"] = _kept(model, "mlp"), _kept(model, "attention")
         row["params"], row["params_non_embedding"] = param_counts(model, elastic)
-        row["latency_ms"] = latency_ms(model, latency_reps, vocab=vocab)
+        row["latency_ms"] = latency[b]
         echo(f"budget {b}: {row['params_non_embedding'] / 1e6:.1f} M non-embedding params, "
-             f"{row['latency_ms']:.0f} ms per 1x256 forward")
+             f"{row['latency_ms']:.0f} ms per 1x256 forward (median of {latency_reps})")
         row["domains"] = {}
         for d, toks in blocks.items():
             r = domain_loss(model, tokenizer, d, split=split, batch_size=batch_size,
@@ -120,6 +130,8 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
             "torch": torch.__version__, "threads": torch.get_num_threads(), "split": split,
             "seq_len": seq_len, "max_tokens_per_domain": max_tokens, "limit": limit,
             "budget_meaning": "uniform width fraction of every elastic op (set_widths)",
+            "latency": f"median of {latency_reps} interleaved [1, 256] forwards per budget, "
+                       f"{torch.get_num_threads()} threads, on this machine as loaded",
             "settings": rows}
 
 
