@@ -212,9 +212,12 @@ def test_eval_over_budgets_writes_rows_markdown_and_labelled_plots(tiny_corpus, 
     em = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"),
                                  torch.randint(0, 128, (4, 8)), progress=False)
     tok = CharTokenizer()
+    seen = []
     result = evaluate(em, tok, elastic=True, budgets=[1.0, 0.5], domains=["tiny"], tasks=[],
                       max_tokens=64, seq_len=16, latency_reps=1, cache_dir=tiny_corpus,
-                      echo=lambda s: None)
+                      echo=lambda s: None, on_progress=lambda r: seen.append(
+                          [list(row["domains"]) for row in r["settings"]]))
+    assert seen == [[["tiny"]], [["tiny"], ["tiny"]]], "partial results after every domain"
     result["model"] = "tiny llama"
     rows = result["settings"]
     assert [r["budget"] for r in rows] == [1.0, 0.5]
@@ -231,6 +234,11 @@ def test_eval_over_budgets_writes_rows_markdown_and_labelled_plots(tiny_corpus, 
     paths = write_outputs(result, tmp_path / "out" / "r.json")
     md = (tmp_path / "out" / "r.md").read_text()
     assert "| 0.5 |" in md and "tiny" in md
+    from flextron_fx.eval.harness import markdown
+
+    partial = {**result, "settings": [*result["settings"][:1],
+                                      {**result["settings"][1], "domains": {}}]}
+    assert "(not run)" in markdown(partial)
     saved = json.loads((tmp_path / "out" / "r.json").read_text())
     assert len(saved["settings"]) == 2 and len(saved["plots"]) == 3
     for png in paths[2:]:

@@ -40,6 +40,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=eval_command)
 
 
+def _save_partial(args: argparse.Namespace, result: dict) -> None:
+    """The JSON so far (a stopped run keeps its finished domains and tasks)."""
+    import json
+    from pathlib import Path
+
+    from flextron_fx.data._fetch import write_atomic
+
+    write_atomic(Path(args.json), json.dumps({**result, "model": args.model,
+                                              "command": _command(), "partial": True},
+                                             indent=1))
+
+
+def _command() -> str:
+    return "flextron " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def eval_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,12 +78,13 @@ def eval_command(args: argparse.Namespace) -> int:
                           tasks=tasks, limit=args.limit, max_tokens=args.max_tokens or None,
                           seq_len=args.seq_len, batch_size=args.batch_size, split=args.split,
                           latency_reps=args.latency_reps, cache_dir=args.cache_dir,
-                          echo=functools.partial(print, flush=True))
+                          echo=functools.partial(print, flush=True),
+                          on_progress=functools.partial(_save_partial, args))
     except (ValueError, DataNotFetchedError, EvalSetNotFetchedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["model"] = args.model
-    result["command"] = "flextron " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result["command"] = _command()
     for path in write_outputs(result, args.json, args.md, args.plots):
         print(f"wrote {path}")
     return 0

@@ -79,8 +79,12 @@ def _kept(model, kind: str) -> float:
 def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tasks=(),
              limit: int | None = None, max_tokens: int | None = 32768, seq_len: int = 512,
              batch_size: int = 4, split: str = "test", latency_reps: int = 5,
-             max_length: int = 2048, cache_dir=None, echo=print) -> dict:
-    """Evaluate ``model`` at each budget on ``domains`` (loss) and ``tasks`` (accuracy)."""
+             max_length: int = 2048, cache_dir=None, echo=print, on_progress=None) -> dict:
+    """Evaluate ``model`` at each budget on ``domains`` (loss) and ``tasks`` (accuracy).
+
+    ``on_progress(result)``, if given, is called with the partial result after every
+    domain and every task, so a long run that is stopped keeps what it finished.
+    """
     from flextron_fx.eval.loss import domain_loss, domain_tokens
     from flextron_fx.eval.tasks import build_requests, lm_adapter, run_tasks
 
@@ -96,7 +100,15 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
     built = build_requests(list(tasks), limit, cache_dir) if tasks else []
     vocab = int(getattr(tokenizer, "vocab_size", None) or 100)
     latency = latencies_ms(model, budgets, elastic=elastic, reps=latency_reps, vocab=vocab)
-    rows = []
+    rows: list[dict] = []
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "split": split,
+              "seq_len": seq_len, "max_tokens_per_domain": max_tokens, "limit": limit,
+              "budget_meaning": "uniform width fraction of every elastic op (set_widths)",
+              "latency": f"median of {latency_reps} interleaved [1, 256] forwards per "
+                         f"budget, {torch.get_num_threads()} threads, on this machine as loaded",
+              "settings": rows}
+    progress = on_progress or (lambda r: None)
     for b in budgets:
         t0 = time.perf_counter()
         row: dict = {"budget": b}
@@ -107,40 +119,35 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
         row["latency_ms"] = latency[b]
         echo(f"budget {b}: {row['params_non_embedding'] / 1e6:.1f} M non-embedding params, "
              f"{row['latency_ms']:.0f} ms per 1x256 forward (median of {latency_reps})")
-        row["domains"] = {}
+        row["domains"], row["tasks"] = {}, {}
+        rows.append(row)
         for d, toks in blocks.items():
             r = domain_loss(model, tokenizer, d, split=split, batch_size=batch_size,
                             blocks=toks)
             row["domains"][d] = r
             echo(f"  {d:<10} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  "
                  f"({r['tokens']:,} tokens)")
-        if built:
-            lm = lm_adapter(model, tokenizer, max_length=max_length,
-                            batch_tokens=max(batch_size * seq_len, 2048))
-            row["tasks"] = run_tasks(lm, built)
-            for t, r in row["tasks"].items():
-                norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
-                echo(f"  {t:<10} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  "
-                     f"(n={r['n']}, {r['shots']}-shot)")
+            progress(result)
+        lm = lm_adapter(model, tokenizer, max_length=max_length,
+                        batch_tokens=max(batch_size * seq_len, 2048))
+        for task in built:  # one pass per task, so each is kept as soon as it is done
+            r = row["tasks"][task.name] = run_tasks(lm, [task])[task.name]
+            norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
+            echo(f"  {task.name:<10} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  "
+                 f"(n={r['n']}, {r['shots']}-shot)")
+            progress(result)
         row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
     if elastic:
         model.set_full()
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "split": split,
-            "seq_len": seq_len, "max_tokens_per_domain": max_tokens, "limit": limit,
-            "budget_meaning": "uniform width fraction of every elastic op (set_widths)",
-            "latency": f"median of {latency_reps} interleaved [1, 256] forwards per budget, "
-                       f"{torch.get_num_threads()} threads, on this machine as loaded",
-            "settings": rows}
+    return result
 
 
 def markdown(result: dict) -> str:
     """The result as Markdown tables: loss (perplexity) and bits per byte per domain, and
     accuracy ± standard error per task, one row per budget."""
     rows = result["settings"]
-    domains = list(rows[0].get("domains", {}))
-    tasks = list(rows[0].get("tasks", {}))
+    domains = list(dict.fromkeys(d for r in rows for d in r.get("domains", {})))
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
     head = "| budget | params (non-emb.) | latency ms |"
     lines = [(f"Model: `{result.get('model', '?')}`; split `{result['split']}`; "
               f"{result['seq_len']}-token blocks, at most {result['max_tokens_per_domain']} "
@@ -154,23 +161,27 @@ def markdown(result: dict) -> str:
         lines += ["Loss in nats per token (perplexity):", "",
                   head + "".join(f" {d} |" for d in domains),
                   "|---:|---:|---:|" + "---:|" * len(domains)]
-        lines += [lead(r) + "".join(f" {r['domains'][d]['loss']:.3f} ({r['domains'][d]['ppl']:.1f}) |"
-                                    for d in domains) for r in rows]
+        lines += [lead(r) + "".join(_cell(r["domains"], d, lambda x: f"{x['loss']:.3f} "
+                                          f"({x['ppl']:.1f})") for d in domains) for r in rows]
         lines += ["", "Bits per byte:", "", head + "".join(f" {d} |" for d in domains),
                   "|---:|---:|---:|" + "---:|" * len(domains)]
-        lines += [lead(r) + "".join(f" {r['domains'][d]['bpb']:.3f} |" for d in domains)
-                  for r in rows]
+        lines += [lead(r) + "".join(_cell(r["domains"], d, lambda x: f"{x['bpb']:.3f}")
+                                    for d in domains) for r in rows]
     if tasks:
-        first = rows[0]["tasks"]
+        first = {t: next(r["tasks"][t] for r in rows if t in r["tasks"]) for t in tasks}
         cols = [(t, m) for t in tasks for m in ("acc", "acc_norm") if m in first[t]]
         lines += ["", "Accuracy ± standard error (n documents, shots):", "",
                   head + "".join(f" {t} {m} ({first[t]['n']}, {first[t]['shots']}) |"
                                  for t, m in cols),
                   "|---:|---:|---:|" + "---:|" * len(cols)]
-        lines += [lead(r) + "".join(f" {100 * r['tasks'][t][m]:.1f} ± "
-                                    f"{100 * r['tasks'][t][m + '_stderr']:.1f} |"
-                                    for t, m in cols) for r in rows]
+        lines += [lead(r) + "".join(_cell(r["tasks"], t, lambda x, m=m: f"{100 * x[m]:.1f} ± "
+                                          f"{100 * x[m + '_stderr']:.1f}") for t, m in cols)
+                  for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _cell(results: dict, key: str, fmt) -> str:
+    return f" {fmt(results[key])} |" if key in results else " (not run) |"
 
 
 def plot(result: dict, prefix: str | Path) -> list[Path]:
@@ -182,7 +193,7 @@ def plot(result: dict, prefix: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = sorted(result["settings"], key=lambda r: r["budget"])
-    domains = list(rows[0].get("domains", {}))
+    domains = list(dict.fromkeys(d for r in rows for d in r.get("domains", {})))
     if not domains:
         return []
     prefix = Path(prefix)
@@ -203,7 +214,10 @@ def plot(result: dict, prefix: str | Path) -> list[Path]:
     for name, xlabel, x, y, ylabel in figures:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for d in domains:
-            ax.plot([x(r) for r in rows], [y(r, d) for r in rows], marker="o", label=d)
+            have = [r for r in rows if d in r["domains"]]
+            if name == "degradation" and d not in full["domains"]:
+                continue
+            ax.plot([x(r) for r in have], [y(r, d) for r in have], marker="o", label=d)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{result.get('model', '')}: {ylabel} per domain", fontsize=10)
