@@ -34,6 +34,22 @@ def test_convert_then_ablate_from_the_saved_model(tmp_path, capsys):
     assert r["full_ppl"] < r["mlp50_sorted_ppl"]
     assert "with sorting" in capsys.readouterr().out
 
+    run = tmp_path / "train"
+    assert cli.main(["train-elastic", str(run), "--elastic", str(out), "--steps", "2",
+                     "--batch", "2", "--seq", "32", "--samples", "1", "--eval-every", "1",
+                     "--eval-tokens", "64", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["step"] == 2
+    assert set(summary["val"]) == {"full", "mlp50", "params50", "params65", "params80"}
+    assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("val" in r for r in rows)
+
+
+def test_train_elastic_needs_a_model(tmp_path, capsys):
+    assert cli.main(["train-elastic", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "--elastic DIR" in capsys.readouterr().err
+
 
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as e:

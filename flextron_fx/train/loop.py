@@ -235,8 +235,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     for p in em.parameters():
         p.requires_grad_(True)
     model = _wrap(em, parallel, world, device)
-    optimizer = torch.optim.AdamW(em.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(em, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
     sample = make_sampler(em, config.sampler, tuple(config.budget_range))
@@ -297,6 +296,8 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
             if rank == 0:
                 with metrics.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                if "val" in row:
+                    plot_run(run)  # keep the curves current while the run goes on
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_full']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
             want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)
@@ -319,6 +320,13 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     return {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
             "wall_s": time.perf_counter() - t_run, "val": last_val,
             "settings": {k: _fraction(em, w) for k, w in settings.items()}}
+
+
+def make_optimizer(em: ElasticModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over all weights. Weight decay (off by default) shrinks every weight at every
+    step, including rows the step's sub-networks did not use."""
+    return torch.optim.AdamW(em.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                             weight_decay=config.weight_decay)
 
 
 def accumulate(model, em: ElasticModel, ids: torch.Tensor, runs: list[dict],
