@@ -255,7 +255,9 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     if heldout is not None and config.eval_every and start == 0:
         first = evaluate(model, em, heldout, settings, local)  # straight after sorting
         if rank == 0:
-            metrics.write_text(json.dumps({"step": 0, "tokens": 0, "val": first}) + "\n")
+            fractions = {k: round(_fraction(em, w), 4) for k, w in settings.items()}
+            metrics.write_text(json.dumps({"step": 0, "tokens": 0, "val": first,
+                                           "val_params": fractions}) + "\n")
     bar = tqdm(total=config.steps, initial=start, desc="train-elastic", unit="step",
                disable=not progress or rank != 0, dynamic_ncols=True)
     info = {"config": asdict(config), "world": world}
@@ -404,6 +406,9 @@ def read_metrics(run: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_LABELS = {"full": "full", "mlp50": "MLP 50 %, all heads"}
+
+
 def plot_run(run: str | Path) -> Path | None:
     """`RUN/curves.png`: training loss, and held-out perplexity of each tracked setting
     against tokens (the paper's Figure 11)."""
@@ -422,18 +427,24 @@ def plot_run(run: str | Path) -> Path | None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot([r["tokens"] for r in rows], [r["loss_full"] for r in rows], label="full", lw=1)
+    kd = json.loads((Path(run) / "config.json").read_text()).get("loss", "lm") != "lm"
     a.plot([r["tokens"] for r in rows], [sum(r["loss_sub"]) / max(1, len(r["loss_sub"]))
-                                         for r in rows], label="sampled sub-networks", lw=1)
+                                         for r in rows], lw=1,
+           label="sampled sub-networks" + (" (their LM/KD loss)" if kd else ""))
     a.set_xlabel("training tokens")
     a.set_ylabel("training loss")
     a.set_title("training loss")
     a.legend()
+    share = vals[0].get("val_params", {}) if vals else {}
     for name in (vals[0]["val"] if vals else {}):
+        label = (f"uniform, nearest {name[6:]} % params" if name.startswith("params")
+                 else _LABELS.get(name, name))
+        label += f" ({share[name]:.0%})" if name in share else ""
         b.plot([r["tokens"] for r in vals], [math.exp(r["val"][name]) for r in vals],
-               marker="o", label=name)
+               marker="o", label=label)
     b.set_yscale("log")
     b.set_xlabel("training tokens")
-    b.set_ylabel("held-out perplexity")
+    b.set_ylabel("held-out perplexity (log scale)")
     b.set_title("held-out perplexity by sub-network")
     if vals:
         b.legend()
