@@ -1,0 +1,45 @@
+"""Held-out perplexity of saved elastic models at full width and with half of every MLP.
+
+    python benchmarks/heldout_mlp50.py runs/convert-a runs/train-a/final [--json out.json]
+
+The text is the same 32,640 predicted tokens as `flextron ablate-sorting` (the first 128
+blocks of 256 tokens from the 23 held-out articles of the gensim Wikipedia sample), which
+`flextron train-elastic` validates on and never trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import flextron_fx
+from flextron_fx.data import split_documents, token_blocks
+from flextron_fx.data.wikipedia import wikipedia_articles
+from flextron_fx.eval import perplexity
+from flextron_fx.models import tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="folders written by flextron convert / train")
+    ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    _, held_docs = split_documents(wikipedia_articles(), heldout_fraction=0.2, seed=0)
+    held = token_blocks(tokenizer(args.model), (t for _, t in held_docs), 256, max_blocks=128)
+    out = {"text": f"{len(held_docs)} held-out Wikipedia articles, {held.shape[0]} x 256"}
+    print(f"{'model':<40}{'full':>10}{'MLP 50 %':>10}")
+    for path in args.models:
+        em = flextron_fx.load(path)
+        full = perplexity(em, held, desc="full")
+        em.set_widths(0.5, kind="mlp")
+        half = perplexity(em, held, desc="mlp50")
+        out[path] = {"full_ppl": full["ppl"], "mlp50_ppl": half["ppl"], "tokens": half["tokens"]}
+        print(f"{path:<40}{full['ppl']:>10.2f}{half['ppl']:>10.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
