@@ -63,6 +63,9 @@ def test_prefix_cache_of_a_hf_model_gives_the_same_scores():
     model = ZOO["llama"]()
     shared = list(range(5, 75))
     pairs = [(shared + [i, i + 1], [i + 2, 9]) for i in range(6)] + [([1, 2], [3])]
+    # the same context with answers that start alike: the cached prefix must stop before
+    # the answers, or their first tokens' log-probs would be lost
+    pairs += [(shared, [40, 41, 42]), (shared, [40, 41, 43]), (shared, [40, 44])]
     cached = score(model, pairs, prefix_cache=True, min_prefix=32, progress=False)
     plain = score(model, pairs, prefix_cache=False, progress=False)
     for (a, ga), (b, gb) in zip(cached, plain, strict=True):

@@ -50,12 +50,16 @@ def score(model: Callable, pairs: Sequence[Pair], *, max_length: int = 2048,
         if len(ctx) < 1 or len(cont) < 1:
             raise ValueError("every pair needs at least one context and one continuation token")
     inputs: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    # the first position whose logits a key's pairs read: a shared prefix must end before it
+    first_read: dict[tuple[int, ...], int] = {}
     for i, (ctx, cont) in enumerate(pairs):
         whole = (list(ctx) + list(cont))[-(max_length + 1):]
-        inputs[tuple(whole[:-1])].append(i)
+        key = tuple(whole[:-1])
+        inputs[key].append(i)
+        first_read[key] = min(first_read.get(key, len(key)), len(key) - len(cont))
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
-    groups = _prefix_groups(inputs, min_prefix) if prefix_cache and _is_hf_causal(model) \
-        else {(): list(inputs)}
+    groups = _prefix_groups(inputs, first_read, min_prefix) \
+        if prefix_cache and _is_hf_causal(model) else {(): list(inputs)}
     bar = tqdm(total=len(inputs), desc=desc, disable=not progress, leave=False)
     with torch.inference_mode():
         for prefix, keys in groups.items():
@@ -103,12 +107,13 @@ def _log_probs(model, seqs: list[tuple[int, ...]], past) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _prefix_groups(inputs, min_prefix: int) -> dict[tuple[int, ...], list]:
+def _prefix_groups(inputs, first_read, min_prefix: int) -> dict[tuple[int, ...], list]:
     """Inputs grouped by a shared leading run of at least ``min_prefix`` tokens.
 
     Inputs are sorted; each run of neighbours whose common prefix stays >= ``min_prefix``
-    forms a group keyed by that prefix minus one token (so every member has at least one
-    token of its own to run). The rest go to the group ``()``.
+    forms a group keyed by that prefix, cut to end before the first position any member
+    reads logits at (``first_read``; answers that start alike must not fall into the
+    cached part). The rest go to the group ``()``.
     """
     keys = sorted(inputs)
     groups: dict[tuple[int, ...], list] = defaultdict(list)
@@ -116,8 +121,9 @@ def _prefix_groups(inputs, min_prefix: int) -> dict[tuple[int, ...], list]:
     common = 0
 
     def close():
-        if len(run) > 1 and common >= min_prefix:
-            groups[run[0][:min(common, min(len(k) for k in run) - 1)]].extend(run)
+        n = min(common, *(first_read[k] for k in run))
+        if len(run) > 1 and n >= min_prefix:
+            groups[run[0][:n]].extend(run)
         else:
             groups[()].extend(run)
 
