@@ -218,6 +218,8 @@ def plot(result: dict, prefix: str | Path) -> list[Path]:
             if name == "degradation" and d not in full["domains"]:
                 continue
             ax.plot([x(r) for r in have], [y(r, d) for r in have], marker="o", label=d)
+        if name == "degradation":
+            ax.set_yscale("log")  # ratios run from 1 to thousands across domains
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{result.get('model', '')}: {ylabel} per domain", fontsize=10)
