@@ -51,6 +51,27 @@ def test_train_elastic_needs_a_model(tmp_path, capsys):
     assert "--elastic DIR" in capsys.readouterr().err
 
 
+def test_train_elastic_never_trains_on_evaluation_text():
+    from flextron_fx.data.corpus import load_split
+    from flextron_fx.data.domains import DOMAINS
+    from flextron_fx.train.command import _split
+
+    train, val = _split("wikipedia", "train"), _split("wikipedia", "validation")
+    assert train and val
+    ids = {d for d, _ in train}
+    assert not ids & {d for d, _ in val}
+    try:
+        test = load_split("wikipedia", "test")  # what `flextron eval` reports
+    except FileNotFoundError:  # not fetched: the split train-elastic computes itself
+        from flextron_fx.data import split_corpus, wikipedia_articles
+
+        wiki = DOMAINS["wikipedia"]
+        test = split_corpus(wikipedia_articles(), wiki.splits, seed=0,
+                            max_chars=wiki.max_chars)["test"]
+    assert not ids & {d for d, _ in test}
+    assert {d for d, _ in test} and not {d for d, _ in val} & {d for d, _ in test}
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         cli.main(["shrink"])

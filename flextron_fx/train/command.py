@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                         "the run's own record is used when omitted")
     p.add_argument("--model", default="smollm2-135m",
                    help="bundled model whose tokenizer reads the training text")
+    p.add_argument("--domains", default="wikipedia",
+                   help="comma-separated text domains (flextron data fetch) to train on: "
+                        "their train splits; validation uses their validation splits")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=4, help="global batch, in sequences")
     p.add_argument("--seq", type=int, default=256)
@@ -50,8 +53,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> dict:
     from .. import load, save
-    from ..data import split_documents, token_blocks
-    from ..data.wikipedia import wikipedia_articles
+    from ..data import token_blocks
+    from ..data.domains import resolve_domains
     from ..models import tokenizer
     from .loop import TrainConfig, train_elastic
     from .state import full_model_state
@@ -67,20 +70,24 @@ def run(args) -> dict:
                             "written by `flextron convert --out DIR`)")
     em = load(elastic).to(device)
     tok = tokenizer(args.model)
-    train_docs, held_docs = split_documents(wikipedia_articles(), heldout_fraction=0.2,
-                                            seed=args.seed)
-    tokens = token_blocks(tok, (t for _, t in train_docs), args.seq)
-    heldout = token_blocks(tok, (t for _, t in held_docs), args.seq,
-                           max_blocks=max(1, args.eval_tokens // args.seq))
+    try:
+        domains = resolve_domains(args.domains)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, "train")), args.seq)
+                        for d in domains])
+    per = max(1, args.eval_tokens // args.seq // len(domains))
+    heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), args.seq,
+                                      max_blocks=per) for d in domains])
     if rank == 0:
-        print(f"training on {tokens.numel():,} tokens of {len(train_docs)} Wikipedia articles; "
-              f"validating on {heldout.numel():,} tokens of {len(held_docs)} others")
+        print(f"training on {tokens.numel():,} tokens of the train split of {domains}; "
+              f"validating on {heldout.numel():,} tokens of their validation split")
     config = TrainConfig(
         steps=args.steps, batch=args.batch, samples=args.samples, sampler=args.sampler,
         budget_range=tuple(args.budget_range), loss=args.loss,
         kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
-        extra={"elastic": str(elastic), "seq": args.seq, "data": "gensim enwiki sample"})
+        extra={"elastic": str(elastic), "seq": args.seq, "domains": domains})
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
     summary = train_elastic(em, tokens, run_dir, config, heldout=heldout, resume=args.resume,
                             parallel=args.parallel, progress=not args.no_progress,
@@ -95,6 +102,24 @@ def run(args) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def _split(domain: str, split: str) -> list[tuple[str, str]]:
+    """Documents of one split of a domain, as `flextron data fetch` splits it (train and
+    validation never share a document with the test split that `flextron eval` reports).
+    Wikipedia comes from the gensim wheel even when not fetched."""
+    from ..data import load_split, split_corpus, wikipedia_articles
+    from ..data.corpus import DataNotFetchedError
+    from ..data.domains import DOMAINS
+
+    try:
+        return load_split(domain, split)
+    except DataNotFetchedError as exc:
+        if domain != "wikipedia":
+            raise TrainingError(str(exc)) from exc
+        wiki = DOMAINS["wikipedia"]  # the same split as the fetched one (seed 0)
+        return split_corpus(wikipedia_articles(), wiki.splits, seed=0,
+                            max_chars=wiki.max_chars)[split]
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
