@@ -49,9 +49,9 @@ def fetch_command(args: argparse.Namespace) -> int:
         return 2
     tokenizer = None
     if args.tokenizer != "none":
-        from flextron_fx.models import load
+        from flextron_fx.models import tokenizer as load_tokenizer
 
-        _, tokenizer = load(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)  # only the tokenizer: it counts tokens
     say = functools.partial(print, flush=True)  # progress shows up in logs too
     record = fetch(domains, cache_dir=args.cache_dir, tokenizer=tokenizer, seed=args.seed,
                    force=args.force, echo=say)
