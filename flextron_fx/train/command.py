@@ -59,6 +59,10 @@ def run(args) -> dict:
     from .loop import TrainConfig, train_elastic
     from .state import full_model_state
 
+    try:
+        domains = resolve_domains(args.domains)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
     rank, world, device = _init_distributed()
     run_dir = Path(args.run_dir)
     record = run_dir / "config.json"
@@ -70,10 +74,6 @@ def run(args) -> dict:
                             "written by `flextron convert --out DIR`)")
     em = load(elastic).to(device)
     tok = tokenizer(args.model)
-    try:
-        domains = resolve_domains(args.domains)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from exc
     tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, "train")), args.seq)
                         for d in domains])
     per = max(1, args.eval_tokens // args.seq // len(domains))
