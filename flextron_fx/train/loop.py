@@ -285,9 +285,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
             elapsed += dt
             row = {"step": step, "loss": float(loss_t.sum()), "loss_full": float(loss_t[0]),
                    "loss_sub": [float(x) for x in loss_t[1:]],
-                   "sub_params": [round(em.num_params(w, non_embedding=True)
-                                        / em.num_params(em.full_widths(), non_embedding=True),
-                                        4) for w in picks],
+                   "sub_params": [round(_fraction(em, w), 4) for w in picks],
                    "lr": scheduler.get_last_lr()[0], "tokens": seen,
                    "tok_per_s": config.batch * tokens.shape[1] * (1 + len(picks)) / dt,
                    "elapsed_s": round(elapsed, 3)}
