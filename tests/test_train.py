@@ -57,6 +57,20 @@ def test_samplers_give_valid_candidates(em):
         assert 0.55 <= em.num_params(w, non_embedding=True) / full <= 0.75
 
 
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_vary_samples_one_kind_and_keeps_the_other_full(em, kind):
+    gen = torch.Generator().manual_seed(0)
+    for name in ("uniform", "sandwich", "budget"):
+        draw = make_sampler(em, name, (0.5, 0.9) if kind == "mlp" else (0.7, 1.0), kind)
+        draws = [draw(gen, i) for i in range(40)]
+        assert all(_valid(em, w) for w in draws)
+        for n, op in em.ops.items():
+            seen = {w[n] for w in draws}
+            assert seen == {op.full} if op.kind != kind else len(seen) > 1, (name, n, seen)
+    with pytest.raises(TrainingError, match="vary"):
+        train_elastic(em, tokens(), Path("unused"), TrainConfig(steps=1, vary="heads"))
+
+
 def test_same_seed_same_samples_on_every_rank(em):
     a, b = make_sampler(em, "uniform"), make_sampler(em, "uniform")
     ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

@@ -5,6 +5,9 @@ A *budget* ``f`` is, for now, the uniform width fraction ``f`` of every elastic 
 neurons, each attention block the smallest head count >= f of its heads). Once routers
 and a latency profiler exist, a budget will mean what the router picks for it; the
 reported parameter counts (``num_params``) and latencies are those of the widths used.
+The tasks of an elastic model from a Hugging Face class run on the same sub-network
+rebuilt in that class (``export.hf.to_hf``, checked to give the same logits), so few-shot
+prompts reuse the key/value cache of their shared examples.
 """
 
 from __future__ import annotations
@@ -76,6 +79,23 @@ def _kept(model, kind: str) -> float:
     return sum(model.widths[o.name] for o in ops) / sum(o.full for o in ops) if ops else 1.0
 
 
+def _task_model(model, elastic: bool, echo):
+    """What scores the tasks: for an elastic model from a Hugging Face class, the same
+    sub-network rebuilt in that class (`to_hf`, checked to give the same logits), whose
+    key/value cache lets few-shot prompts share one pass over their common examples;
+    otherwise the model itself (every sequence run in full)."""
+    if not elastic:
+        return model
+    from flextron_fx.errors import UnsupportedModelError, WidthError
+    from flextron_fx.export.hf import to_hf
+
+    try:
+        return to_hf(model)
+    except (UnsupportedModelError, WidthError) as exc:
+        echo(f"  tasks run on the elastic graph without a key/value cache ({exc})")
+        return model
+
+
 def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tasks=(),
              limit: int | None = None, max_tokens: int | None = 32768, seq_len: int = 512,
              batch_size: int = 4, split: str = "test", latency_reps: int = 5,
@@ -128,8 +148,11 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
             echo(f"  {d:<10} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  "
                  f"({r['tokens']:,} tokens)")
             progress(result)
-        lm = lm_adapter(model, tokenizer, max_length=max_length,
-                        batch_tokens=max(batch_size * seq_len, 2048))
+        if built:
+            scorer = _task_model(model, elastic, echo)
+            row["task_model"] = type(scorer).__name__
+            lm = lm_adapter(scorer, tokenizer, max_length=max_length,
+                            batch_tokens=max(batch_size * seq_len, 2048))
         for task in built:  # one pass per task, so each is kept as soon as it is done
             r = row["tasks"][task.name] = run_tasks(lm, [task])[task.name]
             norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", choices=["uniform", "sandwich", "budget"], default="uniform")
     p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 0.8),
                    metavar=("LOW", "HIGH"), help="parameter fractions for --sampler budget")
+    p.add_argument("--vary", choices=["mlp", "attention"], default=None,
+                   help="sample sub-networks of this kind of op only (the others stay full); "
+                        "default: both")
     p.add_argument("--loss", choices=["lm", "kd", "lm+kd"], default="lm")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -84,7 +87,7 @@ def run(args) -> dict:
               f"validating on {heldout.numel():,} tokens of their validation split")
     config = TrainConfig(
         steps=args.steps, batch=args.batch, samples=args.samples, sampler=args.sampler,
-        budget_range=tuple(args.budget_range), loss=args.loss,
+        budget_range=tuple(args.budget_range), vary=args.vary, loss=args.loss,
         kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
         extra={"elastic": str(elastic), "seq": args.seq, "domains": domains})

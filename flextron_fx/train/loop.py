@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..elastic.model import ElasticModel
 from ..errors import TrainingError
 from . import state as S
-from .sampling import SAMPLERS, make_sampler
+from .sampling import KINDS, SAMPLERS, make_sampler
 
 log = logging.getLogger(__name__)
 LOSSES = ("lm", "kd", "lm+kd")
@@ -46,6 +46,7 @@ class TrainConfig:
     samples: int = 3
     sampler: str = "uniform"
     budget_range: tuple[float, float] = (0.4, 0.8)
+    vary: str | None = None  # "mlp" or "attention": sample only that kind; None: both
     loss: str = "lm"
     kd_temperature: float = 1.0
     lr: float = 1e-4
@@ -71,6 +72,9 @@ class TrainConfig:
         if self.sampler not in SAMPLERS:
             raise TrainingError(f"unknown sampler {self.sampler!r}; choose one of "
                                 f"{list(SAMPLERS)}")
+        if self.vary not in KINDS:
+            raise TrainingError(f"vary must be 'mlp', 'attention' or None (both), "
+                                f"got {self.vary!r}")
         if self.loss not in LOSSES:
             raise TrainingError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if not self.lr > 0:
@@ -238,7 +242,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     optimizer = make_optimizer(em, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
-    sample = make_sampler(em, config.sampler, tuple(config.budget_range))
+    sample = make_sampler(em, config.sampler, tuple(config.budget_range), config.vary)
     settings = validation_settings(em)
     start, seen, elapsed = 0, 0, 0.0
     if ckpt is not None:

@@ -21,34 +21,42 @@ def _pick(seq, gen: torch.Generator):
     return seq[int(torch.randint(len(seq), (1,), generator=gen))]
 
 
-def uniform(em: ElasticModel) -> Callable[[torch.Generator], Widths]:
-    """The paper's sampler: an independent random candidate for every op of every layer."""
+def _varies(op, kind: str | None) -> bool:
+    return kind is None or op.kind == kind
+
+
+def uniform(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Generator], Widths]:
+    """The paper's sampler: an independent random candidate for every op of every layer.
+    With `kind` ("mlp" or "attention") only ops of that kind vary; the others stay full."""
     def sample(gen: torch.Generator) -> Widths:
-        return {name: _pick(op.candidates, gen) for name, op in em.ops.items()}
+        return {name: _pick(op.candidates, gen) if _varies(op, kind) else op.full
+                for name, op in em.ops.items()}
     return sample
 
 
-def smallest(em: ElasticModel) -> Widths:
-    return {name: op.candidates[0] for name, op in em.ops.items()}
+def smallest(em: ElasticModel, kind: str | None = None) -> Widths:
+    return {name: op.candidates[0] if _varies(op, kind) else op.full
+            for name, op in em.ops.items()}
 
 
-def sandwich(em: ElasticModel) -> Callable[[torch.Generator, int], Widths]:
+def sandwich(em: ElasticModel, kind: str | None = None
+             ) -> Callable[[torch.Generator, int], Widths]:
     """The smallest network as the first sample of each step, uniform ones after it."""
-    draw = uniform(em)
+    draw = uniform(em, kind)
 
     def sample(gen: torch.Generator, i: int = 0) -> Widths:
-        return smallest(em) if i == 0 else draw(gen)
+        return smallest(em, kind) if i == 0 else draw(gen)
     return sample
 
 
-def budget(em: ElasticModel, low: float, high: float,
+def budget(em: ElasticModel, low: float, high: float, kind: str | None = None,
            tries: int = 200) -> Callable[[torch.Generator], Widths]:
     """Uniform samples kept only if their non-embedding parameters are within [low, high]
     of the full model's (rejection sampling; the closest of `tries` draws otherwise)."""
     if not 0.0 < low <= high <= 1.0:
         raise FlextronError(f"a budget range is 0 < low <= high <= 1, got [{low}, {high}]")
     full = em.num_params(em.full_widths(), non_embedding=True)
-    draw = uniform(em)
+    draw = uniform(em, kind)
 
     def sample(gen: torch.Generator) -> Widths:
         best, gap = None, float("inf")
@@ -65,16 +73,21 @@ def budget(em: ElasticModel, low: float, high: float,
 
 
 SAMPLERS = ("uniform", "sandwich", "budget")
+KINDS = (None, "mlp", "attention")
 
 
-def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] = (0.4, 0.8)):
-    """A function (generator, index of the sample within the step) -> widths."""
+def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] = (0.4, 0.8),
+                 kind: str | None = None):
+    """A function (generator, index of the sample within the step) -> widths. `kind` limits
+    the sampled ops to one kind ("mlp" or "attention"); the others stay at full width."""
+    if kind not in KINDS:
+        raise FlextronError(f"kind must be 'mlp', 'attention' or None (both), got {kind!r}")
     if name == "uniform":
-        draw = uniform(em)
+        draw = uniform(em, kind)
         return lambda gen, i: draw(gen)
     if name == "sandwich":
-        return sandwich(em)
+        return sandwich(em, kind)
     if name == "budget":
-        draw = budget(em, *budget_range)
+        draw = budget(em, *budget_range, kind=kind)
         return lambda gen, i: draw(gen)
     raise FlextronError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")

@@ -1,0 +1,130 @@
+"""A fixed sub-network as a model of its source's own Hugging Face class.
+
+`to_hf(em, widths)` slices the weights (`ElasticModel.materialize`) and loads them into the
+source class (say `LlamaForCausalLM`) with a config whose sizes are the sub-network's, so
+everything the class offers works on the sub-network: a key/value cache, `generate`,
+`save_pretrained`. A config holds one size per kind for all layers, so this needs the
+same width in every layer (uniform widths, as `set_widths(f)` gives) and a config with
+Llama-style size fields. The result is checked against the elastic graph on a short input
+before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..elastic.model import ElasticModel
+from ..errors import UnsupportedModelError, WidthError
+
+# config fields of the Llama family (Llama, Mistral, Qwen2, Gemma, SmolLM, ...)
+_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
+    """The sub-network at `widths` (default: the current ones) as a Hugging Face model.
+
+    Raises `UnsupportedModelError` for a model that did not come from a Hugging Face class
+    with Llama-style config fields, and `WidthError` when layers have different widths.
+
+    Example:
+        >>> small = to_hf(em, 0.5)                                   # doctest: +SKIP
+        >>> small.generate(ids, max_new_tokens=20)                  # doctest: +SKIP
+    """
+    import transformers
+
+    if em.source.get("kind") != "hf":
+        raise UnsupportedModelError(
+            "to_hf needs a model converted from a Hugging Face class; this one came from "
+            f"{em.source.get('kind', 'a plain module')!r}. Use em.materialize() instead")
+    cls = getattr(transformers, em.source["class"], None)
+    config = _config(cls, em.source)
+    chosen = em._resolve(widths) if widths is not None else dict(em.widths)
+    mlp = {chosen[o.name] for o in em.ops.values() if o.kind == "mlp"}
+    heads = {chosen[o.name] for o in em.ops.values() if o.kind == "attention"}
+    if len(mlp) > 1 or len(heads) > 1:
+        raise WidthError(
+            "a Hugging Face config has one MLP width and one head count for all layers, but "
+            f"these widths differ across layers (MLP {sorted(mlp)}, heads {sorted(heads)}); "
+            "pick uniform widths (em.set_widths(f)) or use em.materialize()")
+    config.head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    sub = em.materialize(chosen)
+    if heads:
+        (h,) = heads
+        kv = _kv_heads(em, sub, h, config.head_dim, config.num_key_value_heads)
+        if h % kv:
+            raise WidthError(f"{h} query heads over {kv} key/value heads is not a grouped "
+                             "attention a Hugging Face class can express; convert with "
+                             "head_mode='group' to export to one")
+        config.num_attention_heads, config.num_key_value_heads = h, kv
+    if mlp:
+        (config.intermediate_size,) = mlp
+    prefix = em.param_prefix
+    state = {k[len(prefix):]: v for k, v in sub.state_dict().items() if k.startswith(prefix)}
+    model = cls(config).eval()
+    aliases: dict[int, list[str]] = {}  # tied tables are stored once in the graph
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in aliases.values():
+        have = [n for n in names if n in state]
+        for n in names:
+            if have and n not in state:
+                state[n] = state[have[0]]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that the config does not describe
+        raise UnsupportedModelError(f"the sliced weights do not fit {cls.__name__}: "
+                                    f"{exc}") from exc
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"the sliced weights do not fit {cls.__name__}: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}")
+    if check:
+        _check_same(em, chosen, model)
+    return model
+
+
+def _kv_heads(em: ElasticModel, sub, heads: int, head_dim: int, full_kv: int) -> int:
+    """Key/value heads the sliced attention keeps, read from its key projection."""
+    op = next(o for o in em.ops.values() if o.kind == "attention")
+    projections = {p.role: p.weight for p in em.block(op.name).projections}
+    if "k" in projections:
+        return sub.get_parameter(projections["k"]).shape[0] // head_dim
+    if "qkv" in projections:  # fused [q; k; v]
+        return (sub.get_parameter(projections["qkv"]).shape[0] // head_dim - heads) // 2
+    return full_kv
+
+
+def _config(cls, source: dict):
+    if cls is None:
+        raise UnsupportedModelError(f"transformers has no class {source['class']!r}; the "
+                                    "model was converted with another transformers version")
+    config = cls.config_class.from_dict(copy.deepcopy(source["config"]))
+    missing = [f for f in _FIELDS if not hasattr(config, f)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{source['class']}'s config has no {missing}: to_hf knows Llama-style configs "
+            f"({', '.join(_FIELDS)}); use em.materialize() or an ONNX export instead")
+    return config
+
+
+def _check_same(em: ElasticModel, widths: dict, model, tokens: int = 8) -> None:
+    """The Hugging Face model and the elastic graph give the same logits on a short input."""
+    vocab = min(int(getattr(model.config, "vocab_size", 100)), 1000)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    before = dict(em.widths)
+    try:
+        em.set_widths(widths)
+        with torch.inference_mode():
+            ref = em(ids)
+            got = model(input_ids=ids).logits
+    finally:
+        em.set_widths(before)
+    ref = getattr(ref, "logits", ref[0] if isinstance(ref, (tuple, list)) else ref)
+    err = (ref.float() - got.float()).abs().max().item()
+    if err > 1e-3 * max(1.0, ref.abs().max().item()):
+        raise UnsupportedModelError(
+            f"the {type(model).__name__} built from the sliced weights does not reproduce the "
+            f"elastic model (max logit difference {err:.3g}); use em.materialize() instead")
