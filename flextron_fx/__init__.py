@@ -12,6 +12,7 @@ from .errors import (
     CalibrationDataError,
     CheckpointError,
     FlextronError,
+    ProfileError,
     TraceError,
     UnsupportedModelError,
     WidthError,
@@ -21,6 +22,6 @@ from .pipeline import flextronize
 
 __all__ = [
     "CalibrationDataError", "CheckpointError", "ElasticModel", "FlextronConfig", "FlextronError",
-    "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
+    "ProfileError", "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `flextron` command line: demo, convert, ablate-sorting, data, eval."""
+"""The `flextron` command line: demo, convert, ablate-sorting, data, eval, profile."""
 
 from __future__ import annotations
 
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_data(sub)
     add_eval(sub)
+    from .profile.commands import add_parser as add_profile
+
+    add_profile(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError

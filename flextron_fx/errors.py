@@ -29,3 +29,15 @@ class CheckpointError(FlextronError):
 
 class TrainingError(FlextronError):
     """A training run was started with bad settings or cannot resume from its folder."""
+
+
+class ProfileError(FlextronError):
+    """A latency measurement or a cost model got settings or a table it cannot use."""
+
+
+class FingerprintError(ProfileError):
+    """A latency table was measured for another machine, backend, dtype, shape or model."""
+
+
+class MissingEntryError(ProfileError, LookupError):
+    """A latency table has no entry for an op at some width and shape."""

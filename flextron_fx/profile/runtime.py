@@ -1,0 +1,160 @@
+"""A Hugging Face model whose elastic ops switch between dense variants, one per width.
+
+The profiler and its validation run sub-networks with a key/value cache (decode needs
+one; the traced graph has none) and switch between many of them. `LayerwiseModel` builds
+the source's own Hugging Face class once at full width (`export.hf.to_hf`, checked against
+the graph), then, for every elastic op and candidate width, a dense copy of that op's
+module holding the weights the elastic graph slices (`WeightSlice`, so head orders inside
+KV groups are the graph's). `set(widths)` swaps modules in place: any per-layer mix of
+widths runs as a plain dense model, no masks, nothing re-sliced.
+
+Only models that `to_hf` can rebuild (Llama-style Hugging Face classes) are supported.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..elastic.model import ElasticModel
+from ..errors import UnsupportedModelError
+from ..passes.elasticize import SLICE_PREFIX
+
+
+def kv_heads(em: ElasticModel, op: str, width: int) -> int:
+    """Key/value heads an attention op keeps at `width` query heads."""
+    block = em.block(op)
+    groups = block.classes.get("groups")
+    full_kv = block.sizes.get("kv_heads", block.sizes["heads"])
+    if groups is None:  # no grouped axis: every query head has its own key and value
+        return width if full_kv == block.sizes["heads"] else full_kv
+    return em._class_widths({op: width}).get(groups, full_kv)
+
+
+class LayerwiseModel:
+    """The source Hugging Face model with per-op switchable widths.
+
+    Example:
+        >>> rt = LayerwiseModel(em)                                  # doctest: +SKIP
+        >>> rt.set({**em.full_widths(), "model.layers.0.mlp#1": 384})  # doctest: +SKIP
+        >>> rt.model(input_ids=ids).logits                          # doctest: +SKIP
+    """
+
+    def __init__(self, em: ElasticModel, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", check: bool = True):
+        from ..export.hf import to_hf
+
+        self.em = em
+        before = dict(em.widths)
+        try:
+            model = to_hf(em, em.full_widths(), check=check)
+            self.model = model.to(device=device, dtype=dtype).eval()
+            self.variants: dict[str, dict[int, nn.Module]] = {}
+            self._parents: dict[str, tuple[nn.Module, str]] = {}
+            slicers = _slicers(em)
+            for name, op in em.ops.items():
+                if not op.module:
+                    raise UnsupportedModelError(
+                        f"elastic op {name} has no module path, so its Hugging Face module "
+                        "cannot be found; profile a model converted from a Hugging Face class")
+                full_mod = self.model.get_submodule(op.module)
+                parent_path, _, leaf = op.module.rpartition(".")
+                self._parents[name] = (self.model.get_submodule(parent_path), leaf)
+                self.variants[name] = {op.full: full_mod}
+                for w in op.candidates:
+                    if w != op.full:
+                        self.variants[name][w] = self._variant(name, w, full_mod, slicers,
+                                                               dtype, device)
+        finally:
+            em.set_widths(before)
+        self.widths = em.full_widths()
+        if check:
+            self._check_random()
+
+    def _variant(self, name, width, full_mod, slicers, dtype, device) -> nn.Module:
+        em, op = self.em, self.em.ops[name]
+        em.set_widths({**em.full_widths(), name: width})
+        prefix = em.param_prefix + op.module + "."
+        shared = {id(p): p for p in full_mod.parameters()}  # the memo shares, then we replace
+        mod = copy.deepcopy(full_mod, memo=dict(shared))
+        graph = em.graph_module
+        for proj in em.block(name).projections:
+            for path in (proj.weight, proj.bias):
+                if path is None:
+                    continue
+                if not path.startswith(prefix) or path not in slicers:
+                    raise UnsupportedModelError(
+                        f"the weight {path} of elastic op {name} is not inside its module "
+                        f"{op.module}; the profiler needs each op to be one module")
+                with torch.no_grad():
+                    value = slicers[path](graph.get_parameter(path)).detach().clone()
+                _set_param(mod, path[len(prefix):],
+                           value.to(device=device, dtype=dtype).contiguous())
+        if op.kind == "attention":
+            kv = kv_heads(em, name, width)
+            for attr, value in (("num_key_value_groups", width // kv), ("num_heads", width),
+                                ("num_attention_heads", width), ("num_key_value_heads", kv)):
+                if isinstance(getattr(mod, attr, None), int):
+                    setattr(mod, attr, value)
+        return mod
+
+    def set(self, widths: dict[str, int]) -> None:
+        """Run the ops at these widths from now on (a full {op: width} dict, validated)."""
+        widths = self.em._resolve(widths)
+        for name, w in widths.items():
+            if self.widths.get(name) != w:
+                parent, leaf = self._parents[name]
+                setattr(parent, leaf, self.variants[name][w])
+        self.widths = widths
+
+    def modules_of(self, name: str) -> dict[int, nn.Module]:
+        return self.variants[name]
+
+    def _check_random(self) -> None:
+        """The swapped model reproduces the elastic graph at a random per-op mix."""
+        g = torch.Generator().manual_seed(0)
+        widths = {n: op.candidates[int(torch.randint(len(op.candidates), (1,), generator=g))]
+                  for n, op in self.em.ops.items()}
+        vocab = min(int(getattr(self.model.config, "vocab_size", 100)), 1000)
+        ids = torch.randint(0, vocab, (1, 8), generator=g)
+        before = dict(self.em.widths)
+        try:
+            self.em.set_widths(widths)
+            self.set(widths)
+            device = next(self.model.parameters()).device
+            with torch.inference_mode():
+                ref = self.em(ids)
+                got = self.model(input_ids=ids.to(device)).logits.float().cpu()
+        finally:
+            self.em.set_widths(before)
+            self.set(self.em.full_widths())
+        ref = getattr(ref, "logits", ref[0] if isinstance(ref, (tuple, list)) else ref).float()
+        err = (ref - got).abs().max().item()
+        dtype = next(self.model.parameters()).dtype
+        tol = (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, ref.abs().max().item())
+        if err > tol:
+            raise UnsupportedModelError(
+                f"the per-layer {type(self.model).__name__} does not reproduce the elastic "
+                f"model at mixed widths (max logit difference {err:.3g}); its attention "
+                "class may keep head counts in attributes the profiler does not know")
+
+
+def _slicers(em: ElasticModel) -> dict[str, nn.Module]:
+    """Parameter path -> the WeightSlice the elastic graph reads it through."""
+    out = {}
+    gm = em.graph_module
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(SLICE_PREFIX):
+            src = node.args[0]
+            out[src.target] = gm.get_submodule(node.target)
+    return out
+
+
+def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
+    owner_path, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+    if isinstance(owner, nn.Linear) and leaf == "weight":
+        owner.out_features, owner.in_features = value.shape
