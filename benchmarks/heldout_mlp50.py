@@ -1,10 +1,11 @@
 """Held-out perplexity of saved elastic models at full width and with half of every MLP.
 
-    python benchmarks/heldout_mlp50.py runs/convert-a runs/train-a/final [--json out.json]
+    python benchmarks/heldout_mlp50.py runs/convert-e3 runs/train-c/final [--json out.json]
 
-The text is the same 32,640 predicted tokens as `flextron ablate-sorting` (the first 128
-blocks of 256 tokens from the 23 held-out articles of the gensim Wikipedia sample), which
-`flextron train-elastic` validates on and never trains on.
+The text is the same 32,768 tokens as `flextron ablate-sorting` (the first 128 blocks of
+256 tokens of the Wikipedia domain's validation split, `calibration_and_heldout`), which
+`flextron train-elastic --domains wikipedia` validates on (its first `--eval-tokens`) and
+never trains on; `convert` calibrates on the calibration split.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import argparse
 import json
 
 import flextron_fx
-from flextron_fx.data import split_documents, token_blocks
-from flextron_fx.data.wikipedia import wikipedia_articles
+from flextron_fx.data import calibration_and_heldout
 from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
 
@@ -25,9 +25,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    _, held_docs = split_documents(wikipedia_articles(), heldout_fraction=0.2, seed=0)
-    held = token_blocks(tokenizer(args.model), (t for _, t in held_docs), 256, max_blocks=128)
-    out = {"text": f"{len(held_docs)} held-out Wikipedia articles, {held.shape[0]} x 256"}
+    _, held, source = calibration_and_heldout(tokenizer(args.model), n_calib=1)
+    out = {"text": f"validation split of {source}, {held.shape[0]} x 256 tokens"}
     print(f"{'model':<40}{'full':>10}{'MLP 50 %':>10}")
     for path in args.models:
         em = flextron_fx.load(path)

@@ -49,6 +49,15 @@ def test_samplers_give_valid_candidates(em):
     first = sand(gen, 0)
     assert first == {n: op.candidates[0] for n, op in em.ops.items()}
     assert all(_valid(em, sand(gen, i)) for i in range(1, 20))
+    mat = make_sampler(em, "matformer")
+    picks = set()
+    for i in range(40):  # one granularity for every op, never the full network
+        w = mat(gen, i)
+        assert _valid(em, w) and w != em.full_widths()
+        index = {em.ops[n].candidates.index(v) for n, v in w.items()}
+        assert len(index) == 1
+        picks |= index
+    assert picks == set(range(min(len(op.candidates) for op in em.ops.values()) - 1))
     full = em.num_params(em.full_widths(), non_embedding=True)
     draw = budget(em, 0.55, 0.75)
     for _ in range(30):
@@ -60,13 +69,17 @@ def test_samplers_give_valid_candidates(em):
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 def test_vary_samples_one_kind_and_keeps_the_other_full(em, kind):
     gen = torch.Generator().manual_seed(0)
-    for name in ("uniform", "sandwich", "budget"):
+    for name in ("uniform", "sandwich", "budget", "matformer"):
         draw = make_sampler(em, name, (0.5, 0.9) if kind == "mlp" else (0.7, 1.0), kind)
         draws = [draw(gen, i) for i in range(40)]
         assert all(_valid(em, w) for w in draws)
         for n, op in em.ops.items():
             seen = {w[n] for w in draws}
-            assert seen == {op.full} if op.kind != kind else len(seen) > 1, (name, n, seen)
+            if op.kind != kind:
+                assert seen == {op.full}, (name, n, seen)
+            else:
+                assert seen == set(op.candidates[:-1]) if name == "matformer" \
+                    else len(seen) > 1, (name, n, seen)
     with pytest.raises(TrainingError, match="vary"):
         train_elastic(em, tokens(), Path("unused"), TrainConfig(steps=1, vary="heads"))
 

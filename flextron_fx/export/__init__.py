@@ -1,1 +1,5 @@
-"""Stage: export. Materialised dense models and elastic checkpoints."""
+"""Stage: export. Materialised dense models, Hugging Face models and elastic checkpoints."""
+
+from .hf import to_hf
+
+__all__ = ["to_hf"]

@@ -26,12 +26,17 @@ def add_parser(sub) -> None:
                    help="bundled model whose tokenizer reads the training text")
     p.add_argument("--domains", default="wikipedia",
                    help="comma-separated text domains (flextron data fetch) to train on: "
-                        "their train splits; validation uses their validation splits")
+                        "their --train-splits; validation uses their validation splits")
+    p.add_argument("--train-splits", default="train,calibration",
+                   help="comma-separated splits to train on; never validation or test "
+                        "(calibration is what convert sorted on, so it is fit data too)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=4, help="global batch, in sequences")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--samples", type=int, default=3, help="k sub-networks per step")
-    p.add_argument("--sampler", choices=["uniform", "sandwich", "budget"], default="uniform")
+    p.add_argument("--sampler", choices=["uniform", "sandwich", "budget", "matformer"],
+                   default="uniform", help="uniform: a random candidate per op (the paper's); "
+                   "matformer: one random granularity below full for every op")
     p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 0.8),
                    metavar=("LOW", "HIGH"), help="parameter fractions for --sampler budget")
     p.add_argument("--vary", choices=["mlp", "attention"], default=None,
@@ -66,6 +71,10 @@ def run(args) -> dict:
         domains = resolve_domains(args.domains)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
+    splits = [x.strip() for x in args.train_splits.split(",") if x.strip()]
+    if not splits or set(splits) - {"train", "calibration"}:
+        raise TrainingError(f"--train-splits must name 'train' and/or 'calibration', got "
+                            f"{args.train_splits!r}; validation and test text stay held out")
     rank, world, device = _init_distributed()
     run_dir = Path(args.run_dir)
     record = run_dir / "config.json"
@@ -77,20 +86,22 @@ def run(args) -> dict:
                             "written by `flextron convert --out DIR`)")
     em = load(elastic).to(device)
     tok = tokenizer(args.model)
-    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, "train")), args.seq)
-                        for d in domains])
+    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), args.seq)
+                        for d in domains for s in splits])
     per = max(1, args.eval_tokens // args.seq // len(domains))
     heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), args.seq,
                                       max_blocks=per) for d in domains])
     if rank == 0:
-        print(f"training on {tokens.numel():,} tokens of the train split of {domains}; "
+        print(f"training on {tokens.numel():,} tokens of the {'+'.join(splits)} splits of "
+              f"{domains}; "
               f"validating on {heldout.numel():,} tokens of their validation split")
     config = TrainConfig(
         steps=args.steps, batch=args.batch, samples=args.samples, sampler=args.sampler,
         budget_range=tuple(args.budget_range), vary=args.vary, loss=args.loss,
         kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
-        extra={"elastic": str(elastic), "seq": args.seq, "domains": domains})
+        extra={"elastic": str(elastic), "seq": args.seq, "domains": domains,
+               "train_splits": splits})
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
     summary = train_elastic(em, tokens, run_dir, config, heldout=heldout, resume=args.resume,
                             parallel=args.parallel, progress=not args.no_progress,

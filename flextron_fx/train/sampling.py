@@ -34,6 +34,20 @@ def uniform(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Genera
     return sample
 
 
+def matformer(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Generator], Widths]:
+    """MatFormer's sampler: one granularity for the whole network. A random candidate index
+    below full, the same for every op (the i-th smallest candidate of each)."""
+    top = min(len(op.candidates) for op in em.ops.values() if _varies(op, kind))
+    if top < 2:
+        raise FlextronError("the matformer sampler needs at least two candidate widths per op")
+
+    def sample(gen: torch.Generator) -> Widths:
+        i = int(torch.randint(top - 1, (1,), generator=gen))
+        return {name: op.candidates[min(i, len(op.candidates) - 1)] if _varies(op, kind)
+                else op.full for name, op in em.ops.items()}
+    return sample
+
+
 def smallest(em: ElasticModel, kind: str | None = None) -> Widths:
     return {name: op.candidates[0] if _varies(op, kind) else op.full
             for name, op in em.ops.items()}
@@ -72,7 +86,7 @@ def budget(em: ElasticModel, low: float, high: float, kind: str | None = None,
     return sample
 
 
-SAMPLERS = ("uniform", "sandwich", "budget")
+SAMPLERS = ("uniform", "sandwich", "budget", "matformer")
 KINDS = (None, "mlp", "attention")
 
 
@@ -87,6 +101,9 @@ def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] 
         return lambda gen, i: draw(gen)
     if name == "sandwich":
         return sandwich(em, kind)
+    if name == "matformer":
+        draw = matformer(em, kind)
+        return lambda gen, i: draw(gen)
     if name == "budget":
         draw = budget(em, *budget_range, kind=kind)
         return lambda gen, i: draw(gen)
