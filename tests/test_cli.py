@@ -56,7 +56,8 @@ def test_train_elastic_never_trains_on_evaluation_text():
     from flextron_fx.data.domains import DOMAINS
     from flextron_fx.train.command import _split
 
-    train, val = _split("wikipedia", "train"), _split("wikipedia", "validation")
+    train = _split("wikipedia", "train") + _split("wikipedia", "calibration")  # the default
+    val = _split("wikipedia", "validation")
     assert train and val
     ids = {d for d, _ in train}
     assert not ids & {d for d, _ in val}
@@ -70,6 +71,13 @@ def test_train_elastic_never_trains_on_evaluation_text():
                             max_chars=wiki.max_chars)["test"]
     assert not ids & {d for d, _ in test}
     assert {d for d, _ in test} and not {d for d, _ in val} & {d for d, _ in test}
+
+
+def test_train_elastic_refuses_held_out_splits(tmp_path, capsys):
+    code = cli.main(["train-elastic", str(tmp_path / "run"), "--elastic", str(tmp_path),
+                     "--steps", "1", "--train-splits", "train,validation"])
+    assert code == 2
+    assert "validation and test text stay held out" in capsys.readouterr().err
 
 
 def test_unknown_command_is_a_usage_error():
