@@ -6,9 +6,9 @@ switchable between dense variants. For each shape, a grid of uniform-width sub-n
 and sub-network one warm-up forward after the switch, one forward with hooks that time
 every op module and every fixed module (embedding, norms, output head), and one forward
 without hooks for the end-to-end time. Op timings pool over the layers sharing a row and
-over rounds; the median and quartiles go into the table. "other" is end-to-end time minus
-the hooked modules of the paired run: the glue between modules (residual adds, rotary
-tables, mask building, Python dispatch). Timing ops inside the running model, rather than
+over rounds; the median and quartiles go into the table. "other" is what end-to-end time
+leaves over after the timed modules: the glue between modules (residual adds, rotary
+tables, mask building, Python dispatch), fitted as a constant over the grid. Timing ops inside the running model, rather than
 each module alone, keeps what the sum predicts close to what the whole network does
 (caches hold what a real forward leaves there; no per-call timer overhead is counted).
 
@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -236,6 +237,7 @@ def profile(em: ElasticModel, config: ProfileConfig = ProfileConfig(), *, path=N
 def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable:
     t_start = time.perf_counter()
     fingerprint = current_fingerprint(em, config, threads)
+    busy_warning(echo)
     settings = dict(config.to_dict(), threads=threads,
                     method="in-context module hooks over a grid of uniform widths; "
                            "one warm-up forward after every switch")
@@ -278,6 +280,7 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
         bar.close()
         rt.set(em.full_widths())
     seconds = spent + time.perf_counter() - t_start
+    settings["load_average"] = _load_average()
     table = build_table(em, fingerprint, settings, configs, samples, seconds)
     if path:
         table.save(path)
@@ -303,8 +306,6 @@ def build_table(em, fingerprint, settings, configs, samples, seconds) -> Latency
                 pools.setdefault((row_of[op], widths[op]), []).append(ms)
             for part, ms in rec["fixed"].items():
                 parts.setdefault(part, []).append(ms)
-            parts.setdefault("other", []).append(
-                rec["e2e"] - sum(rec["ops"].values()) - sum(rec["fixed"].values()))
             e2e.setdefault(rec["config"], []).append(rec["e2e"])
         for (rid, w), pool in pools.items():
             entries[rid].setdefault(key, {})[str(w)] = stats(pool)
@@ -312,6 +313,17 @@ def build_table(em, fingerprint, settings, configs, samples, seconds) -> Latency
             if key in by_shape:
                 by_shape[key] = dict(sorted(by_shape[key].items(), key=lambda kv: int(kv[0])))
         fixed[key] = {p: stats(v) for p, v in parts.items()}
+        # "other": per grid point, median end-to-end time minus the sum of the medians of
+        # its parts, then the median over grid points. Fitting it to medians (not per
+        # forward) also absorbs the gap between a median of sums and a sum of medians
+        # (timing noise is skewed to the slow side).
+        timed = sum(v["median_ms"] for v in fixed[key].values())
+        other = []
+        for i, times in e2e.items():
+            widths = configs[i][1]
+            ops = sum(entries[row_of[op]][key][str(w)]["median_ms"] for op, w in widths.items())
+            other.append(float(np.median(times)) - timed - ops)
+        fixed[key]["other"] = stats(other)
         anchors[key] = [{"label": configs[i][0], "widths": list(configs[i][1].values()),
                          "measured": stats(v)} for i, v in sorted(e2e.items())]
     data = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
@@ -326,6 +338,21 @@ def build_table(em, fingerprint, settings, configs, samples, seconds) -> Latency
         for a in items:
             a["predicted_ms"] = cost.latency(dict(zip(names, a["widths"])), shape=key)
     return table
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def busy_warning(echo) -> None:
+    """Say so when other processes load the CPU: timings taken now will be noisy."""
+    load = _load_average()
+    if load and load[0] > 0.5 * (os.cpu_count() or 1):
+        echo(f"warning: the 1-minute load average is {load[0]} on {os.cpu_count()} cores; "
+             "other processes will distort the timings (run on an otherwise idle machine)")
 
 
 def quiet_gc(rounds):

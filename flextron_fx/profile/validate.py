@@ -20,7 +20,7 @@ import torch
 from ..elastic.model import ElasticModel
 from .backends import get_backend
 from .cost import CostModel
-from .measure import DTYPES, Runner, _bar, quiet_gc, uniform_grid
+from .measure import DTYPES, Runner, _bar, _load_average, busy_warning, quiet_gc, uniform_grid
 from .runtime import LayerwiseModel
 from .table import LatencyTable, describe_shape, model_signature, parse_shapes, shape_key
 
@@ -101,6 +101,7 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
     keys = [shape_key(s) for s in (parse_shapes(shapes) if isinstance(shapes, str)
                                    else shapes or table.shapes)]
     table.require(machine=backend.machine(threads), model=model_signature(em), shapes=keys)
+    busy_warning(print if progress else (lambda _msg: None))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -144,14 +145,18 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
                     "measured_p75_ms": float(np.percentile(t, 75)),
                     "rel_error": pred / med - 1, "measured_fraction": med / full_ms,
                     "params_fraction": cost.fraction("params", widths)})
+            anchor = next((a["measured"]["median_ms"] for a in table.data["anchors"].get(key, [])
+                           if a["widths"] == list(em.full_widths().values())), None)
             out["shapes"][key] = {
                 "describe": describe_shape(table.mode, key), "full_measured_ms": full_ms,
+                "full_measured_when_profiled_ms": anchor,
                 "full_predicted_ms": cost.latency(None, key), "points": points,
                 **{g: metrics([p for p in points if p["group"] == g])
                    for g in ("random", "uniform")},
                 "all": metrics(points)}
     finally:
         torch.set_num_threads(before)
+    out["load_average"] = _load_average()
     return out
 
 
@@ -161,8 +166,11 @@ def report(result: dict) -> str:
     lines = [(f"latency table {result['table']}: {fp['backend']}, {fp['dtype']}, "
               f"{fp['machine'].get('threads')} threads")]
     for r in result["shapes"].values():
+        then = r.get("full_measured_when_profiled_ms")
+        drift = (f" (when profiled: {then:.2f} ms, {r['full_measured_ms'] / then - 1:+.1%}: "
+                 "a large change means the machine's load or clock changed)") if then else ""
         lines.append(f"{r['describe']}: full model {r['full_measured_ms']:.2f} ms measured, "
-                     f"{r['full_predicted_ms']:.2f} ms predicted")
+                     f"{r['full_predicted_ms']:.2f} ms predicted{drift}")
         for g in ("random", "uniform", "all"):
             m = r[g]
             if not m.get("n"):
