@@ -256,7 +256,7 @@ def test_unknown_and_unavailable_backends_say_what_exists():
 
 def test_models_without_a_hugging_face_class_are_refused_clearly(zoo_converted):
     _, em = zoo_converted("nanogpt")
-    with pytest.raises(flextron_fx.UnsupportedModelError, match="materialize"):
+    with pytest.raises(flextron_fx.UnsupportedModelError, match="Hugging Face class.*need no"):
         profile(em, ProfileConfig(shapes="1x4", repeats=1), progress=False)
 
 

@@ -49,7 +49,14 @@ class LayerwiseModel:
         self.em = em
         before = dict(em.widths)
         try:
-            model = to_hf(em, em.full_widths(), check=check)
+            try:
+                model = to_hf(em, em.full_widths(), check=check)
+            except UnsupportedModelError as exc:
+                raise UnsupportedModelError(
+                    "the profiler runs sub-networks in their source Hugging Face class (for "
+                    f"a key/value cache), and this model has none that fits: {exc}. Latency "
+                    "tables of plain graphs are not supported yet; CostModel(em).params() and "
+                    ".memory() need no table") from exc
             self.model = model.to(device=device, dtype=dtype).eval()
             self.variants: dict[str, dict[int, nn.Module]] = {}
             self._parents: dict[str, tuple[nn.Module, str]] = {}
