@@ -244,7 +244,7 @@ def test_the_table_covers_every_op_width_and_shape_and_round_trips(table, zoo_co
 
 def test_unknown_and_unavailable_backends_say_what_exists():
     with pytest.raises(ProfileError, match="planned.*torch-cpu"):
-        get_backend("onnxruntime-cpu")
+        get_backend("triton")
     if not torch.cuda.is_available():
         with pytest.raises(ProfileError, match="no CUDA device"):
             get_backend("torch-cuda")
@@ -315,3 +315,65 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
     assert "resuming" in capsys.readouterr().out
     assert all(a["measured"]["n"] == 3 for a in table.data["anchors"]["1x8"])
     assert not (tmp_path / "lut.json.partial").exists()
+
+
+# ---- onnxruntime: exported sub-networks ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode,
+                                                                            zoo_converted):
+    from flextron_fx.profile.measure import Runner
+    from flextron_fx.profile.onnxrt import ExportedNetwork
+
+    _, em = zoo_converted("llama", head_mode="group")
+    rt = LayerwiseModel(em)
+    widths = {n: op.candidates[i % len(op.candidates)] for i, (n, op) in
+              enumerate(em.ops.items())}  # a per-layer mix, not a uniform width
+    rt.set(widths)
+    runner = Runner(rt, get_backend("onnxruntime-cpu"), mode, (2, 8))
+    net = ExportedNetwork(rt, runner, "mix", threads=1, profiled=True, check=False)
+    got = net.sessions["plain"].run(None, net.feeds)[0]
+    kwargs = {"input_ids": runner.ids}
+    if mode == "decode":
+        from transformers import DynamicCache
+
+        kwargs.update(position_ids=runner.pos, use_cache=True,
+                      cache=DynamicCache(ddp_cache_data=runner._kv["mix"]))
+    with torch.inference_mode():
+        ref = rt.model(**kwargs).logits
+    assert got.shape == tuple(ref.shape) == (2, 8 if mode == "prefill" else 1, 128)
+    assert abs(got - ref.numpy()).max() < 1e-4
+    assert net.run() > 0
+    for _ in range(3):
+        net.run_profiled()
+    parts = net.breakdown()
+    assert len(parts) == 3  # one per profiled forward
+    for ops, fixed in parts:  # every op's and fixed part's kernels are found and timed
+        assert set(ops) == set(em.ops) and all(ms > 0 for ms in ops.values())
+        assert set(fixed) == {"embedding", "norms", "head"}
+
+
+def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path):
+    from flextron_fx.profile.validate import check
+
+    _, em = zoo_converted("llama", head_mode="group")
+    with pytest.raises(ProfileError, match="float32"):
+        profile(em, ProfileConfig(backend="onnxruntime-cpu", dtype="bfloat16"), progress=False)
+    config = ProfileConfig(backend="onnxruntime-cpu", shapes="1x8", threads=1, repeats=2,
+                           warmup=1)
+    table = profile(em, config, path=tmp_path / "lut.json", progress=False)
+    fp = table.fingerprint
+    assert fp["backend"] == "onnxruntime-cpu" and "onnxruntime" in fp["machine"]
+    for rid, row in table.data["rows"].items():
+        ent = table.data["entries"][rid]["1x8"]
+        assert sorted(int(w) for w in ent) == sorted(row["candidates"])
+        per_width = 2 * len(row["ops"]) * 8 // len(row["candidates"])  # repeats x ops x grid
+        assert all(e["n"] == per_width and e["median_ms"] > 0 for e in ent.values())
+    assert len(table.data["anchors"]["1x8"]) == 8
+    with pytest.raises(FingerprintError, match="backend"):
+        LatencyTable.load(tmp_path / "lut.json", backend="torch-cpu")
+    r = check(em, table, n=3, repeats=2, warmup=1, progress=False)["shapes"]["1x8"]
+    assert r["random"]["n"] == 3 and r["uniform"]["n"] == 8
+    cost = CostModel(em, table)
+    for p in r["points"]:
+        assert p["predicted_ms"] == pytest.approx(cost.latency(dict(zip(em.ops, p["widths"]))))
+        assert p["measured_ms"] > 0

@@ -149,6 +149,16 @@ class ElasticModel(nn.Module):
                                  f"a candidate; allowed: {list(op.candidates)}")
         return new
 
+    def kv_heads(self, name: str, width: int) -> int:
+        """Key/value heads attention op `name` keeps at `width` query heads: fewer in head
+        mode "group" (whole groups go), all of them in mode "query"."""
+        block = self._blocks[name]
+        groups = block.classes.get("groups")
+        full_kv = block.sizes.get("kv_heads", block.sizes["heads"])
+        if groups is None:  # no grouped axis: every query head has its own key and value
+            return width if full_kv == block.sizes["heads"] else full_kv
+        return self._class_widths({name: width}).get(groups, full_kv)
+
     def _class_widths(self, widths: dict[str, int]) -> dict[int, int]:
         out: dict[int, int] = {}
         for name, w in widths.items():

@@ -53,7 +53,7 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     sub = em.materialize(chosen)
     if heads:
         (h,) = heads
-        kv = _kv_heads(em, sub, h, config.head_dim, config.num_key_value_heads)
+        kv = em.kv_heads(next(o.name for o in em.ops.values() if o.kind == "attention"), h)
         if h % kv:
             raise WidthError(f"{h} query heads over {kv} key/value heads is not a grouped "
                              "attention a Hugging Face class can express; convert with "
@@ -84,17 +84,6 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     if check:
         _check_same(em, chosen, model)
     return model
-
-
-def _kv_heads(em: ElasticModel, sub, heads: int, head_dim: int, full_kv: int) -> int:
-    """Key/value heads the sliced attention keeps, read from its key projection."""
-    op = next(o for o in em.ops.values() if o.kind == "attention")
-    projections = {p.role: p.weight for p in em.block(op.name).projections}
-    if "k" in projections:
-        return sub.get_parameter(projections["k"]).shape[0] // head_dim
-    if "qkv" in projections:  # fused [q; k; v]
-        return (sub.get_parameter(projections["qkv"]).shape[0] // head_dim - heads) // 2
-    return full_kv
 
 
 def _config(cls, source: dict):

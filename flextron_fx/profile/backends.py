@@ -2,7 +2,7 @@
 
 A backend names a runtime and a device ("torch-cpu"). Its clock times a region: wall time
 around a synchronous CPU call, CUDA events for asynchronous GPU work. Adding a backend
-(onnxruntime, the Triton kernels of a later issue) registers one more `Backend`; the
+(the Triton kernels of a later issue) registers one more `Backend`; the
 table format does not change, since a table only records the backend's name and its
 machine facts in the fingerprint.
 """
@@ -82,6 +82,8 @@ class Backend:
     machine_facts: object  # callable(threads) -> dict
     needs: object = None  # callable() -> None or a reason it cannot run here
     notes: str = field(default="")
+    runtime: str = "torch"  # "torch": eager modules; "onnxruntime": exported sub-networks
+    dtypes: tuple = ("float32", "bfloat16", "float16")
 
     def machine(self, threads: int) -> dict:
         return self.machine_facts(threads)
@@ -91,10 +93,21 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+
+
+def _ort_available():
+    from .onnxrt import available
+
+    return available()
+
+
+def _ort_machine(threads: int) -> dict:
+    from .onnxrt import machine_facts
+
+    return machine_facts(threads)
+
 # named in the issue, not measured yet: said in the error so users know they are planned
 PLANNED = {
-    "onnxruntime-cpu": "exported sub-networks under onnxruntime (needs per-op timing of an "
-                       "ONNX session; planned)",
     "triton": "the Triton kernels of the codegen stage (planned)",
 }
 
@@ -110,6 +123,11 @@ register(Backend("torch-cuda", "cuda", CudaClock, cuda_machine,
                  needs=lambda: None if torch.cuda.is_available() else
                  "torch sees no CUDA device on this machine",
                  notes="PyTorch eager on GPU 0; CUDA events"))
+
+register(Backend("onnxruntime-cpu", "cpu", CpuClock, _ort_machine, needs=_ort_available,
+                 notes="sub-networks exported to ONNX, onnxruntime's CPU provider; wall time, "
+                       "per-op times from onnxruntime's profiler",
+                 runtime="onnxruntime", dtypes=("float32",)))
 
 
 def get_backend(name: str) -> Backend:

@@ -19,7 +19,6 @@ import torch
 
 from ..elastic.model import ElasticModel
 from ..errors import ProfileError
-from .runtime import kv_heads
 from .table import LatencyTable
 
 METRICS = ("latency", "params", "memory")
@@ -89,7 +88,7 @@ class CostModel:
         per_token = 0
         for name in self._ops["attention"]:
             sizes = self.em.ops[name].sizes
-            per_token += 2 * kv_heads(self.em, name, w[name]) * sizes["head_dim"]
+            per_token += 2 * self.em.kv_heads(name, w[name]) * sizes["head_dim"]
         batch = self.batch if batch is None else batch
         context = self.context if context is None else context
         return per_token * batch * context * dtype_bytes(dtype or self.dtype)

@@ -225,6 +225,9 @@ def profile(em: ElasticModel, config: ProfileConfig = ProfileConfig(), *, path=N
         >>> table = profile(em, ProfileConfig(shapes="1x256"), path="lut.json")  # doctest: +SKIP
     """
     backend = get_backend(config.backend)
+    if config.dtype not in backend.dtypes:
+        raise ProfileError(f"backend {config.backend} measures {list(backend.dtypes)}, not "
+                           f"{config.dtype}")
     threads_before = torch.get_num_threads()
     threads = config.threads or threads_before
     torch.set_num_threads(threads)
@@ -238,17 +241,51 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
     t_start = time.perf_counter()
     fingerprint = current_fingerprint(em, config, threads)
     busy_warning(echo)
-    settings = dict(config.to_dict(), threads=threads,
-                    method="in-context module hooks over a grid of uniform widths; "
-                           "one warm-up forward after every switch")
+    settings = dict(config.to_dict(), threads=threads, method=(
+        "onnxruntime's kernel profiler on exported sub-networks of the uniform grid, one "
+        "after another" if backend.runtime == "onnxruntime" else
+        "in-context module hooks over a grid of uniform widths; one warm-up forward after "
+        "every switch"))
     partial_path = Path(str(path) + ".partial") if path else None
     samples, spent = _load_partial(partial_path, fingerprint, settings, echo)
     rt = LayerwiseModel(em, dtype=DTYPES[config.dtype], device=backend.device)
     configs = uniform_grid(em)
-    timer = ModuleTimer(rt, backend.clock())
     total = len(config.shapes) * config.repeats * len(configs)
     done = sum(len(v) for v in samples.values())
     bar = _bar(total, done, progress, f"profile {config.mode}")
+
+    def save():
+        if partial_path:
+            _save_partial(partial_path, fingerprint, settings, samples,
+                          spent + time.perf_counter() - t_start)
+
+    try:
+        if backend.runtime == "onnxruntime":
+            from . import onnxrt
+
+            onnxrt.measure(rt, config, configs, samples,
+                           [shape_key(s) for s in config.shapes], threads,
+                           lambda key: Runner(rt, backend, config.mode,
+                                              parse_shapes(key)[0], seed=config.seed),
+                           bar, save)
+        else:
+            _measure_torch(rt, backend, config, configs, samples, bar, save)
+    finally:
+        bar.close()
+        rt.set(em.full_widths())
+    seconds = spent + time.perf_counter() - t_start
+    settings["load_average"] = _load_average()
+    table = build_table(em, fingerprint, settings, configs, samples, seconds)
+    if path:
+        table.save(path)
+        if partial_path and partial_path.exists():
+            partial_path.unlink()
+    return table
+
+
+def _measure_torch(rt, backend, config, configs, samples, bar, save) -> None:
+    """Interleaved rounds over the grid; `save()` after every round."""
+    timer = ModuleTimer(rt, backend.clock())
     try:
         for shape in config.shapes:
             key = shape_key(shape)
@@ -272,21 +309,9 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
                     e2e = runner.run(i)
                     have.append({"config": i, "e2e": e2e, "ops": ops, "fixed": fixed})
                     bar.update(1)
-                if partial_path:
-                    _save_partial(partial_path, fingerprint, settings, samples,
-                                  spent + time.perf_counter() - t_start)
+                save()
     finally:
         timer.remove()
-        bar.close()
-        rt.set(em.full_widths())
-    seconds = spent + time.perf_counter() - t_start
-    settings["load_average"] = _load_average()
-    table = build_table(em, fingerprint, settings, configs, samples, seconds)
-    if path:
-        table.save(path)
-        if partial_path and partial_path.exists():
-            partial_path.unlink()
-    return table
 
 
 def build_table(em, fingerprint, settings, configs, samples, seconds) -> LatencyTable:

@@ -23,16 +23,6 @@ from ..errors import UnsupportedModelError
 from ..passes.elasticize import SLICE_PREFIX
 
 
-def kv_heads(em: ElasticModel, op: str, width: int) -> int:
-    """Key/value heads an attention op keeps at `width` query heads."""
-    block = em.block(op)
-    groups = block.classes.get("groups")
-    full_kv = block.sizes.get("kv_heads", block.sizes["heads"])
-    if groups is None:  # no grouped axis: every query head has its own key and value
-        return width if full_kv == block.sizes["heads"] else full_kv
-    return em._class_widths({op: width}).get(groups, full_kv)
-
-
 class LayerwiseModel:
     """The source Hugging Face model with per-op switchable widths.
 
@@ -100,7 +90,7 @@ class LayerwiseModel:
                 _set_param(mod, path[len(prefix):],
                            value.to(device=device, dtype=dtype).contiguous())
         if op.kind == "attention":
-            kv = kv_heads(em, name, width)
+            kv = em.kv_heads(name, width)
             for attr, value in (("num_key_value_groups", width // kv), ("num_heads", width),
                                 ("num_attention_heads", width), ("num_key_value_heads", kv)):
                 if isinstance(getattr(mod, attr, None), int):

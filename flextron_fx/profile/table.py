@@ -96,12 +96,10 @@ def op_rows(em: ElasticModel) -> dict[str, dict]:
 
 def model_signature(em: ElasticModel) -> dict:
     """What identifies the elastic model a table was measured for."""
-    from .runtime import kv_heads
-
     # key/value heads per candidate: the same head counts cost differently in head mode
     # "group" (fewer KV heads) and "query" (all KV heads kept)
     ops = [[n, op.kind, op.full, list(op.candidates), sorted(op.sizes.items()),
-            [kv_heads(em, n, w) for w in op.candidates] if op.kind == "attention" else []]
+            [em.kv_heads(n, w) for w in op.candidates] if op.kind == "attention" else []]
            for n, op in em.ops.items()]
     cfg = em.source.get("config", {}) if em.source.get("kind") == "hf" else {}
     extra = {k: cfg.get(k) for k in ("hidden_size", "vocab_size", "num_hidden_layers")}

@@ -117,19 +117,14 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
                      for j, w in enumerate(sample_subnetworks(cost, n, low=low, seed=seed,
                                                               shape=key))]
             runner = Runner(rt, backend, table.mode, parse_shapes(key)[0], seed=seed)
-            times: dict[int, list[float]] = {i: [] for i in range(len(nets))}
             bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
-            for r in quiet_gc(range(repeats)):
-                order = list(range(len(nets)))
-                if r % 2:
-                    order.reverse()
-                for i in order:
-                    rt.set(nets[i][2])
-                    runner.prepare(i)
-                    for _ in range(warmup if r == 0 else 1):
-                        runner.run(i)
-                    times[i].append(runner.run(i))
-                    bar.update(1)
+            if backend.runtime == "onnxruntime":
+                from .onnxrt import time_networks
+
+                times = time_networks(rt, nets, runner, threads=threads, repeats=repeats,
+                                      warmup=warmup, bar=bar)
+            else:
+                times = _time_torch(rt, nets, runner, repeats, warmup, bar)
             bar.close()
             rt.set(em.full_widths())
             full_ms = float(np.median(times[full_index]))
@@ -158,6 +153,23 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
         torch.set_num_threads(before)
     out["load_average"] = _load_average()
     return out
+
+
+def _time_torch(rt, nets, runner, repeats, warmup, bar) -> dict[int, list[float]]:
+    """End-to-end ms of every network, in interleaved rounds (the order alternates)."""
+    times: dict[int, list[float]] = {i: [] for i in range(len(nets))}
+    for r in quiet_gc(range(repeats)):
+        order = list(range(len(nets)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            rt.set(nets[i][2])
+            runner.prepare(i)
+            for _ in range(warmup if r == 0 else 1):
+                runner.run(i)
+            times[i].append(runner.run(i))
+            bar.update(1)
+    return times
 
 
 def report(result: dict) -> str:

@@ -1,0 +1,272 @@
+"""The onnxruntime backend: sub-networks exported to ONNX and timed in an InferenceSession.
+
+Export. The per-layer Hugging Face model (runtime.py) at one mix of widths is exported with
+`torch.onnx.export(dynamo=True)` at the shape being measured: prefill takes the token ids;
+decode takes one new token, its positions and the key/value cache of every layer as graph
+inputs. Every export is checked against torch's logits before it is timed, so what is
+measured is the sub-network, sliced for real, not an approximation of it.
+
+Per-op times come from onnxruntime's own profiler (`SessionOptions.enable_profiling`),
+which records every kernel's duration. A kernel is attributed to the elastic op or fixed
+part whose module produced its output: the exporter records each node's module scope
+(metadata `pkg.torch.onnx.name_scopes`), and the nodes onnxruntime fuses keep the output
+names of the nodes they replace. End-to-end times come from a second session of the same
+model with the profiler off, so its overhead is not in them; "other" is then fitted as in
+measure.py.
+
+Sub-networks are measured one after another (each needs its own export and session), not
+in interleaved rounds; the order alternates between shapes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ProfileError
+from .runtime import LayerwiseModel
+
+WRAP = "net"  # attribute of the export wrapper holding the model: scopes start "net."
+
+
+def available() -> str | None:
+    """None when onnxruntime and the exporter's onnxscript import, else what to install."""
+    missing = []
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        return (f"{', '.join(missing)} not installed; pip install 'flextron_fx[onnx]' "
+                "(onnx, onnxruntime, onnxscript)")
+    return None
+
+
+def machine_facts(threads: int) -> dict:
+    import onnxruntime
+
+    from .backends import cpu_machine
+
+    return dict(cpu_machine(threads), onnxruntime=onnxruntime.__version__)
+
+
+class _Prefill(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        setattr(self, WRAP, model)
+
+    def forward(self, input_ids):
+        return getattr(self, WRAP)(input_ids=input_ids, use_cache=False).logits
+
+
+class _Decode(nn.Module):
+    """One decode step with the cache as flat graph inputs: k0, v0, k1, v1, ..."""
+
+    def __init__(self, model):
+        super().__init__()
+        setattr(self, WRAP, model)
+
+    def forward(self, input_ids, position_ids, *kv):
+        from transformers import DynamicCache
+
+        pairs = [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
+        out = getattr(self, WRAP)(input_ids=input_ids, position_ids=position_ids,
+                                  cache=DynamicCache(ddp_cache_data=pairs), use_cache=True)
+        return out.logits
+
+
+def attribution(rt: LayerwiseModel) -> dict[str, tuple[str, str]]:
+    """Module path -> ("op", op name) or ("fixed", part), for every module a node can be
+    scoped to; anything else is "other"."""
+    from .measure import fixed_modules
+
+    out = {op.module: ("op", name) for name, op in rt.em.ops.items()}
+    out.update({path: ("fixed", part) for path, _, part in fixed_modules(rt)})
+    return out
+
+
+class ExportedNetwork:
+    """The current sub-network of `rt`, exported at one mode and shape, in onnxruntime.
+
+    `run()` times one forward of the plain session (ms); with `profiled=True` a second
+    session records kernels, and `breakdown()` returns per forward ({op: ms}, {part: ms}).
+    """
+
+    def __init__(self, rt: LayerwiseModel, runner, key, *, threads: int,
+                 profiled: bool = False, check: bool = True):
+        import onnxruntime as ort
+
+        self.rt, self._dir = rt, None
+        runner.prepare(key)
+        args = [runner.ids]
+        wrapper = _Prefill(rt.model)
+        if runner.mode == "decode":
+            args += [runner.pos] + [t for pair in runner._kv[key] for t in pair]
+            wrapper = _Decode(rt.model)
+        wrapper.eval()
+        args = [a.clone() for a in args]  # plain tensors: the cache was made in inference mode
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, tuple(args), dynamo=True, optimize=False,
+                                        verbose=False)
+            ref = wrapper(*args).float().numpy()
+        proto = program.model_proto
+        self.scopes = _output_scopes(proto)
+        blob = proto.SerializeToString()
+        del program, proto
+        names = None
+        self.sessions = {}
+        for kind in ("plain", "profiled") if profiled else ("plain",):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            if kind == "profiled":
+                self._dir = tempfile.mkdtemp(prefix="flextron-ort-")
+                so.enable_profiling = True
+                so.profile_file_prefix = os.path.join(self._dir, "profile")
+                so.optimized_model_filepath = os.path.join(self._dir, "optimized.onnx")
+            self.sessions[kind] = ort.InferenceSession(blob, so,
+                                                       providers=["CPUExecutionProvider"])
+            names = [i.name for i in self.sessions[kind].get_inputs()]
+        self.feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        if check:
+            got = self.sessions["plain"].run(None, self.feeds)[0]
+            err = float(np.abs(got - ref).max())
+            if err > 1e-3 * max(1.0, float(np.abs(ref).max())):
+                raise ProfileError(f"the ONNX export of this sub-network differs from torch "
+                                   f"(max logit difference {err:.3g}); onnxruntime times "
+                                   "would not be of the same network")
+
+    def run(self) -> float:
+        sess = self.sessions["plain"]
+        start = time.perf_counter_ns()
+        sess.run(None, self.feeds)
+        return (time.perf_counter_ns() - start) / 1e6
+
+    def run_profiled(self) -> None:
+        self.sessions["profiled"].run(None, self.feeds)
+
+    def breakdown(self) -> list[tuple[dict, dict]]:
+        """End the profiler; per profiled forward (ms per op, ms per fixed part)."""
+        import onnx
+
+        path = self.sessions["profiled"].end_profiling()
+        try:
+            with open(path) as f:
+                events = json.load(f)
+            optimized = onnx.load(os.path.join(self._dir, "optimized.onnx"),
+                                  load_external_data=False)
+        finally:
+            for name in os.listdir(self._dir):
+                os.unlink(os.path.join(self._dir, name))
+            os.rmdir(self._dir)
+        where = attribution(self.rt)
+        owner = {}
+        for node in optimized.graph.node:
+            owner[node.name] = _owner(where, [self.scopes.get(o) for o in node.output])
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                      if e.get("cat") == "Session" and e.get("name") == "model_run")
+        out = [({}, {}) for _ in runs]
+        starts = [s for s, _ in runs]
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            what = owner.get(e["name"][: -len("_kernel_time")])
+            if what is None:
+                continue
+            i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+            if i < 0 or e["ts"] > runs[i][1]:
+                continue
+            into = out[i][0] if what[0] == "op" else out[i][1]
+            into[what[1]] = into.get(what[1], 0.0) + e["dur"] / 1e3
+        return out
+
+
+def _output_scopes(proto) -> dict[str, list[str]]:
+    """Value name -> module scopes of the node that produced it (outer first)."""
+    out = {}
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        raw = meta.get("pkg.torch.onnx.name_scopes")
+        if not raw:
+            continue
+        scopes = [s[len(WRAP) + 1:] for s in ast.literal_eval(raw)
+                  if s.startswith(WRAP + ".")]
+        for name in node.output:
+            out[name] = scopes
+    return out
+
+
+def _owner(where: dict, scope_lists) -> tuple[str, str] | None:
+    """The innermost op or fixed part among the scopes of a node's outputs; None = other."""
+    for scopes in scope_lists:
+        for path in reversed(scopes or []):
+            if path in where:
+                return where[path]
+    return None
+
+
+def measure(rt: LayerwiseModel, config, configs, samples: dict, shapes, threads: int,
+            runner_for, bar, save) -> None:
+    """Fill `samples[shape]` with `config.repeats` records per grid point, one grid point
+    at a time (export, check, warm up, then profiled and plain forwards alternating);
+    `save()` after each grid point keeps the work of an interrupted run."""
+    for s, shape in enumerate(shapes):
+        have = samples.setdefault(shape, [])
+        done = {}
+        for rec in have:
+            done[rec["config"]] = done.get(rec["config"], 0) + 1
+        keep = {i for i, n in done.items() if n >= config.repeats}
+        have[:] = [r for r in have if r["config"] in keep]
+        runner = runner_for(shape)
+        order = list(enumerate(configs))
+        if s % 2:
+            order.reverse()
+        for i, (_, widths) in order:
+            if i in keep:
+                continue
+            rt.set(widths)
+            net = ExportedNetwork(rt, runner, i, threads=threads, profiled=True)
+            for _ in range(config.warmup):
+                net.run()
+                net.run_profiled()
+            e2e = []
+            for _ in range(config.repeats):
+                net.run_profiled()
+                e2e.append(net.run())
+                bar.update(1)
+            parts = net.breakdown()[config.warmup:]
+            for t, (ops, fixed) in zip(e2e, parts):
+                have.append({"config": i, "e2e": t, "ops": ops, "fixed": fixed})
+            del net
+            save()
+
+
+def time_networks(rt: LayerwiseModel, nets, runner, *, threads: int, repeats: int,
+                  warmup: int, bar) -> dict[int, list[float]]:
+    """End-to-end ms of each (group, label, widths) in `nets`, one exported network at a
+    time."""
+    times = {}
+    for i, (_, _, widths) in enumerate(nets):
+        rt.set(widths)
+        net = ExportedNetwork(rt, runner, i, threads=threads)
+        for _ in range(warmup):
+            net.run()
+        times[i] = []
+        for _ in range(repeats):
+            times[i].append(net.run())
+            bar.update(1)
+        del net
+    return times
