@@ -342,7 +342,7 @@ def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode
         ref = rt.model(**kwargs).logits
     assert got.shape == tuple(ref.shape) == (2, 8 if mode == "prefill" else 1, 128)
     assert abs(got - ref.numpy()).max() < 1e-4
-    assert net.run() > 0
+    assert net.run() > 0 and set(net.sessions) == {"plain"}
     for _ in range(3):
         net.run_profiled()
     parts = net.breakdown()
@@ -377,3 +377,13 @@ def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path)
     for p in r["points"]:
         assert p["predicted_ms"] == pytest.approx(cost.latency(dict(zip(em.ops, p["widths"]))))
         assert p["measured_ms"] > 0
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from flextron_fx.profile.validate import spearman
+
+    a, b = [1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 4.0], [2.0, 1.0, 3.0, 3.0, 6.0, 4.0, 4.0]
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert spearman(a, [1.0] * 7) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import tempfile
 import time
@@ -97,14 +98,13 @@ def attribution(rt: LayerwiseModel) -> dict[str, tuple[str, str]]:
 class ExportedNetwork:
     """The current sub-network of `rt`, exported at one mode and shape, in onnxruntime.
 
-    `run()` times one forward of the plain session (ms); with `profiled=True` a second
-    session records kernels, and `breakdown()` returns per forward ({op: ms}, {part: ms}).
+    `run()` times one forward of the plain session (ms). With `profiled=True`,
+    `run_profiled()` replaces it by a session that records kernels (so time the plain
+    forwards first), and `breakdown()` returns per profiled forward ({op: ms}, {part: ms}).
     """
 
     def __init__(self, rt: LayerwiseModel, runner, key, *, threads: int,
                  profiled: bool = False, check: bool = True):
-        import onnxruntime as ort
-
         self.rt, self._dir = rt, None
         runner.prepare(key)
         args = [runner.ids]
@@ -114,6 +114,8 @@ class ExportedNetwork:
             wrapper = _Decode(rt.model)
         wrapper.eval()
         args = [a.clone() for a in args]  # plain tensors: the cache was made in inference mode
+        # the exporter logs one warning per torchvision op it cannot register; none is used
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, tuple(args), dynamo=True, optimize=False,
@@ -123,23 +125,11 @@ class ExportedNetwork:
         self.scopes = _output_scopes(proto)
         blob = proto.SerializeToString()
         del program, proto
-        names = None
-        self.sessions = {}
-        for kind in ("plain", "profiled") if profiled else ("plain",):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            if kind == "profiled":
-                self._dir = tempfile.mkdtemp(prefix="flextron-ort-")
-                so.enable_profiling = True
-                so.profile_file_prefix = os.path.join(self._dir, "profile")
-                so.optimized_model_filepath = os.path.join(self._dir, "optimized.onnx")
-            self.sessions[kind] = ort.InferenceSession(blob, so,
-                                                       providers=["CPUExecutionProvider"])
-            names = [i.name for i in self.sessions[kind].get_inputs()]
+        self.threads, self.sessions = threads, {"plain": self._session(blob, threads)}
+        # the profiled session is made at its first run, after the plain one has been timed
+        # alone (a second session alive beside it made the plain forwards ~10 % slower)
+        self._blob = blob if profiled else None
+        names = [i.name for i in self.sessions["plain"].get_inputs()]
         self.feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         if check:
             got = self.sessions["plain"].run(None, self.feeds)[0]
@@ -149,6 +139,21 @@ class ExportedNetwork:
                                    f"(max logit difference {err:.3g}); onnxruntime times "
                                    "would not be of the same network")
 
+    def _session(self, blob: bytes, threads: int, profile_dir: str | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if profile_dir:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(profile_dir, "profile")
+            so.optimized_model_filepath = os.path.join(profile_dir, "optimized.onnx")
+        return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+
     def run(self) -> float:
         sess = self.sessions["plain"]
         start = time.perf_counter_ns()
@@ -156,6 +161,13 @@ class ExportedNetwork:
         return (time.perf_counter_ns() - start) / 1e6
 
     def run_profiled(self) -> None:
+        if "profiled" not in self.sessions:
+            if self._blob is None:
+                raise ProfileError("this network was exported without profiled=True")
+            del self.sessions["plain"]  # timed already; only one session alive at a time
+            self._dir = tempfile.mkdtemp(prefix="flextron-ort-")
+            self.sessions["profiled"] = self._session(self._blob, self.threads, self._dir)
+            self._blob = None
         self.sessions["profiled"].run(None, self.feeds)
 
     def breakdown(self) -> list[tuple[dict, dict]]:
@@ -221,7 +233,8 @@ def _owner(where: dict, scope_lists) -> tuple[str, str] | None:
 def measure(rt: LayerwiseModel, config, configs, samples: dict, shapes, threads: int,
             runner_for, bar, save) -> None:
     """Fill `samples[shape]` with `config.repeats` records per grid point, one grid point
-    at a time (export, check, warm up, then profiled and plain forwards alternating);
+    at a time (export, check, then warm-up and timed forwards of the plain session, then
+    of the profiled one);
     `save()` after each grid point keeps the work of an interrupted run."""
     for s, shape in enumerate(shapes):
         have = samples.setdefault(shape, [])
@@ -239,14 +252,16 @@ def measure(rt: LayerwiseModel, config, configs, samples: dict, shapes, threads:
                 continue
             rt.set(widths)
             net = ExportedNetwork(rt, runner, i, threads=threads, profiled=True)
+            # one session at a time: a session's worker threads spin for a while after
+            # its run, and would slow the other session's forward if the two alternated
             for _ in range(config.warmup):
                 net.run()
-                net.run_profiled()
             e2e = []
             for _ in range(config.repeats):
-                net.run_profiled()
                 e2e.append(net.run())
                 bar.update(1)
+            for _ in range(config.warmup + config.repeats):
+                net.run_profiled()
             parts = net.breakdown()[config.warmup:]
             for t, (ops, fixed) in zip(e2e, parts):
                 have.append({"config": i, "e2e": t, "ops": ops, "fixed": fixed})

@@ -57,17 +57,21 @@ def sample_subnetworks(cost: CostModel, n: int, *, low: float = 0.4, seed: int =
 
 
 def spearman(a, b) -> float | None:
-    """Rank correlation; None where it is undefined (all predictions or times equal)."""
-    if np.ptp(np.asarray(a, float)) == 0 or np.ptp(np.asarray(b, float)) == 0:
+    """Rank correlation (tied values share their mean rank); None where it is undefined
+    (all predictions or all times equal)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    try:
-        from scipy.stats import spearmanr
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
-        return float(spearmanr(a, b).statistic)
-    except ImportError:  # pragma: no cover
-        ra = np.argsort(np.argsort(a)).astype(float)
-        rb = np.argsort(np.argsort(b)).astype(float)
-        return float(np.corrcoef(ra, rb)[0, 1])
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(a))
+    ranks[np.argsort(a, kind="stable")] = np.arange(len(a), dtype=float)
+    for v in np.unique(a):
+        tied = a == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def metrics(points: list[dict]) -> dict:
