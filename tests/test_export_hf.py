@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import assert_close, output, param_count, token_ids
 
 from flextron_fx.errors import UnsupportedModelError, WidthError

@@ -117,11 +117,11 @@ def summary(table) -> str:
     return "\n".join(lines)
 
 
-def layer_breakdown(table, key: str) -> list[str]:
-    """Paper section 5.1: per layer, how much time attention and the MLP take, at full and
-    at the smallest width, and the fixed parts' share of the full model."""
+def layer_costs(table, key: str) -> dict | None:
+    """Paper section 5.1 in numbers: per layer, ms of each op kind at full and at the
+    smallest width, and the fixed parts' ms and the full model's predicted ms."""
     rows = table.data["rows"]
-    by_kind = {}
+    by_kind: dict = {}
     for rid, row in rows.items():
         ent = table.data["entries"][rid].get(key, {})
         if ent:
@@ -130,16 +130,28 @@ def layer_breakdown(table, key: str) -> list[str]:
                 (len(row["ops"]), ent[str(widths[-1])]["median_ms"],
                  ent[str(widths[0])]["median_ms"]))
     if not by_kind:
-        return []
+        return None
     layers = max(sum(n for n, _, _ in v) for v in by_kind.values())
+    out = {at: {k: sum(t[0] * t[pick] for t in v) / layers for k, v in by_kind.items()}
+           for at, pick in (("full", 1), ("smallest", 2))}
+    out["fixed_ms"] = sum(table.fixed_ms(key).values())
+    out["full_ms"] = out["fixed_ms"] + sum(n * e for v in by_kind.values() for n, e, _ in v)
+    return out
+
+
+def layer_breakdown(table, key: str) -> list[str]:
+    """Paper section 5.1: per layer, how much time attention and the MLP take, at full and
+    at the smallest width, and the fixed parts' share of the full model."""
+    costs = layer_costs(table, key)
+    if costs is None:
+        return []
     out = []
-    for at, pick in (("full width", 1), ("smallest width", 2)):
-        per = {k: sum(t[0] * t[pick] for t in v) / layers for k, v in by_kind.items()}
+    for at in ("full", "smallest"):
+        per = costs[at]
         total = sum(per.values())
-        out.append(f"  per layer at {at}: " + ", ".join(
+        out.append(f"  per layer at {at} width: " + ", ".join(
             f"{k} {ms:.3f} ms ({ms / total:.0%})" for k, ms in sorted(per.items())))
-    fixed = sum(table.fixed_ms(key).values())
-    full = fixed + sum(n * e for v in by_kind.values() for n, e, _ in v)
+    fixed, full = costs["fixed_ms"], costs["full_ms"]
     out.append(f"  fixed parts: {fixed:.3f} ms of {full:.3f} ms at full width "
                f"({fixed / full:.0%})")
     return out

@@ -13,6 +13,7 @@ ones are the table's own anchors.
 from __future__ import annotations
 
 import random
+import textwrap
 
 import numpy as np
 import torch
@@ -228,9 +229,10 @@ def plot(result: dict, path) -> None:
         ax.set_xlabel("measured latency (ms)")
         ax.set_ylabel("predicted latency from the table (ms)")
         rho = r["random"].get("spearman")
-        ax.set_title(f"{fp['backend']} {fp['dtype']}, {r['describe']}\n"
-                     f"Spearman (random) {rho:.3f}" if rho is not None else r["describe"],
-                     fontsize=9)
+        title = textwrap.fill(f"{fp['backend']} {fp['dtype']}, {r['describe']}", 56)
+        if rho is not None:
+            title += f"\nSpearman (random) {rho:.3f}"
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
