@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
                        help="measure a latency lookup table of an elastic model")
     p.add_argument("run_dir", help="saved elastic model (flextron convert --out), or a "
                                    "training run folder holding final/")
-    p.add_argument("--backend", default="torch-cpu", help="torch-cpu, torch-cuda or onnxruntime-cpu")
+    p.add_argument("--backend", default="torch-cpu",
+                   help="torch-cpu, torch-cuda or onnxruntime-cpu")
     p.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
     p.add_argument("--shapes", default="1x256",
                    help="BATCHxLENGTH, comma-separated; LENGTH is the prompt (prefill) or "

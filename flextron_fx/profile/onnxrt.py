@@ -10,8 +10,9 @@ Per-op times come from onnxruntime's own profiler (`SessionOptions.enable_profil
 which records every kernel's duration. A kernel is attributed to the elastic op or fixed
 part whose module produced its output: the exporter records each node's module scope
 (metadata `pkg.torch.onnx.name_scopes`), and the nodes onnxruntime fuses keep the output
-names of the nodes they replace. End-to-end times come from a second session of the same
-model with the profiler off, so its overhead is not in them; "other" is then fitted as in
+names of the nodes they replace. End-to-end times come from a plain session, timed alone
+before the profiled session of the same model is made, so neither the profiler's overhead
+nor a second session's spinning worker threads are in them; "other" is then fitted as in
 measure.py.
 
 Sub-networks are measured one after another (each needs its own export and session), not
