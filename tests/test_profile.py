@@ -387,3 +387,45 @@ def test_spearman_matches_scipy_with_ties():
     a, b = [1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 4.0], [2.0, 1.0, 3.0, 3.0, 6.0, 4.0, 4.0]
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
     assert spearman(a, [1.0] * 7) is None
+
+
+def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_converted,
+                                                                        tmp_path, monkeypatch,
+                                                                        capsys):
+    from flextron_fx.profile import onnxrt
+
+    _, em = zoo_converted("llama", head_mode="group")
+    config = ProfileConfig(backend="onnxruntime-cpu", shapes="1x8", threads=1, repeats=2,
+                           warmup=0)
+    lut = tmp_path / "lut.json"
+    calls = {"n": 0}
+    real = onnxrt.ExportedNetwork.breakdown
+
+    def dies_at_the_third_network(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(onnxrt.ExportedNetwork, "breakdown", dies_at_the_third_network)
+    with pytest.raises(KeyboardInterrupt):
+        profile(em, config, path=lut, progress=False)
+    partial = json.loads((tmp_path / "lut.json.partial").read_text())
+    assert len(partial["samples"]["1x8"]) == 2 * 2  # two networks x two repeats kept
+    monkeypatch.setattr(onnxrt.ExportedNetwork, "breakdown", real)
+    calls["n"] = 0
+    built = []
+    monkeypatch.setattr(onnxrt.ExportedNetwork, "__init__",
+                        _counting(onnxrt.ExportedNetwork.__init__, built))
+    table = profile(em, config, path=lut, progress=False)
+    assert "resuming" in capsys.readouterr().out
+    assert len(built) == 8 - 2  # the two finished networks are not exported again
+    assert all(a["measured"]["n"] == 2 for a in table.data["anchors"]["1x8"])
+    assert not (tmp_path / "lut.json.partial").exists()
+
+
+def _counting(init, into: list):
+    def wrapped(self, *args, **kwargs):
+        into.append(1)
+        init(self, *args, **kwargs)
+    return wrapped
