@@ -295,22 +295,12 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
     _, em = zoo_converted("llama", head_mode="group")
     config = ProfileConfig(shapes="1x8", threads=1, repeats=3, warmup=0)
     lut = tmp_path / "lut.json"
-    calls = {"n": 0}
-    real = measure.ModuleTimer.collect
-
-    def dies_in_round_two(self):
-        calls["n"] += 1
-        if calls["n"] == 8 + 3:  # 8 sub-networks per round
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(measure.ModuleTimer, "collect", dies_in_round_two)
+    real = _dies_at_call(monkeypatch, measure.ModuleTimer, "collect", 8 + 3)  # 8 per round
     with pytest.raises(KeyboardInterrupt):
         profile(em, config, path=lut, progress=False)
     partial = json.loads((tmp_path / "lut.json.partial").read_text())
     assert len(partial["samples"]["1x8"]) == 8  # round one kept, round two lost
     monkeypatch.setattr(measure.ModuleTimer, "collect", real)
-    calls["n"] = 0
     table = profile(em, config, path=lut, progress=False)
     assert "resuming" in capsys.readouterr().out
     assert all(a["measured"]["n"] == 3 for a in table.data["anchors"]["1x8"])
@@ -337,7 +327,7 @@ def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode
         from transformers import DynamicCache
 
         kwargs.update(position_ids=runner.pos, use_cache=True,
-                      cache=DynamicCache(ddp_cache_data=runner._kv["mix"]))
+                      cache=DynamicCache(ddp_cache_data=runner.cache("mix")))
     with torch.inference_mode():
         ref = rt.model(**kwargs).logits
     assert got.shape == tuple(ref.shape) == (2, 8 if mode == "prefill" else 1, 128)
@@ -398,22 +388,12 @@ def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_conv
     config = ProfileConfig(backend="onnxruntime-cpu", shapes="1x8", threads=1, repeats=2,
                            warmup=0)
     lut = tmp_path / "lut.json"
-    calls = {"n": 0}
-    real = onnxrt.ExportedNetwork.breakdown
-
-    def dies_at_the_third_network(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(onnxrt.ExportedNetwork, "breakdown", dies_at_the_third_network)
+    real = _dies_at_call(monkeypatch, onnxrt.ExportedNetwork, "breakdown", 3)  # third network
     with pytest.raises(KeyboardInterrupt):
         profile(em, config, path=lut, progress=False)
     partial = json.loads((tmp_path / "lut.json.partial").read_text())
     assert len(partial["samples"]["1x8"]) == 2 * 2  # two networks x two repeats kept
     monkeypatch.setattr(onnxrt.ExportedNetwork, "breakdown", real)
-    calls["n"] = 0
     built = []
     monkeypatch.setattr(onnxrt.ExportedNetwork, "__init__",
                         _counting(onnxrt.ExportedNetwork.__init__, built))
@@ -422,6 +402,21 @@ def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_conv
     assert len(built) == 8 - 2  # the two finished networks are not exported again
     assert all(a["measured"]["n"] == 2 for a in table.data["anchors"]["1x8"])
     assert not (tmp_path / "lut.json.partial").exists()
+
+
+def _dies_at_call(monkeypatch, owner, name: str, n: int):
+    """Make `owner.name` raise KeyboardInterrupt at its n-th call; returns the real one."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def dies(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dies)
+    return real
 
 
 def _counting(init, into: list):

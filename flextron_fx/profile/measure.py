@@ -190,6 +190,10 @@ class Runner:
             cache = out.cache if "cache" in out else out.past_key_values
             self._kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
 
+    def cache(self, key) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode: the (keys, values) per layer that `prepare(key)` filled."""
+        return self._kv[key]
+
     def run(self, key=None) -> float:
         """One forward (prefill) or one decode step; returns milliseconds."""
         with torch.inference_mode():
@@ -199,7 +203,7 @@ class Runner:
                 from transformers import DynamicCache
 
                 kwargs = {"input_ids": self.ids, "use_cache": True, "position_ids": self.pos,
-                          "cache": DynamicCache(ddp_cache_data=self._kv[key])}
+                          "cache": DynamicCache(ddp_cache_data=self.cache(key))}
             start = self.clock.mark()
             self.rt.model(**kwargs)
             end = self.clock.mark()
@@ -263,10 +267,9 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
         if backend.runtime == "onnxruntime":
             from . import onnxrt
 
-            onnxrt.measure(rt, config, configs, samples,
-                           [shape_key(s) for s in config.shapes], threads,
-                           lambda key: Runner(rt, backend, config.mode,
-                                              parse_shapes(key)[0], seed=config.seed),
+            onnxrt.measure(rt, config, configs, samples, threads,
+                           lambda shape: Runner(rt, backend, config.mode, shape,
+                                                seed=config.seed),
                            bar, save)
         else:
             _measure_torch(rt, backend, config, configs, samples, bar, save)

@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..errors import ProfileError
 from .runtime import LayerwiseModel
+from .table import shape_key
 
 WRAP = "net"  # attribute of the export wrapper holding the model: scopes start "net."
 
@@ -111,7 +113,7 @@ class ExportedNetwork:
         args = [runner.ids]
         wrapper = _Prefill(rt.model)
         if runner.mode == "decode":
-            args += [runner.pos] + [t for pair in runner._kv[key] for t in pair]
+            args += [runner.pos] + [t for pair in runner.cache(key) for t in pair]
             wrapper = _Decode(rt.model)
         wrapper.eval()
         args = [a.clone() for a in args]  # plain tensors: the cache was made in inference mode
@@ -126,7 +128,8 @@ class ExportedNetwork:
         self.scopes = _output_scopes(proto)
         blob = proto.SerializeToString()
         del program, proto
-        self.threads, self.sessions = threads, {"plain": self._session(blob, threads)}
+        self.threads = threads
+        self.sessions = {"plain": self._session(blob)}
         # the profiled session is made at its first run, after the plain one has been timed
         # alone (a second session alive beside it made the plain forwards ~10 % slower)
         self._blob = blob if profiled else None
@@ -140,11 +143,11 @@ class ExportedNetwork:
                                    f"(max logit difference {err:.3g}); onnxruntime times "
                                    "would not be of the same network")
 
-    def _session(self, blob: bytes, threads: int, profile_dir: str | None = None):
+    def _session(self, blob: bytes, profile_dir: str | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -167,7 +170,7 @@ class ExportedNetwork:
                 raise ProfileError("this network was exported without profiled=True")
             del self.sessions["plain"]  # timed already; only one session alive at a time
             self._dir = tempfile.mkdtemp(prefix="flextron-ort-")
-            self.sessions["profiled"] = self._session(self._blob, self.threads, self._dir)
+            self.sessions["profiled"] = self._session(self._blob, self._dir)
             self._blob = None
         self.sessions["profiled"].run(None, self.feeds)
 
@@ -231,17 +234,15 @@ def _owner(where: dict, scope_lists) -> tuple[str, str] | None:
     return None
 
 
-def measure(rt: LayerwiseModel, config, configs, samples: dict, shapes, threads: int,
-            runner_for, bar, save) -> None:
+def measure(rt: LayerwiseModel, config, configs, samples: dict, threads: int, runner_for,
+            bar, save) -> None:
     """Fill `samples[shape]` with `config.repeats` records per grid point, one grid point
     at a time (export, check, then warm-up and timed forwards of the plain session, then
     of the profiled one);
     `save()` after each grid point keeps the work of an interrupted run."""
-    for s, shape in enumerate(shapes):
-        have = samples.setdefault(shape, [])
-        done = {}
-        for rec in have:
-            done[rec["config"]] = done.get(rec["config"], 0) + 1
+    for s, shape in enumerate(config.shapes):
+        have = samples.setdefault(shape_key(shape), [])
+        done = Counter(rec["config"] for rec in have)
         keep = {i for i, n in done.items() if n >= config.repeats}
         have[:] = [r for r in have if r["config"] in keep]
         runner = runner_for(shape)
@@ -253,9 +254,7 @@ def measure(rt: LayerwiseModel, config, configs, samples: dict, shapes, threads:
                 continue
             rt.set(widths)
             net = ExportedNetwork(rt, runner, i, threads=threads, profiled=True)
-            # one session at a time: a session's worker threads spin for a while after
-            # its run, and would slow the other session's forward if the two alternated
-            for _ in range(config.warmup):
+            for _ in range(config.warmup):  # the plain session first, alone
                 net.run()
             e2e = []
             for _ in range(config.repeats):
