@@ -41,23 +41,31 @@ def _valid(em, widths) -> bool:
 def test_samplers_give_valid_candidates(em):
     gen = torch.Generator().manual_seed(0)
     uni = make_sampler(em, "uniform")
-    draws = [uni(gen, i) for i in range(200)]
+    draws = uni(gen, 200)
     assert all(_valid(em, w) for w in draws)
     for name, op in em.ops.items():  # every candidate of every op shows up
         assert {w[name] for w in draws} == set(op.candidates)
     sand = make_sampler(em, "sandwich")
-    first = sand(gen, 0)
+    first, *rest = sand(gen, 20)
     assert first == {n: op.candidates[0] for n, op in em.ops.items()}
-    assert all(_valid(em, sand(gen, i)) for i in range(1, 20))
+    assert len(rest) == 19 and all(_valid(em, w) for w in rest)
     mat = make_sampler(em, "matformer")
+    below_full = min(len(op.candidates) for op in em.ops.values()) - 1
     picks = set()
-    for i in range(40):  # one granularity for every op, never the full network
-        w = mat(gen, i)
-        assert _valid(em, w) and w != em.full_widths()
-        index = {em.ops[n].candidates.index(v) for n, v in w.items()}
-        assert len(index) == 1
-        picks |= index
-    assert picks == set(range(min(len(op.candidates) for op in em.ops.values()) - 1))
+    for _ in range(20):  # one granularity for every op, never the full network
+        step = mat(gen, below_full)
+        indices = []
+        for w in step:
+            assert _valid(em, w) and w != em.full_widths()
+            index = {em.ops[n].candidates.index(v) for n, v in w.items()}
+            assert len(index) == 1
+            indices += index
+        assert sorted(indices) == list(range(below_full))  # distinct within a step
+        picks.add(indices[0])
+    assert picks == set(range(below_full))  # in a random order
+    longer = mat(gen, 2 * below_full + 1)  # more samples than granularities: each twice+
+    assert len(longer) == 2 * below_full + 1
+    assert len({tuple(sorted(w.items())) for w in longer}) == below_full
     full = em.num_params(em.full_widths(), non_embedding=True)
     draw = budget(em, 0.55, 0.75)
     for _ in range(30):
@@ -71,7 +79,7 @@ def test_vary_samples_one_kind_and_keeps_the_other_full(em, kind):
     gen = torch.Generator().manual_seed(0)
     for name in ("uniform", "sandwich", "budget", "matformer"):
         draw = make_sampler(em, name, (0.5, 0.9) if kind == "mlp" else (0.7, 1.0), kind)
-        draws = [draw(gen, i) for i in range(40)]
+        draws = draw(gen, 40)
         assert all(_valid(em, w) for w in draws)
         for n, op in em.ops.items():
             seen = {w[n] for w in draws}
@@ -87,7 +95,7 @@ def test_vary_samples_one_kind_and_keeps_the_other_full(em, kind):
 def test_same_seed_same_samples_on_every_rank(em):
     a, b = make_sampler(em, "uniform"), make_sampler(em, "uniform")
     ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert [a(ga, i) for i in range(10)] == [b(gb, i) for i in range(10)]
+    assert a(ga, 10) == b(gb, 10)
 
 
 def _slices(em):

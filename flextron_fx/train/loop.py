@@ -272,7 +272,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
             t0 = time.perf_counter()
             rows = batch_rows(step, config.batch, tokens.shape[0], config.seed)
             ids = tokens[rows[rank * local:(rank + 1) * local]].to(device)
-            picks = [sample(gen, i) for i in range(config.samples)]
+            picks = sample(gen, config.samples)
             optimizer.zero_grad(set_to_none=True)
             losses = accumulate(model, em, ids, [em.full_widths()] + picks, config)
             if config.grad_clip:

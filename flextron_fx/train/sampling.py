@@ -34,17 +34,25 @@ def uniform(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Genera
     return sample
 
 
-def matformer(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Generator], Widths]:
-    """MatFormer's sampler: one granularity for the whole network. A random candidate index
-    below full, the same for every op (the i-th smallest candidate of each)."""
+def matformer(em: ElasticModel, kind: str | None = None
+              ) -> Callable[[torch.Generator, int], list[Widths]]:
+    """MatFormer's sampler: one granularity for the whole network, the i-th smallest
+    candidate of every op, for i below full. The k samples of a step are distinct
+    granularities (a random order, started afresh after every granularity has been used),
+    so no pass repeats another on the same batch."""
     top = min(len(op.candidates) for op in em.ops.values() if _varies(op, kind))
     if top < 2:
         raise FlextronError("the matformer sampler needs at least two candidate widths per op")
 
-    def sample(gen: torch.Generator) -> Widths:
-        i = int(torch.randint(top - 1, (1,), generator=gen))
+    def at(i: int) -> Widths:
         return {name: op.candidates[min(i, len(op.candidates) - 1)] if _varies(op, kind)
                 else op.full for name, op in em.ops.items()}
+
+    def sample(gen: torch.Generator, k: int) -> list[Widths]:
+        order: list[int] = []
+        while len(order) < k:
+            order += torch.randperm(top - 1, generator=gen).tolist()
+        return [at(i) for i in order[:k]]
     return sample
 
 
@@ -54,12 +62,12 @@ def smallest(em: ElasticModel, kind: str | None = None) -> Widths:
 
 
 def sandwich(em: ElasticModel, kind: str | None = None
-             ) -> Callable[[torch.Generator, int], Widths]:
+             ) -> Callable[[torch.Generator, int], list[Widths]]:
     """The smallest network as the first sample of each step, uniform ones after it."""
     draw = uniform(em, kind)
 
-    def sample(gen: torch.Generator, i: int = 0) -> Widths:
-        return smallest(em, kind) if i == 0 else draw(gen)
+    def sample(gen: torch.Generator, k: int) -> list[Widths]:
+        return [smallest(em, kind)] + [draw(gen) for _ in range(k - 1)] if k else []
     return sample
 
 
@@ -91,20 +99,20 @@ KINDS = (None, "mlp", "attention")
 
 
 def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] = (0.4, 0.8),
-                 kind: str | None = None):
-    """A function (generator, index of the sample within the step) -> widths. `kind` limits
-    the sampled ops to one kind ("mlp" or "attention"); the others stay at full width."""
+                 kind: str | None = None) -> Callable[[torch.Generator, int], list[Widths]]:
+    """A function (generator, k) -> the k sub-networks (widths) of one training step.
+    `kind` limits the sampled ops to one kind ("mlp" or "attention"); the others stay at
+    full width."""
     if kind not in KINDS:
         raise FlextronError(f"kind must be 'mlp', 'attention' or None (both), got {kind!r}")
-    if name == "uniform":
-        draw = uniform(em, kind)
-        return lambda gen, i: draw(gen)
     if name == "sandwich":
         return sandwich(em, kind)
     if name == "matformer":
-        draw = matformer(em, kind)
-        return lambda gen, i: draw(gen)
-    if name == "budget":
+        return matformer(em, kind)
+    if name == "uniform":
+        draw = uniform(em, kind)
+    elif name == "budget":
         draw = budget(em, *budget_range, kind=kind)
-        return lambda gen, i: draw(gen)
-    raise FlextronError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    else:
+        raise FlextronError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    return lambda gen, k: [draw(gen) for _ in range(k)]
