@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from train_script import tiny_elastic, tokens
 
 from flextron_fx.elastic.ops import WeightSlice
-from flextron_fx.errors import TrainingError
+from flextron_fx.errors import FlextronError, TrainingError
 from flextron_fx.train import TrainConfig, make_sampler, read_metrics, train_elastic
 from flextron_fx.train.loop import accumulate, batch_rows, kd_loss, lm_loss, make_optimizer
 from flextron_fx.train.sampling import budget
@@ -72,6 +72,25 @@ def test_samplers_give_valid_candidates(em):
         w = draw(gen)
         assert _valid(em, w)
         assert 0.55 <= em.num_params(w, non_embedding=True) / full <= 0.75
+
+
+def test_matformer_within_a_budget_range_draws_only_granularities_inside_it(em):
+    gen = torch.Generator().manual_seed(0)
+    full = em.num_params(em.full_widths(), non_embedding=True)
+    below_full = min(len(op.candidates) for op in em.ops.values() if op.kind == "mlp") - 1
+    every = {}
+    for w in make_sampler(em, "matformer", kind="mlp")(gen, below_full):
+        every[em.num_params(w, non_embedding=True) / full] = w
+    fractions = sorted(every)
+    assert len(fractions) == below_full >= 2
+    low, high = fractions[0] - 1e-6, fractions[-2] + 1e-6  # all but the largest
+    draws = make_sampler(em, "matformer", (low, high), "mlp")(gen, 3 * (below_full - 1))
+    assert sorted({em.num_params(w, non_embedding=True) / full for w in draws}) \
+        == fractions[:-1]
+    with pytest.raises(FlextronError, match="no granularity below full"):
+        make_sampler(em, "matformer", (fractions[-1] + 0.01, 1.0), "mlp")
+    with pytest.raises(FlextronError, match="budget range"):
+        make_sampler(em, "matformer", (0.9, 0.5), "mlp")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])

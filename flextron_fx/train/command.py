@@ -36,9 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=3, help="k sub-networks per step")
     p.add_argument("--sampler", choices=["uniform", "sandwich", "budget", "matformer"],
                    default="uniform", help="uniform: a random candidate per op (the paper's); "
-                   "matformer: one random granularity below full for every op")
-    p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 0.8),
-                   metavar=("LOW", "HIGH"), help="parameter fractions for --sampler budget")
+                   "matformer: one granularity below full for every op, distinct within a step")
+    p.add_argument("--budget-range", type=float, nargs=2, default=None,
+                   metavar=("LOW", "HIGH"), help="non-embedding parameter fractions: the "
+                   "range of --sampler budget (default 0.4 0.8); with --sampler matformer, "
+                   "only granularities within it")
     p.add_argument("--vary", choices=["mlp", "attention"], default=None,
                    help="sample sub-networks of this kind of op only (the others stay full); "
                         "default: both")
@@ -97,8 +99,8 @@ def run(args) -> dict:
               f"validating on {heldout.numel():,} tokens of their validation split")
     config = TrainConfig(
         steps=args.steps, batch=args.batch, samples=args.samples, sampler=args.sampler,
-        budget_range=tuple(args.budget_range), vary=args.vary, loss=args.loss,
-        kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
+        budget_range=args.budget_range and tuple(args.budget_range), vary=args.vary,
+        loss=args.loss, kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
         extra={"elastic": str(elastic), "seq": args.seq, "domains": domains,
                "train_splits": splits})

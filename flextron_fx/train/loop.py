@@ -45,7 +45,7 @@ class TrainConfig:
     batch: int = 4
     samples: int = 3
     sampler: str = "uniform"
-    budget_range: tuple[float, float] = (0.4, 0.8)
+    budget_range: tuple[float, float] | None = None  # budget sampler: 0.4-0.8 if None
     vary: str | None = None  # "mlp" or "attention": sample only that kind; None: both
     loss: str = "lm"
     kd_temperature: float = 1.0
@@ -242,7 +242,8 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     optimizer = make_optimizer(em, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
-    sample = make_sampler(em, config.sampler, tuple(config.budget_range), config.vary)
+    sample = make_sampler(em, config.sampler,
+                          config.budget_range and tuple(config.budget_range), config.vary)
     settings = validation_settings(em)
     start, seen, elapsed = 0, 0, 0.0
     if ckpt is not None:

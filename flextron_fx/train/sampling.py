@@ -34,12 +34,15 @@ def uniform(em: ElasticModel, kind: str | None = None) -> Callable[[torch.Genera
     return sample
 
 
-def matformer(em: ElasticModel, kind: str | None = None
+def matformer(em: ElasticModel, kind: str | None = None,
+              budget_range: tuple[float, float] | None = None
               ) -> Callable[[torch.Generator, int], list[Widths]]:
     """MatFormer's sampler: one granularity for the whole network, the i-th smallest
     candidate of every op, for i below full. The k samples of a step are distinct
     granularities (a random order, started afresh after every granularity has been used),
-    so no pass repeats another on the same batch."""
+    so no pass repeats another on the same batch. With `budget_range` only granularities
+    whose non-embedding parameters are within it (as fractions of the full model's) are
+    drawn."""
     top = min(len(op.candidates) for op in em.ops.values() if _varies(op, kind))
     if top < 2:
         raise FlextronError("the matformer sampler needs at least two candidate widths per op")
@@ -48,12 +51,31 @@ def matformer(em: ElasticModel, kind: str | None = None
         return {name: op.candidates[min(i, len(op.candidates) - 1)] if _varies(op, kind)
                 else op.full for name, op in em.ops.items()}
 
+    grains = list(range(top - 1))
+    if budget_range is not None:
+        low, high = _checked(budget_range)
+        full = em.num_params(em.full_widths(), non_embedding=True)
+        fractions = {i: em.num_params(at(i), non_embedding=True) / full for i in grains}
+        grains = [i for i in grains if low <= fractions[i] <= high]
+        if not grains:
+            raise FlextronError(
+                f"no granularity below full has its parameters within [{low}, {high}] of the "
+                f"full model's (they have {', '.join(f'{f:.3f}' for f in fractions.values())}); "
+                "widen --budget-range")
+
     def sample(gen: torch.Generator, k: int) -> list[Widths]:
         order: list[int] = []
         while len(order) < k:
-            order += torch.randperm(top - 1, generator=gen).tolist()
+            order += [grains[j] for j in torch.randperm(len(grains), generator=gen).tolist()]
         return [at(i) for i in order[:k]]
     return sample
+
+
+def _checked(budget_range: tuple[float, float]) -> tuple[float, float]:
+    low, high = budget_range
+    if not 0.0 < low <= high <= 1.0:
+        raise FlextronError(f"a budget range is 0 < low <= high <= 1, got [{low}, {high}]")
+    return low, high
 
 
 def smallest(em: ElasticModel, kind: str | None = None) -> Widths:
@@ -75,8 +97,7 @@ def budget(em: ElasticModel, low: float, high: float, kind: str | None = None,
            tries: int = 200) -> Callable[[torch.Generator], Widths]:
     """Uniform samples kept only if their non-embedding parameters are within [low, high]
     of the full model's (rejection sampling; the closest of `tries` draws otherwise)."""
-    if not 0.0 < low <= high <= 1.0:
-        raise FlextronError(f"a budget range is 0 < low <= high <= 1, got [{low}, {high}]")
+    _checked((low, high))
     full = em.num_params(em.full_widths(), non_embedding=True)
     draw = uniform(em, kind)
 
@@ -95,24 +116,26 @@ def budget(em: ElasticModel, low: float, high: float, kind: str | None = None,
 
 
 SAMPLERS = ("uniform", "sandwich", "budget", "matformer")
+DEFAULT_BUDGET = (0.4, 0.8)
 KINDS = (None, "mlp", "attention")
 
 
-def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] = (0.4, 0.8),
+def make_sampler(em: ElasticModel, name: str, budget_range: tuple[float, float] | None = None,
                  kind: str | None = None) -> Callable[[torch.Generator, int], list[Widths]]:
     """A function (generator, k) -> the k sub-networks (widths) of one training step.
-    `kind` limits the sampled ops to one kind ("mlp" or "attention"); the others stay at
-    full width."""
+    `budget_range` is the parameter-fraction range of the budget sampler (default 0.4-0.8)
+    and, when given, limits the matformer sampler's granularities to it. `kind` limits the
+    sampled ops to one kind ("mlp" or "attention"); the others stay at full width."""
     if kind not in KINDS:
         raise FlextronError(f"kind must be 'mlp', 'attention' or None (both), got {kind!r}")
     if name == "sandwich":
         return sandwich(em, kind)
     if name == "matformer":
-        return matformer(em, kind)
+        return matformer(em, kind, budget_range)
     if name == "uniform":
         draw = uniform(em, kind)
     elif name == "budget":
-        draw = budget(em, *budget_range, kind=kind)
+        draw = budget(em, *(budget_range or DEFAULT_BUDGET), kind=kind)
     else:
         raise FlextronError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
     return lambda gen, k: [draw(gen) for _ in range(k)]
