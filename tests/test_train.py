@@ -91,6 +91,9 @@ def test_matformer_within_a_budget_range_draws_only_granularities_inside_it(em):
         make_sampler(em, "matformer", (fractions[-1] + 0.01, 1.0), "mlp")
     with pytest.raises(FlextronError, match="budget range"):
         make_sampler(em, "matformer", (0.9, 0.5), "mlp")
+    with pytest.raises(TrainingError, match="would ignore it"):
+        train_elastic(em, tokens(), Path("unused"),
+                      TrainConfig(steps=1, sampler="uniform", budget_range=(0.4, 0.7)))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])

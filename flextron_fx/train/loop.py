@@ -72,6 +72,10 @@ class TrainConfig:
         if self.sampler not in SAMPLERS:
             raise TrainingError(f"unknown sampler {self.sampler!r}; choose one of "
                                 f"{list(SAMPLERS)}")
+        if self.budget_range is not None and self.sampler not in ("budget", "matformer"):
+            raise TrainingError(f"a budget range limits the budget and matformer samplers; "
+                                f"the {self.sampler} sampler would ignore it: drop it or "
+                                "choose one of those samplers")
         if self.vary not in KINDS:
             raise TrainingError(f"vary must be 'mlp', 'attention' or None (both), "
                                 f"got {self.vary!r}")
