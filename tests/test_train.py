@@ -78,11 +78,13 @@ def test_matformer_within_a_budget_range_draws_only_granularities_inside_it(em):
     gen = torch.Generator().manual_seed(0)
     full = em.num_params(em.full_widths(), non_embedding=True)
     below_full = min(len(op.candidates) for op in em.ops.values() if op.kind == "mlp") - 1
-    every = {}
-    for w in make_sampler(em, "matformer", kind="mlp")(gen, below_full):
-        every[em.num_params(w, non_embedding=True) / full] = w
-    fractions = sorted(every)
-    assert len(fractions) == below_full >= 2
+    mat, firsts = make_sampler(em, "matformer", kind="mlp"), set()
+    for _ in range(20):  # a step of `below_full` samples holds every granularity once
+        fractions = [em.num_params(w, non_embedding=True) / full for w in mat(gen, below_full)]
+        assert len(set(fractions)) == below_full >= 2
+        firsts.add(fractions[0])
+    assert len(firsts) == below_full  # in a random order
+    fractions = sorted(fractions)
     low, high = fractions[0] - 1e-6, fractions[-2] + 1e-6  # all but the largest
     draws = make_sampler(em, "matformer", (low, high), "mlp")(gen, 3 * (below_full - 1))
     assert sorted({em.num_params(w, non_embedding=True) / full for w in draws}) \
