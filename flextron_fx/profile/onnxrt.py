@@ -254,12 +254,7 @@ def measure(rt: LayerwiseModel, config, configs, samples: dict, threads: int, ru
                 continue
             rt.set(widths)
             net = ExportedNetwork(rt, runner, i, threads=threads, profiled=True)
-            for _ in range(config.warmup):  # the plain session first, alone
-                net.run()
-            e2e = []
-            for _ in range(config.repeats):
-                e2e.append(net.run())
-                bar.update(1)
+            e2e = _timed(net, config.warmup, config.repeats, bar)  # the plain session, alone
             for _ in range(config.warmup + config.repeats):
                 net.run_profiled()
             parts = net.breakdown()[config.warmup:]
@@ -276,12 +271,17 @@ def time_networks(rt: LayerwiseModel, nets, runner, *, threads: int, repeats: in
     times = {}
     for i, (_, _, widths) in enumerate(nets):
         rt.set(widths)
-        net = ExportedNetwork(rt, runner, i, threads=threads)
-        for _ in range(warmup):
-            net.run()
-        times[i] = []
-        for _ in range(repeats):
-            times[i].append(net.run())
-            bar.update(1)
-        del net
+        times[i] = _timed(ExportedNetwork(rt, runner, i, threads=threads), warmup, repeats,
+                          bar)
     return times
+
+
+def _timed(net: ExportedNetwork, warmup: int, repeats: int, bar) -> list[float]:
+    """`warmup` untimed, then `repeats` timed forwards (ms) of the plain session."""
+    for _ in range(warmup):
+        net.run()
+    out = []
+    for _ in range(repeats):
+        out.append(net.run())
+        bar.update(1)
+    return out
