@@ -65,9 +65,9 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
         check("rank")
         permute(gm, analysis, blocks, orders)
         check("permute")
-    state = elasticize(gm, analysis, blocks)
+    elasticize(gm, analysis, blocks, config)
     check("elasticize")
-    em = ElasticModel(gm, blocks, state, config, source=_source(model, traced.is_hf),
+    em = ElasticModel(gm, blocks, config, source=_source(model, traced.is_hf),
                       sample_shape=tuple(traced.sample_inputs[0].shape),
                       param_prefix=traced.param_prefix)
     em.skipped = analysis.skipped

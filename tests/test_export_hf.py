@@ -12,7 +12,7 @@ from flextron_fx.export.hf import to_hf
 
 
 def _uniform(em, f):
-    return em._resolve(f)
+    return em.resolve(f)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi3", "gemma"])

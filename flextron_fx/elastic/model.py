@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -13,8 +15,8 @@ from torch import fx, nn
 from ..analyze import Block
 from ..config import FlextronConfig
 from ..errors import WidthError
-from . import layout as L
-from .ops import WeightSlice, WidthState
+from .ops import ElasticRegion, WeightSlice, WidthSource
+from .widths import candidates, width_rule
 
 
 @dataclass(frozen=True)
@@ -32,31 +34,21 @@ class ElasticOp:
     sizes: dict
 
 
-def mlp_candidates(hidden: int, k: int, multiple: int) -> tuple[int, ...]:
-    """K nested MLP widths, rounded to a multiple that still leaves K distinct values."""
-    step = max(1, min(multiple, hidden))
-    while step > 1 and hidden // step < k:
-        step //= 2
-    out = {hidden}
-    for i in range(1, k):
-        out.add(min(hidden, max(step, round(hidden * i / k / step) * step)))
-    return tuple(sorted(out))
-
-
-def head_candidates(axis: int, k: int) -> tuple[int, ...]:
-    return tuple(sorted({max(1, round(axis * i / k)) for i in range(1, k + 1)}))
-
-
 class ElasticModel(nn.Module):
     """A model whose MLP and attention blocks run at any of their candidate widths.
+
+    Every block reads its width from a node of the graph (`WidthSource`); `set_widths`
+    changes those nodes' values, `at` does so for a `with` block.
 
     Example:
         >>> em.set_widths(0.5)                        # doctest: +SKIP
         >>> em.set_widths({"model.layers.0.mlp#1": 768})  # doctest: +SKIP
+        >>> with em.at(0.5, kind="mlp"):              # doctest: +SKIP
+        ...     logits = em(ids)
         >>> dense = em.materialize()                  # doctest: +SKIP
     """
 
-    def __init__(self, graph_module: fx.GraphModule, blocks: list[Block], state: WidthState,
+    def __init__(self, graph_module: fx.GraphModule, blocks: list[Block],
                  config: FlextronConfig, *, source: dict | None = None,
                  sample_shape: tuple[int, ...] = (2, 8), param_prefix: str = ""):
         super().__init__()
@@ -65,35 +57,26 @@ class ElasticModel(nn.Module):
         self.source = source or {"kind": "module"}
         self.sample_shape = tuple(sample_shape)
         self.param_prefix = param_prefix
-        self._state = state
         self._blocks = {b.name: b for b in blocks}
-        self.ops: dict[str, ElasticOp] = {}
-        for b in blocks:
-            cands = (mlp_candidates(b.full_width, config.num_candidates, config.mlp_multiple)
-                     if b.kind == "mlp" else self._head_candidates(b))
-            self.ops[b.name] = ElasticOp(b.name, b.kind, b.module_path, b.full_width, cands,
-                                         dict(b.sizes))
-        self._widths = {name: op.full for name, op in self.ops.items()}
+        self._rules = {b.name: width_rule(b, config.head_mode) for b in blocks}
+        self.ops: dict[str, ElasticOp] = {
+            b.name: ElasticOp(b.name, b.kind, b.module_path, b.full_width,
+                              candidates(b, config), dict(b.sizes)) for b in blocks}
         self.skipped: list = []  # blocks left dense, with reasons (analyze.Skipped)
         self.orders: dict = {}  # block -> axis -> stored order of original indices
 
     # ---- widths ------------------------------------------------------------------------
-    def _head_axis(self, b: Block) -> tuple[str, int, int]:
-        """(class key that varies, its size, heads per unit of it) under the head mode."""
-        g, r = b.classes.get("groups"), b.classes.get("per_group")
-        G = b.sizes["kv_heads"] if g is not None else 1
-        R = b.sizes["heads"] // G
-        if self.config.head_mode == "query":
-            return ("per_group", R, G) if r is not None and R > 1 else ("groups", G, R)
-        return ("groups", G, R) if g is not None and G > 1 else ("per_group", R, G)
+    def width_nodes(self) -> dict[str, fx.Node]:
+        """The graph node each op reads its width from (a `WidthSource` by default)."""
+        return width_nodes(self.graph_module)
 
-    def _head_candidates(self, b: Block) -> tuple[int, ...]:
-        _, size, unit = self._head_axis(b)
-        return tuple(c * unit for c in head_candidates(size, self.config.num_candidates))
+    def _sources(self) -> dict[str, WidthSource]:
+        return _sources(self.graph_module, self.ops)
 
     @property
-    def widths(self) -> dict[str, int]:
-        return dict(self._widths)
+    def widths(self) -> dict[str, int | torch.Tensor]:
+        """The current width of every op: an int, or per-token candidate indices."""
+        return {name: src.value for name, src in self._sources().items()}
 
     def full_widths(self) -> dict[str, int]:
         return {name: op.full for name, op in self.ops.items()}
@@ -106,23 +89,46 @@ class ElasticModel(nn.Module):
 
         A fraction picks, per op, the smallest candidate at least that share of the full
         width; with `kind` ("mlp" or "attention") only ops of that kind change. Ops missing
-        from a dict stay at their current width.
+        from a dict stay at their current width. A dict value may also be a [batch, seq]
+        integer tensor of candidate indices: that op then runs a width per token (routed).
         """
-        self._widths = self._resolve(widths, kind)
-        self._state.set(self._class_widths(self._widths))
+        sources = self._sources()
+        for name, w in self.resolve(widths, kind).items():
+            sources[name].value = w
 
-    def _resolve(self, widths, kind: str | None = None) -> dict[str, int]:
+    @contextmanager
+    def at(self, widths, *, kind: str | None = None):
+        """Run a `with` block at `widths` (anything `set_widths` takes); the previous widths
+        come back on exit, also on an error.
+
+        Example:
+            >>> with em.at(0.5, kind="mlp"):   # doctest: +SKIP
+            ...     logits = em(ids)
+        """
+        before = self.widths
+        self.set_widths(widths, kind=kind)
+        try:
+            yield self
+        finally:
+            self.set_widths(before)
+
+    def resolve(self, widths, kind: str | None = None) -> dict[str, int | torch.Tensor]:
         """The per-op widths that `set_widths(widths, kind=kind)` would set (validated)."""
-        new = dict(self._widths)
+        new = self.widths
         if kind not in (None, "mlp", "attention"):
             raise WidthError(f"kind must be 'mlp', 'attention' or None, got {kind!r}")
-        if isinstance(widths, (int, float)) and not isinstance(widths, bool):
+        if isinstance(widths, numbers.Real) and not isinstance(widths, (bool, numbers.Integral)):
             frac = float(widths)
             if not 0.0 < frac <= 1.0:
                 raise WidthError(f"a uniform width is a fraction in (0, 1], got {widths!r}")
             for name, op in self.ops.items():
                 if kind is None or op.kind == kind:
                     new[name] = next(c for c in op.candidates if c >= frac * op.full - 1e-9)
+        elif isinstance(widths, numbers.Integral) and not isinstance(widths, bool):
+            if int(widths) != 1:
+                raise WidthError(f"a uniform width is a fraction in (0, 1], got {widths!r}; "
+                                 "pass {op name: width} to choose widths in neurons or heads")
+            return self.resolve(1.0, kind)
         elif isinstance(widths, dict):
             for name, w in widths.items():
                 if name not in self.ops:
@@ -142,12 +148,57 @@ class ElasticModel(nn.Module):
             raise WidthError("widths must be a fraction, a dict {op name: width} or a list, "
                              f"got {type(widths).__name__}")
         for name, w in new.items():
-            op = self.ops[name]
-            if not isinstance(w, int) or isinstance(w, bool) or w not in op.candidates:
-                what = "neurons" if op.kind == "mlp" else "query heads"
-                raise WidthError(f"width {w!r} for {name} ({op.kind}, {op.full} {what}) is not "
-                                 f"a candidate; allowed: {list(op.candidates)}")
+            new[name] = self._check_width(name, w)
         return new
+
+    def _check_width(self, name: str, w):
+        op = self.ops[name]
+        if isinstance(w, torch.Tensor):
+            return self._check_routed(name, w)
+        if isinstance(w, numbers.Integral) and not isinstance(w, bool) and int(w) in op.candidates:
+            return int(w)
+        what = "neurons" if op.kind == "mlp" else "query heads"
+        raise WidthError(f"width {w!r} for {name} ({op.kind}, {op.full} {what}) is not "
+                         f"a candidate; allowed: {list(op.candidates)} (or a [batch, seq] "
+                         "tensor of candidate indices for per-token widths)")
+
+    def _check_routed(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        op = self.ops[name]
+        if w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
+            raise WidthError(f"per-token widths of {name} must be an integer tensor of candidate "
+                             f"indices (0 .. {len(op.candidates) - 1}), got dtype {w.dtype}")
+        if w.dim() != 2:
+            raise WidthError(f"per-token widths of {name} must be shaped [batch, seq], got "
+                             f"{tuple(w.shape)}")
+        device = next(self.graph_module.parameters()).device
+        if w.device != device:
+            raise WidthError(f"per-token widths of {name} are on {w.device}, the model on "
+                             f"{device}; move them with .to({str(device)!r})")
+        if w.numel() and (int(w.min()) < 0 or int(w.max()) >= len(op.candidates)):
+            raise WidthError(f"per-token widths of {name} are candidate indices in "
+                             f"[0, {len(op.candidates) - 1}] (candidates {list(op.candidates)}); "
+                             f"got values in [{int(w.min())}, {int(w.max())}]")
+        if not self.routable(name):
+            raise WidthError(f"{name} cannot run per-token widths: its block could not be "
+                             "made one token-wise node (see the log of flextronize)")
+        return w
+
+    def routable(self, name: str) -> bool:
+        """Whether op `name` can take a width per token (its token-wise part is one node)."""
+        node = self.width_nodes().get(name)
+        gm = self.graph_module
+        return node is not None and any(
+            u.op == "call_module" and isinstance(gm.get_submodule(u.target), ElasticRegion)
+            for u in node.users)
+
+    def static_widths(self, widths=None) -> dict[str, int]:
+        """`resolve(widths)` (default: the current widths), refusing per-token widths."""
+        chosen = self.resolve(widths) if widths is not None else self.widths
+        routed = [n for n, w in chosen.items() if isinstance(w, torch.Tensor)]
+        if routed:
+            raise WidthError(f"{routed[:3]} run per-token widths; this needs one width per op "
+                             "(pass widths=..., or set_widths with ints)")
+        return chosen
 
     def kv_heads(self, name: str, width: int) -> int:
         """Key/value heads attention op `name` keeps at `width` query heads: fewer in head
@@ -157,18 +208,27 @@ class ElasticModel(nn.Module):
         full_kv = block.sizes.get("kv_heads", block.sizes["heads"])
         if groups is None:  # no grouped axis: every query head has its own key and value
             return width if full_kv == block.sizes["heads"] else full_kv
-        return self._class_widths({name: width}).get(groups, full_kv)
+        return self._rules[name].classes(width).get(groups, full_kv)
 
-    def _class_widths(self, widths: dict[str, int]) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for name, w in widths.items():
-            b = self._blocks[name]
-            if b.kind == "mlp":
-                out[b.classes["neurons"]] = w
+    def weight_slices(self) -> dict[str, WeightSlice]:
+        """Parameter path -> the WeightSlice the graph reads it through (call it as
+        `slice(parameter, width)`)."""
+        gm = self.graph_module
+        out = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
                 continue
-            key, _, unit = self._head_axis(b)
-            if key in b.classes:
-                out[b.classes[key]] = w // unit
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, WeightSlice) and node.args[0].op == "get_attr":
+                out[node.args[0].target] = mod
+            elif isinstance(mod, ElasticRegion):
+                params = [p for p in mod.ref.graph.nodes if p.op == "placeholder"]
+                outer = dict(zip(params, node.args))
+                for n in mod.ref.graph.nodes:
+                    if n.op == "call_module" and n.args[0] in outer:
+                        sl = mod.ref.get_submodule(n.target)
+                        if isinstance(sl, WeightSlice) and outer[n.args[0]].op == "get_attr":
+                            out[outer[n.args[0]].target] = sl
         return out
 
     # ---- running and exporting ----------------------------------------------------------
@@ -183,11 +243,12 @@ class ElasticModel(nn.Module):
         """
         from ..passes.elasticize import freeze
 
-        chosen = self._resolve(widths) if widths is not None else self._widths
+        chosen = self.static_widths(widths)
         with warnings.catch_warnings():  # torch's own pytree deprecation, nothing to act on
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             gm = copy.deepcopy(self.graph_module)
-        _find_state(gm).set(self._class_widths(chosen))
+        for name, src in _sources(gm, self.ops).items():
+            src.value = chosen[name]
         frozen = freeze(gm)
         for p in frozen.parameters():
             p.requires_grad_(False)
@@ -201,13 +262,11 @@ class ElasticModel(nn.Module):
         pooler an encoder's traced output never reaches, are not counted). `non_embedding` leaves out tables read by
         `embedding` ops (token and position embeddings, and an lm_head tied to them).
         """
-        cw = self._class_widths(self._resolve(widths) if widths is not None else self._widths)
+        chosen = self.static_widths(widths)
         total = sum(p.numel() for p in self._used_parameters())
-        for slicer in self.graph_module.modules():
-            if isinstance(slicer, WeightSlice):
-                full = slicer.layout[2]
-                kept = L.extent(slicer.layout, cw)
-                total -= (full - kept) * slicer.numel_per_index
+        for slicer in self.weight_slices().values():
+            total -= (slicer.layout[2] - slicer.kept(chosen[slicer.block])) \
+                * slicer.numel_per_index
         if non_embedding:
             total -= sum(t.numel() for t in self._embedding_tables())
         return total
@@ -250,9 +309,22 @@ class ElasticModel(nn.Module):
         return self._blocks[name]
 
 
-def _find_state(gm: nn.Module) -> WidthState:
-    for m in gm.modules():
-        if isinstance(m, WeightSlice):
-            return m.state
-    raise RuntimeError("no elastic op in this graph")  # pragma: no cover
 
+def width_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Op name -> the `WidthSource` node of `gm` its block reads its width from."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, WidthSource):
+                out[mod.block] = node
+    return out
+
+
+def _sources(gm: fx.GraphModule, ops) -> dict[str, WidthSource]:
+    nodes = width_nodes(gm)
+    missing = [n for n in ops if n not in nodes]
+    if missing:
+        raise WidthError(f"the width of {missing[:3]} no longer comes from a width node of "
+                         "the graph (another node feeds it); change that node instead")
+    return {name: gm.get_submodule(nodes[name].target) for name in ops}

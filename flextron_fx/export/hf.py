@@ -40,7 +40,7 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
             f"{em.source.get('kind', 'a plain module')!r}. Use em.materialize() instead")
     cls = getattr(transformers, em.source["class"], None)
     config = _config(cls, em.source)
-    chosen = em._resolve(widths) if widths is not None else dict(em.widths)
+    chosen = em.static_widths(widths)
     mlp = {chosen[o.name] for o in em.ops.values() if o.kind == "mlp"}
     heads = {chosen[o.name] for o in em.ops.values() if o.kind == "attention"}
     if len(mlp) > 1 or len(heads) > 1:
@@ -103,14 +103,9 @@ def _check_same(em: ElasticModel, widths: dict, model, tokens: int = 8) -> None:
     """The Hugging Face model and the elastic graph give the same logits on a short input."""
     vocab = min(int(getattr(model.config, "vocab_size", 100)), 1000)
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
-    before = dict(em.widths)
-    try:
-        em.set_widths(widths)
-        with torch.inference_mode():
-            ref = em(ids)
-            got = model(input_ids=ids).logits
-    finally:
-        em.set_widths(before)
+    with torch.inference_mode(), em.at(widths):
+        ref = em(ids)
+        got = model(input_ids=ids).logits
     ref = getattr(ref, "logits", ref[0] if isinstance(ref, (tuple, list)) else ref)
     err = (ref.float() - got.float()).abs().max().item()
     if err > 1e-3 * max(1.0, ref.abs().max().item()):

@@ -54,7 +54,7 @@ class CostModel:
 
     def widths(self, widths=None) -> dict[str, int]:
         """Per-op widths from anything `ElasticModel.set_widths` takes (default: full)."""
-        return self.em._resolve(widths if widths is not None else 1.0)
+        return self.em.static_widths(widths if widths is not None else 1.0)
 
     # ---- latency ----------------------------------------------------------------------
     def latency_parts(self, widths=None, shape=None) -> dict[str, float]:

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..elastic.model import ElasticModel
 from ..errors import UnsupportedModelError
-from ..passes.elasticize import SLICE_PREFIX
 
 
 class LayerwiseModel:
@@ -37,8 +36,7 @@ class LayerwiseModel:
         from ..export.hf import to_hf
 
         self.em = em
-        before = dict(em.widths)
-        try:
+        with em.at(em.full_widths()):
             try:
                 model = to_hf(em, em.full_widths(), check=check)
             except UnsupportedModelError as exc:
@@ -50,7 +48,7 @@ class LayerwiseModel:
             self.model = model.to(device=device, dtype=dtype).eval()
             self.variants: dict[str, dict[int, nn.Module]] = {}
             self._parents: dict[str, tuple[nn.Module, str]] = {}
-            slicers = _slicers(em)
+            slicers = em.weight_slices()
             for name, op in em.ops.items():
                 if not op.module:
                     raise UnsupportedModelError(
@@ -64,15 +62,12 @@ class LayerwiseModel:
                     if w != op.full:
                         self.variants[name][w] = self._variant(name, w, full_mod, slicers,
                                                                dtype, device)
-        finally:
-            em.set_widths(before)
         self.widths = em.full_widths()
         if check:
             self._check_random()
 
     def _variant(self, name, width, full_mod, slicers, dtype, device) -> nn.Module:
         em, op = self.em, self.em.ops[name]
-        em.set_widths({**em.full_widths(), name: width})
         prefix = em.param_prefix + op.module + "."
         shared = {id(p): p for p in full_mod.parameters()}  # the memo shares, then we replace
         mod = copy.deepcopy(full_mod, memo=dict(shared))
@@ -86,7 +81,7 @@ class LayerwiseModel:
                         f"the weight {path} of elastic op {name} is not inside its module "
                         f"{op.module}; the profiler needs each op to be one module")
                 with torch.no_grad():
-                    value = slicers[path](graph.get_parameter(path)).detach().clone()
+                    value = slicers[path](graph.get_parameter(path), width).detach().clone()
                 _set_param(mod, path[len(prefix):],
                            value.to(device=device, dtype=dtype).contiguous())
         if op.kind == "attention":
@@ -99,7 +94,7 @@ class LayerwiseModel:
 
     def set(self, widths: dict[str, int]) -> None:
         """Run the ops at these widths from now on (a full {op: width} dict, validated)."""
-        widths = self.em._resolve(widths)
+        widths = self.em.static_widths(widths)
         for name, w in widths.items():
             if self.widths.get(name) != w:
                 parent, leaf = self._parents[name]
@@ -116,16 +111,13 @@ class LayerwiseModel:
                   for n, op in self.em.ops.items()}
         vocab = min(int(getattr(self.model.config, "vocab_size", 100)), 1000)
         ids = torch.randint(0, vocab, (1, 8), generator=g)
-        before = dict(self.em.widths)
         try:
-            self.em.set_widths(widths)
             self.set(widths)
             device = next(self.model.parameters()).device
-            with torch.inference_mode():
+            with torch.inference_mode(), self.em.at(widths):
                 ref = self.em(ids)
                 got = self.model(input_ids=ids.to(device)).logits.float().cpu()
         finally:
-            self.em.set_widths(before)
             self.set(self.em.full_widths())
         ref = getattr(ref, "logits", ref[0] if isinstance(ref, (tuple, list)) else ref).float()
         err = (ref - got).abs().max().item()
@@ -136,17 +128,6 @@ class LayerwiseModel:
                 f"the per-layer {type(self.model).__name__} does not reproduce the elastic "
                 f"model at mixed widths (max logit difference {err:.3g}); its attention "
                 "class may keep head counts in attributes the profiler does not know")
-
-
-def _slicers(em: ElasticModel) -> dict[str, nn.Module]:
-    """Parameter path -> the WeightSlice the elastic graph reads it through."""
-    out = {}
-    gm = em.graph_module
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target.startswith(SLICE_PREFIX):
-            src = node.args[0]
-            out[src.target] = gm.get_submodule(node.target)
-    return out
 
 
 def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:

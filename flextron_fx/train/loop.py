@@ -149,7 +149,7 @@ def validation_settings(em: ElasticModel, fractions=(0.5, 0.65, 0.8)) -> dict[st
     (MLP fraction, heads fraction) pair whose non-embedding parameters are closest to each
     fraction of the full model's."""
     full = em.full_widths()
-    em_mlp = dict(em._resolve(0.5, kind="mlp")) if any(
+    em_mlp = em.resolve(0.5, kind="mlp") if any(
         o.kind == "mlp" for o in em.ops.values()) else full
     out = {"full": full, "mlp50": {n: em_mlp[n] if em.ops[n].kind == "mlp" else full[n]
                                    for n in full}}
