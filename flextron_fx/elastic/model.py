@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from dataclasses import dataclass
 from operator import attrgetter
@@ -12,7 +13,7 @@ from torch import fx, nn
 
 from ..analyze import Block
 from ..config import FlextronConfig
-from ..errors import WidthError
+from ..errors import InputError, WidthError
 from . import layout as L
 from .ops import WeightSlice, WidthState
 
@@ -114,6 +115,7 @@ class ElasticModel(nn.Module):
     def _resolve(self, widths, kind: str | None = None) -> dict[str, int]:
         """The per-op widths that `set_widths(widths, kind=kind)` would set (validated)."""
         new = dict(self._widths)
+        widths = _plain_numbers(widths)
         if kind not in (None, "mlp", "attention"):
             raise WidthError(f"kind must be 'mlp', 'attention' or None, got {kind!r}")
         if isinstance(widths, (int, float)) and not isinstance(widths, bool):
@@ -173,6 +175,7 @@ class ElasticModel(nn.Module):
 
     # ---- running and exporting ----------------------------------------------------------
     def forward(self, *inputs):
+        _check_call(inputs, self.sample_shape)
         return self.graph_module(*inputs)
 
     def materialize(self, widths=None) -> nn.Module:
@@ -248,6 +251,32 @@ class ElasticModel(nn.Module):
 
     def block(self, name: str) -> Block:
         return self._blocks[name]
+
+
+def _plain_numbers(widths):
+    """numpy and other Integral/Real scalars as int/float, in a scalar, dict or list."""
+    def plain(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            return w
+        return int(w) if isinstance(w, numbers.Integral) else float(w)
+
+    if isinstance(widths, dict):
+        return {k: plain(w) for k, w in widths.items()}
+    if isinstance(widths, (list, tuple)):
+        return [plain(w) for w in widths]
+    return plain(widths)
+
+
+def _check_call(inputs: tuple, sample_shape: tuple) -> None:
+    """A clear error for an input without the batch axis the graph was traced with."""
+    first = inputs[0] if inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == len(sample_shape):
+        return
+    axes = ", ".join(["batch", "seq", *("..." for _ in sample_shape[2:])])
+    fix = (" For one sequence add the batch axis: ids.unsqueeze(0)."
+           if first.dim() == len(sample_shape) - 1 else "")
+    raise InputError(f"the elastic model takes inputs shaped [{axes}] (traced with "
+                     f"{list(sample_shape)}), got {list(first.shape)}.{fix}")
 
 
 def _find_state(gm: nn.Module) -> WidthState:
