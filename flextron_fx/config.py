@@ -60,6 +60,13 @@ class FlextronConfig:
             raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
         if self.head_score not in HEAD_SCORES:
             raise ValueError(f"head_score must be one of {HEAD_SCORES}, got {self.head_score!r}")
+        for name in ("calibration_batch_size", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                # a ValueError, as for every other field of the config
+                raise ValueError(  # noqa: TRY004
+                    f"{name} must be an int, got {value!r} ({type(value).__name__}); "
+                    f"pass e.g. {name}=8")
         if self.calibration_batch_size < 1:
             raise ValueError("calibration_batch_size must be >= 1, "
                              f"got {self.calibration_batch_size!r}")

@@ -41,3 +41,7 @@ class FingerprintError(ProfileError):
 
 class MissingEntryError(ProfileError, LookupError):
     """A latency table has no entry for an op at some width and shape."""
+
+
+class InputError(FlextronError, ValueError):
+    """Inputs given to an elastic model have the wrong shape or values."""

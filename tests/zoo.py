@@ -148,4 +148,13 @@ MORE = {
                          num_hidden_layers=2, num_attention_heads=4,
                          new_decoder_architecture=True, num_kv_heads=2),
                ["mlp"] * 2, "index"),
+    # Falcon with ALiBi and T5's relative position bias: a per-head bias passed to the
+    # attention core as its mask; the heads cannot be permuted without it
+    "falcon_alibi": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128,
+                               hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               alibi=True, multi_query=False, new_decoder_architecture=False),
+                     ["mlp"] * 2, "per-head attention mask"),
+    "t5_encoder": (_hf_extra("T5EncoderModel", "T5Config", vocab_size=128, d_model=64, d_kv=16,
+                             d_ff=96, num_layers=2, num_heads=4),
+                   ["mlp"] * 2, "per-head attention mask"),
 }

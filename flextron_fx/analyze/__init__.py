@@ -25,9 +25,9 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .dims import AtomTable
-from .propagate import Projection, Propagation, ShapeArg, propagate
+from .propagate import Projection, Propagation, ShapeArg, _is_transpose, propagate
 
-__all__ = ["Analysis", "Block", "Proj", "Skipped", "analyze"]
+__all__ = ["Analysis", "Block", "Fixed", "Proj", "Skipped", "analyze"]
 
 
 @dataclass
@@ -81,6 +81,31 @@ class Skipped:
     node: str
     module_path: str
     reason: str
+    nodes: list[str] = field(default_factory=list)  # the linear layers left dense here
+
+
+@dataclass
+class Fixed:
+    """A linear layer that is no part of any block and needs none: it stays as it is.
+
+    `part` is one of FIXED_PARTS (see there for what each one means).
+    """
+
+    node: str
+    weight: str
+    part: str
+
+
+FIXED_PARTS = {
+    "output head": "its result reaches the model output through unary ops only (lm_head, "
+                   "classifier)",
+    "input projection": "no linear layer lies between the model inputs and it (a projection "
+                        "of the embeddings, e.g. ALBERT's or ELECTRA's embedding mapping)",
+    "unused": "its result never reaches the model output (a pooler the traced output skips)",
+    "unsliced part of a block": "its output is the per-head feature axis of an attention "
+                                "and no head count changes it (K/V of an attention with a "
+                                "single KV head, shared by every query head)",
+}
 
 
 @dataclass
@@ -89,6 +114,7 @@ class Analysis:
     blocks: list[Block]
     skipped: list[Skipped]
     shape_args: list[ShapeArg] = field(default_factory=list)
+    fixed: list[Fixed] = field(default_factory=list)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -130,7 +156,9 @@ def analyze(gm: fx.GraphModule, sample_inputs: tuple) -> Analysis:
     st = propagate(gm)
     st.atoms.close_pins()
     blocks, skipped = _extract(gm, st)
-    return Analysis(atoms=st.atoms, blocks=blocks, skipped=skipped, shape_args=st.shape_args)
+    fixed = _account(gm, st, blocks, skipped)
+    return Analysis(atoms=st.atoms, blocks=blocks, skipped=skipped, shape_args=st.shape_args,
+                    fixed=fixed)
 
 
 def _extract(gm: fx.GraphModule, st: Propagation):
@@ -160,21 +188,27 @@ def _extract(gm: fx.GraphModule, st: Propagation):
         where = f"{out.node.format_node()}"
         if not ins:
             continue
+        names = [p.node.name for p in [*ins.values(), out]]
         pins = [A.pinned[r] for r in elastic if r in A.pinned]
         if pins:
             pending.append((out.node, {A.find(c) for c in elastic},
-                            Skipped(where, path, f"{kind} left dense: {pins[0]}")))
+                            Skipped(where, path, f"{kind} left dense: {pins[0]}", names)))
             continue
         if kind == "mlp" and len(set(derived)) != 1:
             skipped.append(Skipped(where, path, "mlp hidden axis is a product of several "
-                                               "axes; left dense"))
+                                               "axes; left dense", names))
             continue
         if any(n in used for n in [*ins, out.node]):
-            skipped.append(Skipped(where, path, "projection shared with another block"))
+            skipped.append(Skipped(where, path, "projection shared with another block", names))
+            continue
+        shared = _shared_weight(gm, [*ins.values(), out])
+        if shared:
+            skipped.append(Skipped(where, path, f"{kind} left dense: {shared}", names))
             continue
         block = _make_block(gm, st, out, sorted(ins.values(), key=lambda p: order[p.node]),
                             kind, elastic, path, len(blocks))
         if isinstance(block, Skipped):
+            block.nodes = names
             skipped.append(block)
             continue
         used.update([*ins, out.node])
@@ -195,6 +229,108 @@ def _extract(gm: fx.GraphModule, st: Propagation):
     skipped += [s for _, classes, s in pending
                 if not classes & stream and all(len(readers[c]) == 1 for c in classes)]
     return blocks, skipped
+
+
+def _shared_weight(gm: fx.GraphModule, projs: list[Projection]) -> str | None:
+    """Why a block's weights cannot be reordered and sliced for it alone, or None.
+
+    Sharing is found by parameter identity, not by node: one Linear applied in two places
+    (ALBERT-style layer sharing, a tied weight) gives two nodes reading one parameter, and
+    one parameter cannot hold two neuron orders or be counted as sliced twice.
+    """
+    mine = {p.node for p in projs}
+    sliced: dict[int, str] = {}
+    for p in projs:
+        for w in (p.weight, p.bias if p is not projs[-1] else None):
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                sliced[id(attrgetter(w.target)(gm))] = w.target
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            tensor = attrgetter(node.target)(gm)
+        except AttributeError:  # pragma: no cover - a get_attr of a submodule
+            continue
+        if id(tensor) not in sliced:
+            continue
+        for user in node.users:
+            readers = list(user.users) if _is_transpose(user) else [user]
+            other = next((r for r in readers if r not in mine), None)
+            if other is not None:
+                return (f"its weight {sliced[id(tensor)]} is also read by "
+                        f"{other.format_node()} (one parameter used by several layers, e.g. "
+                        "ALBERT-style layer sharing, cannot hold one neuron order per use)")
+    return None
+
+
+def _account(gm: fx.GraphModule, st: Propagation, blocks: list[Block],
+             skipped: list[Skipped]) -> list[Fixed]:
+    """Say where every linear layer went: in a block, in `skipped`, or a fixed part.
+
+    Ensures: a linear layer that is none of these is added to `skipped` with the reason,
+    so no part of the model is left dense without the user being told.
+    """
+    A = st.atoms
+    covered = {p.node.name for b in blocks for p in b.projections}
+    covered |= {n for s in skipped for n in s.nodes}
+    by_node = {p.node: p for p in st.projections}
+    kept_whole = [{A.find(a) for a in by_node[b.out_proj.node].contraction} for b in blocks]
+    live, stack = set(), [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    fixed: list[Fixed] = []
+    for p in st.projections:
+        if p.node.name in covered:
+            continue
+        if p.node not in live:
+            part = "unused"
+        elif _unary_path_to_output(p.node, live):
+            part = "output head"
+        elif (all(A.has_role(a, "head_dim") for a in A.leaves([p.out_atom]))
+              or any(A.tree_roots(p.out_atom) <= k for k in kept_whole)):
+            part = "unsliced part of a block"
+        elif not _projection_before(p.x, by_node):
+            part = "input projection"
+        else:
+            skipped.append(Skipped(
+                p.node.format_node(), _module_path(p.node),
+                "a linear layer in no MLP or attention block the analysis found (for example "
+                "a mixture-of-experts router, or a block whose pattern is not recognised); "
+                "left dense", [p.node.name]))
+            continue
+        fixed.append(Fixed(p.node.name, p.weight.target, part))
+    return fixed
+
+
+def _unary_path_to_output(node: fx.Node, live: set) -> bool:
+    """Whether every live use of `node` leads to the output through one-tensor ops only."""
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in live or user.op == "output":
+                continue
+            tensors = [a for a in user.all_input_nodes if "tensor_meta" in a.meta
+                       and hasattr(a.meta["tensor_meta"], "shape")]
+            if user.op != "call_function" or len(tensors) != 1:
+                return False
+            stack.append(user)
+    return True
+
+
+def _projection_before(x, by_node) -> bool:
+    """Whether some linear layer lies between the graph inputs and `x`."""
+    seen, stack = set(), [x] if isinstance(x, fx.Node) else []
+    while stack:
+        n = stack.pop()
+        if n in by_node:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def _terms(tree) -> list[list[int]]:

@@ -668,7 +668,29 @@ def _sdpa(st, node):
     for j in range(len(sq) - 3):
         if lq[j] is not None and lk[j] is not None:
             st.atoms.unify(lq[j], lk[j])
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        _mix_mask(st, node, mask, lq[:-1] + [lk[-2]], [*sq[:-1], sk[-2]])
     return lq[:-1] + [lv[-1]]
+
+
+def _mix_mask(st, node, mask: fx.Node, scores: Dims, shape: list[int]) -> None:
+    """An attention mask or bias is added to the scores [..., heads, q, k]: its axes are
+    the scores' axes (an ALiBi slope per head is a per-head tensor). An axis the analysis
+    cannot follow to a projection (a bias buffer) keeps the heads from being sliced."""
+    m_shape, m_lab = _shape(mask), _lab(st, mask)
+    off = len(shape) - len(m_shape)
+    for j, size in enumerate(m_shape):
+        k = j + off
+        if k < 0 or size == 1 or size != shape[k] or scores[k] is None:
+            continue
+        if m_lab is not None and m_lab[j] is not None:
+            st.atoms.unify(scores[k], m_lab[j])
+            continue
+        for a in st.atoms.leaves(scores[k]):
+            st.atoms.pin(a, f"mixed with a per-head attention mask or bias whose head axis "
+                            f"the analysis cannot follow (e.g. ALiBi slopes in a buffer): "
+                            f"{node.format_node()}")
 
 
 _RULES = {

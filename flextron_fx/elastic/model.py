@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from ..analyze import Block
 from ..config import FlextronConfig
-from ..errors import WidthError
+from ..errors import InputError, WidthError
 from .ops import ElasticRegion, WeightSlice, WidthSource
 from .widths import candidates, width_rule
 
@@ -233,6 +233,7 @@ class ElasticModel(nn.Module):
 
     # ---- running and exporting ----------------------------------------------------------
     def forward(self, *inputs):
+        _check_call(inputs, self.sample_shape)
         return self.graph_module(*inputs)
 
     def materialize(self, widths=None) -> nn.Module:
@@ -308,6 +309,17 @@ class ElasticModel(nn.Module):
     def block(self, name: str) -> Block:
         return self._blocks[name]
 
+
+def _check_call(inputs: tuple, sample_shape: tuple) -> None:
+    """A clear error for an input without the batch axis the graph was traced with."""
+    first = inputs[0] if inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == len(sample_shape):
+        return
+    axes = ", ".join(["batch", "seq", *("..." for _ in sample_shape[2:])])
+    fix = (" For one sequence add the batch axis: ids.unsqueeze(0)."
+           if first.dim() == len(sample_shape) - 1 else "")
+    raise InputError(f"the elastic model takes inputs shaped [{axes}] (traced with "
+                     f"{list(sample_shape)}), got {list(first.shape)}.{fix}")
 
 
 def width_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:

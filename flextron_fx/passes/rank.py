@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..analyze import Analysis, Block
 from ..elastic import layout as L
 from ..errors import CalibrationDataError
+from ..trace import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,34 @@ class _Observer(torch.nn.Module):
         self.heads: torch.Tensor | None = None  # [num heads] for "contribution"
         self.head_of: torch.Tensor | None = None  # head index of every input channel
         self.shape = (1, 1)  # (KV groups, query heads per group)
+        self._cols: list[torch.Tensor] | None = None
 
     def forward(self, x):
+        if self.channel.device != x.device:  # sums live where the model runs (e.g. CUDA)
+            self.to_device(x.device)
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         self.channel += flat.abs().sum(0).double()
         if self.score == "contribution" and self.head_of is not None:
             w = self.weight_getter().detach().float()
             w = w if self.in_axis == 1 else w.t()  # [out, in]
-            scores = torch.zeros(self.heads.shape, dtype=torch.float64)
-            for h in range(self.heads.numel()):
-                cols = (self.head_of == h).nonzero().squeeze(1)
+            scores = torch.zeros(self.heads.shape, dtype=torch.float64, device=x.device)
+            for h, cols in enumerate(self._columns(x.device)):
                 y = flat[:, cols] @ w[:, cols].t()
                 scores[h] = y.norm(dim=1).sum().double()
             self.heads += scores
         return x
+
+    def to_device(self, device) -> None:
+        self.channel = self.channel.to(device)
+        if self.heads is not None:
+            self.heads = self.heads.to(device)
+
+    def _columns(self, device) -> list[torch.Tensor]:
+        """Input channels of each head, found once on the CPU and kept on `device`."""
+        if self._cols is None or self._cols[0].device != torch.device(device):
+            self._cols = [(self.head_of == h).nonzero().squeeze(1).to(device)
+                          for h in range(self.heads.numel())]
+        return self._cols
 
 
 def _check(batch: torch.Tensor, sample: tuple) -> None:
@@ -102,8 +117,9 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         batches = list(calibration)
         if not batches:
             raise CalibrationDataError("calibration data is empty")
-    for b in batches:
+    for k, b in enumerate(batches):
         _check(b, sample_inputs)
+        check_token_ids(gm, b, f"calibration batch {k}", CalibrationDataError)
 
     observers: dict[str, _Observer] = {}
     graph = gm.graph
@@ -131,6 +147,7 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         out.node.replace_input_with(x, seen)
         observers[block.name] = obs
     gm.recompile()
+    device = next((p.device for p in gm.parameters()), None)
     fingerprint = _fingerprint(batches, head_score)
     done = _restore(resume, observers, fingerprint) if resume else 0
     try:
@@ -141,7 +158,7 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
             finished, good = done, _sums(observers) if resume else None
             try:
                 for b in batches[done:]:
-                    gm(b)
+                    gm(b.to(device) if device is not None else b)
                     finished += 1
                     bar.update(1)
                     if resume:
@@ -168,6 +185,7 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
     scores: dict[str, dict[str, torch.Tensor]] = {}
     for block in blocks:
         obs = observers[block.name]
+        obs.to_device("cpu")  # orders are index lists; permute moves them to the weights
         if block.kind == "mlp":
             scores[block.name] = {"neurons": obs.channel.float()}
             continue
@@ -183,17 +201,18 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
 def _fingerprint(batches, head_score: str) -> str:
     h = hashlib.sha256(head_score.encode())
     for b in batches:
-        h.update(str(tuple(b.shape)).encode())
-        h.update(b.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{tuple(b.shape)} {b.dtype}".encode())
+        # raw bytes: numpy has no bfloat16, so .numpy() would fail for bf16 batches
+        h.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
 def _sums(observers) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, obs in observers.items():
-        tensors[f"{name}/channel"] = obs.channel.clone()
+        tensors[f"{name}/channel"] = obs.channel.detach().cpu().clone()
         if obs.heads is not None:
-            tensors[f"{name}/heads"] = obs.heads.clone()
+            tensors[f"{name}/heads"] = obs.heads.detach().cpu().clone()
     return tensors
 
 

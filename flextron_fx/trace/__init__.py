@@ -99,6 +99,39 @@ def _user_frame(exc: BaseException) -> str:
     return f"{file}:{line} in {fn}()"
 
 
+def vocab_size(gm: torch.fx.GraphModule) -> int | None:
+    """Rows of the smallest embedding table the graph's first input indexes directly."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    sizes = [n.args[0].meta["val"].shape[0] if "val" in n.args[0].meta
+             else _attr(gm, n.args[0].target).shape[0]
+             for n in gm.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.aten.embedding.default
+             and n.args[1] is first and getattr(n.args[0], "op", None) == "get_attr"]
+    return int(min(sizes)) if sizes else None
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_token_ids(gm: torch.fx.GraphModule, ids, what: str, error: type) -> None:
+    """Raise `error` when integer inputs index outside the model's embedding table."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0 \
+            or ids.device.type == "meta":
+        return
+    vocab = vocab_size(gm)
+    if vocab is None:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise error(f"{what} holds token ids in [{lo}, {hi}], but the model's vocabulary has "
+                    f"{vocab} entries (ids 0 to {vocab - 1}); tokenize with the model's own "
+                    "tokenizer, or map ids out of range (e.g. padding -100) to a valid id")
+
+
 def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Traced:
     """Export `model` to a GraphModule with dynamic batch and sequence length.
 
@@ -140,6 +173,7 @@ def trace(model: nn.Module, sample_inputs, *, max_seq: int | None = None) -> Tra
     finally:
         model.train(was_training)
     gm = program.module()
+    check_token_ids(gm, sample_inputs[0], "sample input", TraceError)
     _own_weights(gm)
     return Traced(graph_module=gm, param_prefix="model." if hf else "", is_hf=hf,
                   sample_inputs=sample_inputs)
