@@ -41,3 +41,8 @@ class FingerprintError(ProfileError):
 
 class MissingEntryError(ProfileError, LookupError):
     """A latency table has no entry for an op at some width and shape."""
+
+
+class InputShapeError(FlextronError, ValueError):
+    """An input's shape is one the traced graph does not accept (it was traced static or
+    bounded along that dimension)."""
