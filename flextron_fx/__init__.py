@@ -12,6 +12,7 @@ from .errors import (
     CalibrationDataError,
     CheckpointError,
     FlextronError,
+    InputShapeError,
     ProfileError,
     TraceError,
     UnsupportedModelError,
@@ -22,6 +23,6 @@ from .pipeline import flextronize
 
 __all__ = [
     "CalibrationDataError", "CheckpointError", "ElasticModel", "FlextronConfig", "FlextronError",
-    "ProfileError", "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
+    "InputShapeError", "ProfileError", "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
 ]
 __version__ = "0.1.0"

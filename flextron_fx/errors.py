@@ -45,3 +45,8 @@ class MissingEntryError(ProfileError, LookupError):
 
 class InputError(FlextronError, ValueError):
     """Inputs given to an elastic model have the wrong shape or values."""
+
+
+class InputShapeError(InputError):
+    """An input's shape is one the traced graph does not accept (it was traced static or
+    bounded along that dimension)."""

@@ -22,12 +22,20 @@ log = logging.getLogger(__name__)
 
 def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                 config: FlextronConfig | None = None, progress: bool = True,
-                resume: str | os.PathLike | None = None) -> ElasticModel:
+                resume: str | os.PathLike | None = None,
+                dynamic_shapes=None) -> ElasticModel:
     """Turn a trained model into an elastic one with importance-sorted neurons and heads.
 
-    `sample_inputs` is a tuple whose first tensor is [batch >= 2, seq >= 2] (token ids for
-    language models); `calibration` is a [n, seq] tensor of real inputs (the paper uses
-    512 sequences). Without calibration data the blocks keep their stored order.
+    `sample_inputs` is a tuple whose first tensor has the batch axis first, with batch >= 2:
+    [batch, seq >= 2] token ids for language models, [batch, channels, height, width]
+    pixels for vision models; `calibration` is a tensor of real inputs shaped the same
+    except for the batch (the paper uses 512 sequences). Without calibration data the
+    blocks keep their stored order.
+    Which input dims may vary is inferred (the batch always; the sequence length of token
+    ids and of [batch, seq, features] tensors; see `flextron_fx.trace.trace`); pass
+    `dynamic_shapes` (torch.export's format, e.g. `({0: Dim("batch"), 1: Dim("seq")},)`) to
+    choose them yourself. A model whose code fixes the sequence length is traced for the
+    sample's length only, with a warning; other lengths then raise `InputShapeError`.
     `resume` names a file for calibration progress, so an interrupted conversion picks
     up where it stopped. The user's model is not modified.
 
@@ -40,7 +48,7 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
         torch.Size([3, 5, 8])
     """
     config = config or FlextronConfig()
-    traced = trace(model, sample_inputs)
+    traced = trace(model, sample_inputs, dynamic_shapes=dynamic_shapes)
     gm = traced.graph_module
     check = _invariant_check(gm, traced.sample_inputs, config.debug)
     analysis = analyze(gm, traced.sample_inputs)
