@@ -224,7 +224,7 @@ def _fuse(gm: fx.GraphModule, name: str, x: fx.Node | None, out: fx.Node, width:
                 env[a] = sub.placeholder("p_" + a.target.replace(".", "_"))
                 params.append(a)
     modules = {}
-    acts = set()
+    acts = []
     for n in order:
         args = n.args
         if n.target in _VIEWS:
@@ -241,14 +241,20 @@ def _fuse(gm: fx.GraphModule, name: str, x: fx.Node | None, out: fx.Node, width:
             modules[n.target] = gm.get_submodule(n.target)
         if n.target in _ACTIVATIONS:
             act = _ACTIVATIONS[n.target]
-            acts.add("gelu_tanh" if act == "gelu" and n.kwargs.get("approximate") == "tanh"
-                     else act)
+            acts.append("gelu_tanh" if act == "gelu" and n.kwargs.get("approximate") == "tanh"
+                        else act)
+        elif isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags:
+            acts.append(str(n.target.overloadpacket.__name__))
         env[n] = new
     sub.output(env[out])
     sub.lint()
     ref = fx.GraphModule(modules, sub, class_name=f"{block.kind}_reference")
     if block.kind == "mlp":
-        pattern = {**pattern, "activation": acts.pop() if len(acts) == 1 else "composite"}
+        named = [a for a in acts if a in _ACTIVATIONS.values() or a == "gelu_tanh"]
+        rest = sorted(a for a in acts if a not in named)
+        plain = len(named) == 1 and rest == (["mul"] if pattern["gated"] else [])
+        pattern = {**pattern, "activation": named[0] if plain else "composite",
+                   "pointwise": sorted(acts)}
     gm.add_submodule(name, ElasticRegion(block.kind, block.name, ref, cands, rule,
                                          in_layout=in_layout, groups=block.classes.get("groups"),
                                          pattern=pattern))
