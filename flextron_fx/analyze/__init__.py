@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+import networkx as nx
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import dataflow
 from .dims import AtomTable
 from .propagate import Projection, Propagation, ShapeArg, _is_transpose, propagate
 
@@ -275,12 +277,7 @@ def _account(gm: fx.GraphModule, st: Propagation, blocks: list[Block],
     covered |= {n for s in skipped for n in s.nodes}
     by_node = {p.node: p for p in st.projections}
     kept_whole = [{A.find(a) for a in by_node[b.out_proj.node].contraction} for b in blocks]
-    live, stack = set(), [n for n in gm.graph.nodes if n.op == "output"]
-    while stack:
-        n = stack.pop()
-        if n not in live:
-            live.add(n)
-            stack.extend(n.all_input_nodes)
+    live = dataflow.live(gm.graph)
     fixed: list[Fixed] = []
     for p in st.projections:
         if p.node.name in covered:
@@ -322,15 +319,9 @@ def _unary_path_to_output(node: fx.Node, live: set) -> bool:
 
 def _projection_before(x, by_node) -> bool:
     """Whether some linear layer lies between the graph inputs and `x`."""
-    seen, stack = set(), [x] if isinstance(x, fx.Node) else []
-    while stack:
-        n = stack.pop()
-        if n in by_node:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
+    if not isinstance(x, fx.Node):
+        return False
+    return any(n in by_node for n in nx.ancestors(dataflow.dataflow(x.graph), x) | {x})
 
 
 def _terms(tree) -> list[list[int]]:

@@ -12,7 +12,7 @@ from operator import attrgetter
 import torch
 from torch import fx, nn
 
-from ..analyze import Block
+from ..analyze import Block, dataflow
 from ..config import FlextronConfig
 from ..errors import InputError, WidthError
 from .ops import ElasticRegion, WeightSlice, WidthSource
@@ -276,12 +276,7 @@ class ElasticModel(nn.Module):
         """Parameters the graph reads (an exported model may keep unused ones, e.g. a pooler)."""
         params = dict(self.graph_module.named_parameters(remove_duplicate=False))
         graph = self.graph_module.graph
-        live, stack = set(), [n for n in graph.nodes if n.op == "output"]
-        while stack:  # what the outputs depend on
-            node = stack.pop()
-            if node not in live:
-                live.add(node)
-                stack.extend(node.all_input_nodes)
+        live = dataflow.live(graph)
         seen, out = set(), []
         for node in graph.nodes:
             p = params.get(node.target) if node.op == "get_attr" and node in live else None

@@ -23,6 +23,7 @@ from torch import fx
 from torch.utils._pytree import tree_map
 
 from ..analyze import Analysis, Block
+from ..analyze.dataflow import between, dataflow
 from ..config import FlextronConfig
 from ..elastic import layout as L
 from ..elastic.ops import ElasticRegion, ShapeSize, WeightSlice, WidthSource, WidthSpan
@@ -188,19 +189,8 @@ def _fuse(gm: fx.GraphModule, name: str, x: fx.Node | None, out: fx.Node, width:
         return "its projection has no single activation input"
     if _token_shape(x) is None or _token_shape(x) != _token_shape(out):
         return "its input and output have different token axes"
-    ancestors, stack = set(), [out]
-    while stack:
-        n = stack.pop()
-        if n not in ancestors and n is not x:
-            ancestors.add(n)
-            stack.extend(n.all_input_nodes)
-    below, stack = set(), list(x.users)
-    while stack:
-        n = stack.pop()
-        if n not in below:
-            below.add(n)
-            stack.extend(n.users)
-    region, stack = ancestors & below, list(ancestors & below)
+    region = between(dataflow(graph), x, out)
+    stack = list(region)
     while stack:  # the weights' slices and transposes, and width-dependent shape constants
         for a in stack.pop().all_input_nodes:
             if a not in region and a is not x and a.op != "get_attr" and not _is_width(a) \
