@@ -4,10 +4,9 @@
 
 Every configuration runs once per round, rounds interleaved, so drift in the machine's
 speed hits all of them alike; the table reports each one's median and its ratio to the
-original Hugging Face model. Each timed forward runs at widths already in use (steady
-state): the first forward after a width change, which copies strided weight slices once,
-is not timed. Weights are random-order (no calibration): speed does not
-depend on the order.
+original Hugging Face model. Slices are views of the shared weights (a gather only for
+query heads kept inside KV groups, head mode "query"), so nothing is cached between
+forwards. Weights are random-order (no calibration): speed does not depend on the order.
 """
 
 from __future__ import annotations
