@@ -66,7 +66,7 @@ def main() -> None:
         for _ in range(args.reps):
             for name, (prepare, run) in configs.items():
                 prepare()
-                run()  # the first call at new widths copies strided slices once; not timed
+                run()  # one untimed call at the new widths
                 t0 = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t0)
