@@ -13,6 +13,7 @@ from .errors import (
     CheckpointError,
     FlextronError,
     InputShapeError,
+    OutputError,
     ProfileError,
     TraceError,
     UnsupportedModelError,
@@ -23,6 +24,7 @@ from .pipeline import flextronize
 
 __all__ = [
     "CalibrationDataError", "CheckpointError", "ElasticModel", "FlextronConfig", "FlextronError",
-    "InputShapeError", "ProfileError", "TraceError", "UnsupportedModelError", "WidthError", "flextronize", "load", "save",
+    "InputShapeError", "OutputError", "ProfileError", "TraceError", "UnsupportedModelError",
+    "WidthError", "flextronize", "load", "save",
 ]
 __version__ = "0.1.0"

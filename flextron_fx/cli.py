@@ -29,8 +29,10 @@ def convert(args) -> dict:
     import torch
 
     from . import flextronize, save
+    from .export.checkpoint import check_target
     from .models import load
 
+    check_target(args.out, args.overwrite)  # before the long calibration
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tok = load(args.model)
@@ -39,7 +41,7 @@ def convert(args) -> dict:
     sample = (calib[:2, :16],)
     partial = Path(str(args.out).rstrip("/") + ".partial") / "calibration.safetensors"
     em = flextronize(model, sample, calib, config=_config(args), resume=partial)
-    out = save(em, args.out)
+    out = save(em, args.out, overwrite=args.overwrite)
     partial.unlink(missing_ok=True)
     if partial.parent.exists():
         partial.parent.rmdir()
@@ -100,7 +102,9 @@ def ablate_sorting(args) -> dict:
         print(json.dumps({k: v for k, v in result.items() if label in k}, indent=1))
     print(_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from ._atomic import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
 
@@ -144,7 +148,8 @@ def demo(args) -> None:
     ablate_sorting(args)
     rc = main(["train-elastic", f"{args.out}-train", "--elastic", args.out, "--model", args.model,
                "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
-               "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), "--resume"])
+               "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), "--resume"]
+              + (["--overwrite"] if args.overwrite else []))
     if rc:
         raise SystemExit(rc)
 
@@ -162,12 +167,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+_OVERWRITE = ("replace OUT even when it holds files that are not a flextron checkpoint "
+              "(a checkpoint there is always replaced, atomically)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flextron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="convert SmolLM2 and print the sorting ablation")
     _common(p)
     p.add_argument("--out", default=None)
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.add_argument("--json", default="runs/ablate-sorting.json")
     p.set_defaults(func=demo)
     p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True,
                    help="output folder; an interrupted run resumes its calibration from "
                         "OUT.partial/ when started again with the same arguments")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.set_defaults(func=convert)
     p = sub.add_parser("ablate-sorting", help="paper Table 5 on held-out text")
     _common(p)

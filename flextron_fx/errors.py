@@ -50,3 +50,8 @@ class InputError(FlextronError, ValueError):
 class InputShapeError(InputError):
     """An input's shape is one the traced graph does not accept (it was traced static or
     bounded along that dimension)."""
+
+
+class OutputError(FlextronError):
+    """An output path holds something that writing there would delete, or cannot be
+    written to."""

@@ -9,16 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from train_script import tiny_elastic, tokens
 
 from flextron_fx.elastic.ops import WeightSlice
-from flextron_fx.errors import FlextronError, TrainingError
+from flextron_fx.errors import CheckpointError, FlextronError, OutputError, TrainingError
 from flextron_fx.train import TrainConfig, make_sampler, read_metrics, train_elastic
 from flextron_fx.train.loop import accumulate, batch_rows, kd_loss, lm_loss, make_optimizer
 from flextron_fx.train.sampling import budget
@@ -243,31 +243,49 @@ def _script(*args, env_extra=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_sigkill_between_checkpoints_then_resume_repeats_every_step(tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 10-step run of train_script.py that nothing stops (the reference for resumes)."""
+    whole = tmp_path_factory.mktemp("whole") / "run"
     ref = _script(whole, 10)
-    killed = _script(part, 10, "--sleep", 0.05)
-    metrics = part / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill during step 6, after checkpoint 4 (every 2 steps)
-        rows = read_metrics(part) if metrics.exists() else []
-        if rows and rows[-1]["step"] >= 5:
-            break
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert ref.wait(timeout=120) == 0, ref.stdout.read()
-    latest = (part / "checkpoints" / "latest").read_text()
-    assert latest in ("step-0000004", "step-0000006"), latest
-    done_before = read_metrics(part)[-1]["step"]
-    assert int(latest.removeprefix("step-")) < done_before < 10  # logged steps were lost
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    return whole
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    folder = run / "checkpoints" / f"step-{step:07d}"
+    return {f"{name}:{k}": v for name in ("model", "optimizer")
+            for k, v in load_file(str(folder / f"{name}.safetensors")).items()}
+
+
+def test_sigkill_while_checkpointing_then_resume_repeats_every_step_and_the_weights(
+        tmp_path, uninterrupted):
+    """SIGKILL at a chosen point (a hook in the run, no timing): while checkpoint 6 is being
+    written, after steps 5 and 6 were logged. The resumed run removes the half-written
+    folder (with a log line), repeats the uninterrupted run step for step from checkpoint 4
+    and ends with the same weights and optimizer state."""
+    part = tmp_path / "part"
+    killed = _script(part, 10, "--kill-in-checkpoint", 6)
+    assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stdout.read()
+    assert (part / "checkpoints" / "latest").read_text() == "step-0000004"
+    assert read_metrics(part)[-1]["step"] == 6  # logged steps that the checkpoint lacks
+    leftovers = [p.name for p in (part / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".step-0000006."), leftovers
     resumed = _script(part, 10, "--resume")
-    assert resumed.wait(timeout=120) == 0, resumed.stdout.read()
-    a, b = read_metrics(whole), read_metrics(part)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    log = resumed.stdout.read()
+    assert f"removed 1 unfinished checkpoint file(s) from {part / 'checkpoints'}" in log, log
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == \
+        ["latest", "step-0000008", "step-0000010"]
+    a, b = read_metrics(uninterrupted), read_metrics(part)
     assert [r["step"] for r in b] == list(range(11))
-    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
-    assert [r.get("val") for r in a] == [r.get("val") for r in b]
-    assert [r.get("sub_params") for r in a] == [r.get("sub_params") for r in b]
+    for key in ("loss", "loss_sub", "val", "sub_params", "lr"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    ref, got = _weights(uninterrupted, 10), _weights(part, 10)
+    assert ref.keys() == got.keys() and len(ref) > 10
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert not all(torch.equal(ref[k], v) for k, v in _weights(part, 8).items())  # it trains
 
 
 def _torchrun(run, steps, parallel):
@@ -296,4 +314,105 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     saved = json.loads((tmp_path / parallel / "checkpoints" / "step-0000006" /
                         "state.json").read_text())
     assert saved["world"] == 2
+    # the weights after the steps: the same up to float summation order (2 x 2 rows
+    # all-reduced against 4 rows at once), and far from the weights before training
+    one, two = _weights(single, 6), _weights(tmp_path / parallel, 6)
+    start = {k: v for k, v in _weights(single, 4).items() if k.startswith("model:")}
+    assert one.keys() == two.keys() and len(start) > 10
+    moved = max((one[k] - start[k]).abs().max().item() for k in start)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"weights moved by up to {moved:.2e} from step 4, differ by up to {worst:.2e}")
+    assert moved > 1e-4  # measured: 7.7e-4 moved, 8.8e-8 apart
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
     shutil.rmtree(tmp_path)
+
+
+# ---- resuming: what the run was started with is checked, leftovers are cleaned ----------
+
+@pytest.fixture()
+def two_step_run(tmp_path):
+    """A finished 2-step run with a checkpoint after each step."""
+    run = tmp_path / "run"
+    train_elastic(tiny_elastic(), tokens(), run, _quick(2), progress=False)
+    return run
+
+
+def _quick(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, batch=4, samples=1, checkpoint_every=1, warmup=1, **kw)
+
+
+def test_resume_with_other_steps_is_refused_naming_both(two_step_run):
+    with pytest.raises(TrainingError, match=r"steps=5, but it was started with steps=2.*"
+                                            r"learning-rate schedule.*--steps 2"):
+        train_elastic(tiny_elastic(), tokens(), two_step_run, _quick(5), resume=True,
+                      progress=False)
+
+
+def test_resume_on_other_training_data_is_refused(two_step_run):
+    with pytest.raises(TrainingError, match=r"other training tokens: the run used 64 blocks "
+                                            r"of 16 tokens \(sha256 \w+\), these are 64 "
+                                            r"blocks of 16"):
+        train_elastic(tiny_elastic(), tokens(seed=7), two_step_run, _quick(2), resume=True,
+                      progress=False)
+    with pytest.raises(TrainingError, match="other training tokens: .* these are 32 blocks"):
+        train_elastic(tiny_elastic(), tokens(32), two_step_run, _quick(2), resume=True,
+                      progress=False)
+    with pytest.raises(TrainingError, match=r"other training data: domains: the run used "
+                                            r"None, now \['code'\]"):
+        train_elastic(tiny_elastic(), tokens(), two_step_run,
+                      _quick(2, extra={"domains": ["code"]}), resume=True, progress=False)
+    out = train_elastic(tiny_elastic(), tokens(), two_step_run,  # the same data: accepted
+                        _quick(2, extra={"elastic": "moved/elsewhere"}), resume=True,
+                        progress=False)
+    assert out["step"] == 2
+
+
+def test_leftovers_of_a_killed_checkpoint_write_are_removed(two_step_run, caplog):
+    folder = two_step_run / "checkpoints"
+    stale = [folder / ".step-0000003.k2j3h4_x", folder / ".step-0000003.tmp-999999-ab12"]
+    for p in stale:  # the old and the current naming of a temporary checkpoint folder
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"\0" * 8)
+    (folder / "latest.tmp").write_text("step-0000003")
+    with caplog.at_level("WARNING"), pytest.raises(TrainingError, match="steps=3"):
+        train_elastic(tiny_elastic(), tokens(), two_step_run, _quick(3), resume=True,
+                      progress=False)  # refused, but the leftovers are gone first
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-0000001",
+                                                        "step-0000002"]
+    assert "removed 3 unfinished checkpoint file(s)" in caplog.text
+    assert ".step-0000003.k2j3h4_x" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["model", "optimizer", "rng", "state-json", "state-key"])
+def test_damaged_training_checkpoint_is_reported(two_step_run, damage):
+    step2 = two_step_run / "checkpoints" / "step-0000002"
+    if damage == "state-json":
+        (step2 / "state.json").write_text('{"step": 2, "tok')
+        what = r"state.json is damaged: it cannot be read as JSON"
+    elif damage == "state-key":
+        state = json.loads((step2 / "state.json").read_text())
+        del state["scheduler"]
+        (step2 / "state.json").write_text(json.dumps(state))
+        what = r"state.json is damaged: the entry 'scheduler' is missing"
+    else:
+        f = step2 / f"{damage}.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+        what = rf"{damage}.safetensors is damaged: it cannot be read"
+    with pytest.raises(CheckpointError, match=rf"step-0000002/{what}.*point .*latest at "
+                                              r"step-0000001 \(the one before\)"):
+        train_elastic(tiny_elastic(), tokens(), two_step_run, _quick(2), resume=True,
+                      progress=False)
+
+
+def test_a_foreign_run_folder_is_refused_and_kept(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')  # a model folder, say
+    with pytest.raises(OutputError, match=r"config.json, not a training run.*overwrite"):
+        train_elastic(tiny_elastic(), tokens(), mine, _quick(1), progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    assert json.loads((mine / "config.json").read_text()) == {"model_type": "llama"}
+    out = train_elastic(tiny_elastic(), tokens(), mine, _quick(1), progress=False,
+                        overwrite=True)
+    assert out["status"] == "done"

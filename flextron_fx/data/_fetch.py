@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from flextron_fx._atomic import write_atomic as _write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -83,14 +85,9 @@ def download_wheel(dist: str, version: str, dest: Path) -> Path:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a ``.part`` file, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+    """Write ``data`` to ``path`` through a temporary file, so a reader never sees half a
+    file (`flextron_fx._atomic.write_atomic`)."""
+    _write_atomic(path, data)
 
 
 def wheel_tree(dist: str, version: str, root: Path, prefix: str) -> Path:

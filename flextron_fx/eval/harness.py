@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from flextron_fx._atomic import savefig_atomic, write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -249,8 +251,7 @@ def plot(result: dict, prefix: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = prefix.with_name(f"{prefix.name}-{name}.png")
-        fig.savefig(path, dpi=110)
+        path = savefig_atomic(fig, prefix.with_name(f"{prefix.name}-{name}.png"), dpi=110)
         plt.close(fig)
         out.append(path)
     return out
@@ -265,6 +266,6 @@ def write_outputs(result: dict, json_path: str | Path, md_path: str | Path | Non
     prefix = Path(plot_prefix) if plot_prefix else json_path.with_suffix("")
     pngs = plot(result, prefix)
     result["plots"] = [str(p) for p in pngs]
-    json_path.write_text(json.dumps(result, indent=1))
-    md_path.write_text(markdown(result))
+    write_atomic(json_path, json.dumps(result, indent=1))
+    write_atomic(md_path, markdown(result))
     return [json_path, md_path, *pngs]

@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from flextron_fx._atomic import write_atomic
 from flextron_fx.data.evalsets import eval_dir, eval_set_files
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _write_yaml(path: Path, cfg: dict) -> None:
     # JSON is valid YAML; lm-eval's loader reads it (and resolves `include` as a path).
     text = json.dumps(cfg, indent=1)
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        write_atomic(path, text)
 
 
 def sample_docs(pool: list, limit: int | None, seed: int = 1234) -> list:

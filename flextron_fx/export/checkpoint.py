@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._atomic import recover, replace_folder
 from ..config import FlextronConfig
 from ..elastic.model import ElasticModel
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError, WidthError
 
 FORMAT = 1
 WEIGHTS, META = "model.safetensors", "flextron.json"
@@ -43,16 +41,20 @@ def unique_tensors(state: dict[str, torch.Tensor], prefix: str = ""
 
 
 def save(em: ElasticModel, path: str | os.PathLike,
-         state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `em` to the folder `path` (replaced atomically if it exists).
+         state: dict[str, torch.Tensor] | None = None, *, overwrite: bool = False) -> Path:
+    """Write `em` to the folder `path`.
 
-    `state` replaces the graph module's own state dict (the gathered full weights of a
-    sharded model).
+    A flextron checkpoint already at `path` is replaced atomically: the new one is written
+    to a temporary sibling and swapped in, so a crash at any point leaves the old or the new
+    checkpoint under the name, never half of one. Any other non-empty folder (or a file) at
+    `path` is refused with `OutputError` unless `overwrite=True`. `state` replaces the
+    graph module's own state dict (the gathered full weights of a sharded model).
 
     Example:
         >>> flextron_fx.save(em, "runs/smollm2")   # doctest: +SKIP
     """
     path = Path(path)
+    check_target(path, overwrite)
     if state is None:
         state = em.graph_module.state_dict(keep_vars=False)
     tensors, aliases = unique_tensors(state, em.param_prefix)
@@ -69,31 +71,29 @@ def save(em: ElasticModel, path: str | os.PathLike,
         "skipped": [vars(s) for s in em.skipped],
         "aliases": aliases,
     }
-    with atomic_folder(path) as tmp:
+    with replace_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps(meta, indent=1, default=_jsonable))
     return path
 
 
-@contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """A temporary folder next to `path` that replaces `path` only if the block succeeds,
-    so a crash never leaves a half-written folder under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def check_target(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse (`OutputError`) to save over anything but a flextron checkpoint or an empty
+    folder, unless `overwrite`. Call it before long work whose result goes to `path`."""
+    path = Path(path)
+    recover(path)  # a save killed mid-swap may have moved the old checkpoint aside
+    if overwrite or not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        held = sorted(p.name for p in path.iterdir())
+        if not held or (path / META).is_file():
+            return
+        what = f"a folder holding {', '.join(held[:5])}" + (" ..." if len(held) > 5 else "")
+    else:
+        what = "a file" if path.is_file() else "something that is not a folder"
+    raise OutputError(f"{path} is {what}, not a flextron checkpoint; saving there would "
+                      "delete it. Choose a new or empty folder, or pass overwrite=True "
+                      "(--overwrite on the command line) to replace it")
 
 
 def _jsonable(x):
@@ -118,14 +118,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not a saved elastic model: expected {META} and "
                               f"{WEIGHTS} inside it (written by flextron_fx.save)")
-    meta = json.loads((path / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')}, this flextron_fx "
-                              f"reads format {FORMAT}; convert the model again")
+    meta = read_meta(path)
     source = meta["source"]
     if model is None:
         if source["kind"] != "hf":
-            raise CheckpointError(f"{path} holds a {source['class']} (not a Hugging Face "
+            raise CheckpointError(f"{path} holds a {source.get('class')} (not a Hugging Face "
                                   "model): pass model=<an instance of it> and sample_inputs")
         model = _rebuild_hf(source)
     if sample_inputs is None:
@@ -135,25 +132,84 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
         g = torch.Generator().manual_seed(0)
         sample_inputs = (torch.randint(0, min(vocab, 1000), tuple(meta["sample_shape"]),
                                        generator=g),)
-    config = FlextronConfig.from_dict(meta["config"])
+    try:
+        config = FlextronConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise _damaged(path, META, f"its config does not load ({exc})") from exc
     em = flextronize(model, sample_inputs, None, config=config, progress=False)
     saved_ops = [(o["name"], o["kind"], o["full"]) for o in meta["ops"]]
     ops = [(o.name, o.kind, o.full) for o in em.ops.values()]
     if ops != saved_ops:
         raise CheckpointError(f"the model given does not match {path}: it has elastic ops "
                               f"{ops[:3]}... where the checkpoint has {saved_ops[:3]}...")
-    tensors = load_file(str(path / WEIGHTS))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except SafetensorError as exc:
+        raise _damaged(path, WEIGHTS, f"it cannot be read ({exc}); it was probably cut "
+                       "short by a full disk or an interrupted copy") from exc
     for alias, canonical in meta["aliases"].items():
+        if canonical not in tensors:
+            raise _damaged(path, META, f"alias {alias!r} names {canonical!r}, which "
+                           f"{WEIGHTS} does not hold")
         tensors[alias] = tensors[canonical]
     prefix = meta["param_prefix"]
     state = {prefix + k: v for k, v in tensors.items()}
-    missing, unexpected = em.graph_module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = em.graph_module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    em.set_widths(meta["widths"])
+    try:
+        em.set_widths(meta["widths"])
+    except WidthError as exc:
+        raise _damaged(path, META, f"its widths do not fit the model ({exc})") from exc
     em.orders = meta.get("orders", {})
     return em
+
+
+# What `load` reads from flextron.json, with the type each entry must have.
+_META_KEYS = {"format": int, "config": dict, "source": dict, "sample_shape": list,
+              "param_prefix": str, "ops": list, "widths": dict, "aliases": dict}
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The parsed `flextron.json` of a checkpoint folder, checked for the entries `load`
+    needs; `CheckpointError` naming what is wrong otherwise."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, META, f"it is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise _damaged(path, META, f"it holds a {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')}, this flextron_fx "
+                              f"reads format {FORMAT}; convert the model again")
+    for key, kind in _META_KEYS.items():
+        if key not in meta:
+            raise _damaged(path, META, f"the entry {key!r} is missing")
+        if not isinstance(meta[key], kind):
+            raise _damaged(path, META, f"{key!r} is a {type(meta[key]).__name__}, not a "
+                           f"{kind.__name__}")
+    source = meta["source"]
+    for key in ("kind", "class") + (("config",) if source.get("kind") == "hf" else ()):
+        if key not in source:
+            raise _damaged(path, META, f"the entry 'source' lacks {key!r}")
+    if source.get("kind") == "hf" and "model_type" not in source["config"]:
+        raise _damaged(path, META, "the Hugging Face config in 'source' lacks 'model_type'")
+    for i, op in enumerate(meta["ops"]):
+        lacking = [k for k in ("name", "kind", "full") if not isinstance(op, dict) or k not in op]
+        if lacking:
+            raise _damaged(path, META, f"op {i} of 'ops' lacks {lacking}")
+    return meta
+
+
+def _damaged(path: Path, name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path / name} is damaged: {what}. Save the model again "
+                           "(flextron_fx.save, or flextron convert --out), or restore the "
+                           "folder from a copy")
 
 
 def _rebuild_hf(source: dict) -> torch.nn.Module:

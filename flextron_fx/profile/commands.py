@@ -86,8 +86,9 @@ def run_check(args) -> dict:
                    shapes=args.shapes, progress=not args.no_progress)
     print(report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from .._atomic import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         plot(result, args.plot)

@@ -18,6 +18,7 @@ import textwrap
 import numpy as np
 import torch
 
+from .._atomic import savefig_atomic
 from ..elastic.model import ElasticModel
 from .backends import get_backend
 from .cost import CostModel
@@ -235,5 +236,5 @@ def plot(result: dict, path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)

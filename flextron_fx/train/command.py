@@ -56,6 +56,9 @@ def add_parser(sub) -> None:
                    help="checkpoint and stop after this much training time")
     p.add_argument("--parallel", choices=["auto", "ddp", "fsdp", "none"], default="auto")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into RUN_DIR (and RUN_DIR/final) even when it holds files "
+                        "that are not a training run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -63,10 +66,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> dict:
     from .. import load, save
+    from .._atomic import write_atomic
     from ..data import token_blocks
     from ..data.domains import resolve_domains
+    from ..export.checkpoint import check_target
     from ..models import tokenizer
-    from .loop import TrainConfig, train_elastic
+    from .loop import TrainConfig, check_run_folder, train_elastic
     from .state import full_model_state
 
     try:
@@ -79,6 +84,8 @@ def run(args) -> dict:
                             f"{args.train_splits!r}; validation and test text stay held out")
     rank, world, device = _init_distributed()
     run_dir = Path(args.run_dir)
+    check_run_folder(run_dir, args.overwrite)  # before loading anything: fail fast
+    check_target(run_dir / "final", args.overwrite)
     record = run_dir / "config.json"
     elastic = args.elastic
     if elastic is None and args.resume and record.is_file():
@@ -107,13 +114,13 @@ def run(args) -> dict:
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
     summary = train_elastic(em, tokens, run_dir, config, heldout=heldout, resume=args.resume,
                             parallel=args.parallel, progress=not args.no_progress,
-                            max_seconds=max_s)
+                            max_seconds=max_s, overwrite=args.overwrite)
     state = full_model_state(em.graph_module)  # every rank joins the gather under FSDP
     if rank == 0:
         if summary["status"] == "done":
-            save(em, run_dir / "final", state=state)
+            save(em, run_dir / "final", state=state, overwrite=args.overwrite)
             summary["final"] = str(run_dir / "final")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
     if world > 1:
         dist.destroy_process_group()

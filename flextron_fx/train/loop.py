@@ -7,6 +7,7 @@ half-width step does about half the work and gradients reach only the active sli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,8 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._atomic import savefig_atomic, write_atomic
 from ..elastic.model import ElasticModel
-from ..errors import TrainingError
+from ..errors import OutputError, TrainingError
 from . import state as S
 from .sampling import KINDS, SAMPLERS, make_sampler
 
@@ -204,7 +206,7 @@ def _rank_world() -> tuple[int, int]:
 def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
                   config: TrainConfig, *, heldout: torch.Tensor | None = None,
                   resume: bool = False, parallel: str = "auto", progress: bool = True,
-                  max_seconds: float | None = None) -> dict:
+                  max_seconds: float | None = None, overwrite: bool = False) -> dict:
     """Train `em` in place on token blocks `tokens` [n, seq]; checkpoints go to `run`.
 
     Under `torchrun` (an initialised process group) the model is wrapped in
@@ -213,6 +215,12 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     run checkpoints and returns; `resume=True` continues from the newest checkpoint, step for
     step as if never stopped. `max_seconds` stops (with a checkpoint) once training has taken
     that long in total. Returns a summary with the final validation losses.
+
+    `run` must be new, empty or a training run's folder (`OutputError` otherwise, unless
+    `overwrite`). Half-written checkpoints left by a killed run are removed first. A resumed
+    run must have the same settings, the same number of steps (the learning-rate schedule
+    depends on it) and the same training tokens (a fingerprint is saved with every
+    checkpoint); `TrainingError` names the difference otherwise.
 
     Example:
         >>> cfg = TrainConfig(steps=200, batch=4, loss="lm+kd")              # doctest: +SKIP
@@ -227,18 +235,18 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     if tokens.shape[0] < config.batch:
         raise TrainingError(f"{tokens.shape[0]} training blocks are fewer than one batch of "
                             f"{config.batch}; give more text or a smaller batch")
+    check_run_folder(run, overwrite)
+    if rank == 0:
+        S.clean_leftovers(run)
+    if world > 1:
+        dist.barrier()
+    data = data_fingerprint(tokens)
     ckpt = S.latest(run) if resume else None
     if not resume and S.latest(run) is not None:
         raise TrainingError(f"{run} already holds checkpoints ({S._listing(run)}); pass "
                             "resume=True (--resume) to continue it, or use a new folder")
     if ckpt is not None:
-        saved = json.loads((ckpt / S.STATE).read_text())["config"]
-        mine = json.loads(json.dumps(asdict(config)))
-        diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if k not in ("steps", "extra") and saved.get(k) != v}
-        if diff:
-            raise TrainingError(f"resuming {run} with different settings {diff} (saved, "
-                                "given); resume with the run's own settings")
+        check_resume(run, S.read_state(ckpt), config, data)
     device = _device(em)
     for p in em.parameters():
         p.requires_grad_(True)
@@ -259,17 +267,17 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         _truncate(metrics, start)
-        (run / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        write_atomic(run / "config.json", json.dumps(asdict(config), indent=1))
     local = config.batch // world
     if heldout is not None and config.eval_every and start == 0:
         first = evaluate(model, em, heldout, settings, local)  # straight after sorting
         if rank == 0:
             fractions = {k: round(_fraction(em, w), 4) for k, w in settings.items()}
-            metrics.write_text(json.dumps({"step": 0, "tokens": 0, "val": first,
-                                           "val_params": fractions}) + "\n")
+            write_atomic(metrics, json.dumps({"step": 0, "tokens": 0, "val": first,
+                                              "val_params": fractions}) + "\n")
     bar = tqdm(total=config.steps, initial=start, desc="train-elastic", unit="step",
                disable=not progress or rank != 0, dynamic_ncols=True)
-    info = {"config": asdict(config), "world": world}
+    info = {"config": asdict(config), "world": world, "data": data}
     last_val = None
     step, status, t_run = start, "done", time.perf_counter()
     with _Stop() as stop:
@@ -400,17 +408,106 @@ def _wrap(em: ElasticModel, parallel: str, world: int, device: torch.device):
 
 
 def _truncate(metrics: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    """Drop log lines past `step` (written after the checkpoint a run resumes from), and a
+    last line cut short by a kill."""
     if not metrics.exists():
         return
-    keep = [line for line in metrics.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    metrics.write_text("".join(line + "\n" for line in keep))
+    keep = [json.dumps(r) for r in _rows(metrics) if r["step"] <= step]
+    write_atomic(metrics, "".join(line + "\n" for line in keep))
+
+
+def _rows(path: Path) -> list[dict]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise TrainingError(f"{path}, line {i + 1}, is not JSON: the log is damaged; "
+                                    "delete that line or start a new run") from None
+            log.warning("%s: ignoring its last line, cut short by a kill", path)
+    return rows
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _rows(Path(run) / "metrics.jsonl")
+
+
+def data_fingerprint(tokens: torch.Tensor) -> dict:
+    """Shape and SHA-256 of the training token blocks: a resumed run checks it trains on
+    the same data as the steps before."""
+    t = tokens.detach().cpu().contiguous()
+    digest = hashlib.sha256(str(t.dtype).encode())
+    digest.update(t.numpy().tobytes())
+    return {"blocks": int(t.shape[0]), "seq": int(t.shape[1]), "sha256": digest.hexdigest()}
+
+
+def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) -> None:
+    """Refuse to resume `run` when the settings, the number of steps or the training data
+    differ from those of its checkpoint (`saved_state`, its state.json)."""
+    saved = saved_state["config"]
+    mine = json.loads(json.dumps(asdict(config)))
+    diff = {k: (saved.get(k), v) for k, v in mine.items()
+            if k not in ("steps", "extra") and saved.get(k) != v}
+    if diff:
+        raise TrainingError(f"resuming {run} with different settings {diff} (saved, "
+                            "given); resume with the run's own settings")
+    if saved.get("steps") != config.steps:
+        raise TrainingError(
+            f"resuming {run} with steps={config.steps}, but it was started with "
+            f"steps={saved.get('steps')}: the learning-rate schedule (warm-up, then a cosine "
+            f"that ends at the last step) depends on it, so the steps to come would follow "
+            f"another schedule than the steps done. Resume with --steps {saved.get('steps')} "
+            "(--max-minutes or Ctrl-C stop earlier), or start a new run from its final/ or "
+            "a checkpoint's weights")
+    was, now = saved.get("extra") or {}, mine["extra"]
+    spec = {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now))
+            if k != "elastic" and was.get(k) != now.get(k)}
+    if spec:
+        raise TrainingError(f"resuming {run} on other training data: "
+                            + "; ".join(f"{k}: the run used {a!r}, now {b!r}"
+                                        for k, (a, b) in spec.items())
+                            + ". Resume with the run's own data, or use a new folder")
+    before = saved_state.get("data")
+    if before is None:
+        log.warning("%s: its checkpoint predates data fingerprints; cannot check that the "
+                    "training text is the same as before", run)
+    elif before != data:
+        raise TrainingError(
+            f"resuming {run} on other training tokens: the run used {before['blocks']:,} "
+            f"blocks of {before['seq']} tokens (sha256 {before['sha256'][:12]}), these are "
+            f"{data['blocks']:,} blocks of {data['seq']} (sha256 {data['sha256'][:12]}). "
+            "Resume with the same text, tokenizer and --seq, or use a new folder")
+
+
+def check_run_folder(run: Path, overwrite: bool = False) -> None:
+    """Refuse (`OutputError`) a `run` folder that holds files but not a training run,
+    unless `overwrite`: training writes config.json, metrics.jsonl, curves.png,
+    checkpoints/ and final/ into it."""
+    if overwrite or not run.exists():
+        return
+    if not run.is_dir():
+        raise OutputError(f"{run} is a file, not a folder for a training run; choose "
+                          "another path")
+    held = sorted(p.name for p in run.iterdir())
+    if not held or _is_run(run):
+        return
+    raise OutputError(
+        f"{run} is a folder holding {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}, "
+        "not a training run; training would write config.json, metrics.jsonl, curves.png, "
+        "checkpoints/ and final/ into it, replacing files of those names. Choose a new or "
+        "empty folder, or pass overwrite=True (--overwrite) to write there anyway")
+
+
+def _is_run(run: Path) -> bool:
+    if (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file():
+        return True
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and {"steps", "sampler", "samples"} <= set(config)
 
 
 _LABELS = {"full": "full", "mlp50": "MLP 50 %, all heads"}
@@ -456,7 +553,6 @@ def plot_run(run: str | Path) -> Path | None:
     if vals:
         b.legend()
     fig.tight_layout()
-    out = Path(run) / "curves.png"
-    fig.savefig(out, dpi=110)
+    out = savefig_atomic(fig, Path(run) / "curves.png", dpi=110)
     plt.close(fig)
     return out

@@ -17,16 +17,21 @@ resumed run repeats the uninterrupted one step for step.
 from __future__ import annotations
 
 import json
-import os
+import logging
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import state_dict as dcp
 
-from ..errors import TrainingError
-from ..export.checkpoint import atomic_folder, unique_tensors
+from .._atomic import replace_folder, write_atomic
+from ..errors import CheckpointError, TrainingError
+from ..export.checkpoint import unique_tensors
+
+log = logging.getLogger(__name__)
 
 MODEL, OPTIM, RNG, STATE = ("model.safetensors", "optimizer.safetensors", "rng.safetensors",
                             "state.json")
@@ -76,43 +81,110 @@ def save_checkpoint(run: Path, step: int, module: torch.nn.Module,
         rng["cuda"] = torch.cuda.get_rng_state()
     state = dict(info, step=step, aliases=aliases, param_groups=optim_sd["param_groups"],
                  scheduler=scheduler.state_dict())
-    with atomic_folder(path) as tmp:
+    with replace_folder(path) as tmp:
         save_file(tensors, str(tmp / MODEL))
         save_file(optim_tensors, str(tmp / OPTIM))
         save_file(rng, str(tmp / RNG))
         (tmp / STATE).write_text(json.dumps(state, indent=1))
-    pointer = checkpoint_dir(run) / "latest"
-    tmp_pointer = pointer.with_suffix(".tmp")
-    tmp_pointer.write_text(path.name)
-    os.replace(tmp_pointer, pointer)
+    write_atomic(checkpoint_dir(run) / "latest", path.name)
     for old in _listing(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(checkpoint_dir(run) / old, ignore_errors=True)
     return path
 
 
+def read_state(path: Path) -> dict:
+    """The `state.json` of a training checkpoint; `CheckpointError` if it is damaged."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, STATE, f"it cannot be read as JSON ({exc})") from exc
+    if not isinstance(state, dict):
+        raise _damaged(path, STATE, f"it holds a {type(state).__name__}, not an object")
+    for key in _STATE_KEYS:
+        if key not in state:
+            raise _damaged(path, STATE, f"the entry {key!r} is missing")
+    return state
+
+
+_STATE_KEYS = ("step", "tokens", "elapsed_s", "config", "aliases", "param_groups", "scheduler")
+
+
+def _tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(path, name, f"it cannot be read ({exc})") from exc
+
+
+def _damaged(path: Path, name: str, what: str) -> CheckpointError:
+    run = path.parent.parent
+    older = [p for p in _listing(run) if p < path.name]
+    way = (f"point {checkpoint_dir(run) / 'latest'} at {older[-1]} (the one before) and "
+           "resume again, or start a new run" if older else "start a new run")
+    return CheckpointError(f"training checkpoint {path / name} is damaged: {what}. To go on, "
+                           f"{way}")
+
+
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, gen: torch.Generator) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns its state.json."""
-    state = json.loads((path / STATE).read_text())
-    model_sd = load_file(str(path / MODEL))
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns its state.json.
+    A damaged file raises `CheckpointError` naming it."""
+    state = read_state(path)
+    model_sd = _tensors(path, MODEL)
     for alias, canonical in state["aliases"].items():
+        if canonical not in model_sd:
+            raise _damaged(path, STATE, f"alias {alias!r} names {canonical!r}, which "
+                           f"{MODEL} does not hold")
         model_sd[alias] = model_sd[canonical]
     optim_state: dict = {}
-    for key, value in load_file(str(path / OPTIM)).items():
-        name, field = key.rsplit("::", 1)
+    for key, value in _tensors(path, OPTIM).items():
+        name, sep, field = key.rpartition("::")
+        if not sep:
+            raise _damaged(path, OPTIM, f"key {key!r} is not '<param>::<field>'")
         optim_state.setdefault(name, {})[field] = value
     optim_sd = {"state": optim_state, "param_groups": state["param_groups"]}
+    rng = _tensors(path, RNG)
+    if "sampler" not in rng or "torch" not in rng:
+        raise _damaged(path, RNG, f"it holds {sorted(rng)}, not the 'sampler' and 'torch' "
+                       "generator states")
     try:
         dcp.set_state_dict(module, optimizer, model_state_dict=model_sd,
-                       optim_state_dict=optim_sd, options=dcp.StateDictOptions(full_state_dict=True))
+                           optim_state_dict=optim_sd,
+                           options=dcp.StateDictOptions(full_state_dict=True))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise TrainingError(f"checkpoint {path} does not fit this model or optimizer ({exc}); "
                             "resume with the same model and settings that started the run") \
             from exc
-    scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(path / RNG))
-    gen.set_state(rng["sampler"])
-    torch.set_rng_state(rng["torch"])
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(rng["sampler"])
+        torch.set_rng_state(rng["torch"])
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise _damaged(path, STATE, f"the scheduler or RNG state does not load ({exc})") \
+            from exc
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+_LEFTOVER = re.compile(r"\.step-\d+\..+|latest\.tmp|\.latest\..+\.tmp")
+
+
+def clean_leftovers(run: Path) -> list[str]:
+    """Remove the half-written checkpoint folders (`.step-*`) and pointer files that a run
+    killed while writing a checkpoint left in `RUN/checkpoints/`; logs and returns them.
+    Call it only when no other process trains in `run`."""
+    folder = checkpoint_dir(run)
+    if not folder.is_dir():
+        return []
+    gone = sorted(p.name for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name))
+    for name in gone:
+        p = folder / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if gone:
+        log.warning("removed %d unfinished checkpoint file(s) from %s, left by a run killed "
+                    "while writing: %s", len(gone), folder, ", ".join(gone))
+    return gone
