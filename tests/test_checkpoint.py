@@ -311,3 +311,24 @@ def test_damaged_metadata_is_reported(zoo_converted, tmp_path, damage):
     with pytest.raises(CheckpointError, match=rf"flextron.json is damaged: .*{expect[damage]}"
                                               r".*[Ss]ave the model again"):
         _load_nano(path)
+
+
+def test_write_atomic_keeps_the_old_file_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    from flextron_fx import _atomic
+
+    out = tmp_path / "r.json"
+    _atomic.write_atomic(out, "old")
+
+    def fail(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        _atomic.write_atomic(out, "new")
+    monkeypatch.undo()
+    assert out.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+    _atomic.write_atomic(out, b"new")
+    assert out.read_text() == "new"
+    with pytest.raises(OutputError, match="is a folder; give a file name"):
+        _atomic.write_atomic(tmp_path, "x")

@@ -84,3 +84,25 @@ def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         cli.main(["shrink"])
     assert e.value.code == 2
+
+
+def test_outputs_never_replace_a_foreign_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert cli.main(["convert", "--out", str(mine), *SMALL]) == 2  # refused before loading
+    err = capsys.readouterr().err
+    assert f"{mine} is a folder holding notes.txt, not a flextron checkpoint" in err
+    assert "--overwrite" in err
+    assert cli.main(["train-elastic", str(mine), "--elastic", str(tmp_path / "x"),
+                     "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt, not a training run" in err and "--overwrite" in err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run, but its final/ is not
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / "mine.txt").write_text("keep")
+    assert cli.main(["train-elastic", str(tmp_path / "run"), "--elastic", str(tmp_path / "x"),
+                     "--steps", "1"]) == 2
+    assert "final is a folder holding mine.txt" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep"
