@@ -3,7 +3,7 @@ PIP := .venv/bin/pip
 # Re-install whenever pyproject.toml changes.
 STAMP := .venv/.installed-stamp
 
-.PHONY: venv demo test test-slow bench
+.PHONY: venv demo lint test test-slow bench
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	.venv/bin/flextron demo
+
+# ruff comes with the dev extra; the rules are in pyproject.toml ([tool.ruff]).
+lint: venv
+	.venv/bin/ruff check flextron_fx tests benchmarks
 
 test: venv
 	$(PY) -m pytest -q
