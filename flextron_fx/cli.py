@@ -85,20 +85,17 @@ def ablate_sorting(args) -> dict:
         em.set_full()
         if label == "sorted":
             result["full_ppl"] = ppl(em, "full")
-        em.set_widths(0.5, kind="mlp")
-        result["mlp_fraction_kept"] = _kept(em, "mlp")
-        result[f"mlp50_{label}_ppl"] = ppl(em, f"mlp50 {label}")
-        em.set_full()
-        em.set_widths(0.5, kind="attention")
-        result["heads_fraction_kept"] = _kept(em, "attention")
-        result[f"heads50_{label}_ppl"] = ppl(em, f"heads50 {label}")
+        with em.at(0.5, kind="mlp"):
+            result["mlp_fraction_kept"] = _kept(em, "mlp")
+            result[f"mlp50_{label}_ppl"] = ppl(em, f"mlp50 {label}")
+        with em.at(0.5, kind="attention"):
+            result["heads_fraction_kept"] = _kept(em, "attention")
+            result[f"heads50_{label}_ppl"] = ppl(em, f"heads50 {label}")
         # with grouped-query attention 50 % may not exist: also show the size below it
-        em.set_full()
         low = max(c for c in _head_candidates(em) if c < 0.5 * _full_heads(em))
-        em.set_widths(low / _full_heads(em), kind="attention")
-        result["heads_low_fraction_kept"] = _kept(em, "attention")
-        result[f"heads_low_{label}_ppl"] = ppl(em, f"heads low {label}")
-        em.set_full()
+        with em.at(low / _full_heads(em), kind="attention"):
+            result["heads_low_fraction_kept"] = _kept(em, "attention")
+            result[f"heads_low_{label}_ppl"] = ppl(em, f"heads low {label}")
         print(json.dumps({k: v for k, v in result.items() if label in k}, indent=1))
     print(_table(result))
     if args.json:

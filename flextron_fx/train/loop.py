@@ -180,16 +180,15 @@ def evaluate(model, em: ElasticModel, heldout: torch.Tensor, settings: dict[str,
     """Mean next-token loss of each setting on the held-out blocks."""
     out = {}
     for name, widths in settings.items():
-        em.set_widths(widths)
         total, count = 0.0, 0
-        for i in range(0, heldout.shape[0], batch):
-            ids = heldout[i:i + batch].to(_device(em))
-            logits = _logits(model(ids))
-            n = ids[:, 1:].numel()
-            total += lm_loss(logits, ids).double().item() * n
-            count += n
+        with em.at(widths):
+            for i in range(0, heldout.shape[0], batch):
+                ids = heldout[i:i + batch].to(_device(em))
+                logits = _logits(model(ids))
+                n = ids[:, 1:].numel()
+                total += lm_loss(logits, ids).double().item() * n
+                count += n
         out[name] = total / count
-    em.set_full()
     return out
 
 
@@ -355,10 +354,9 @@ def accumulate(model, em: ElasticModel, ids: torch.Tensor, runs: list[dict],
                 else nullcontext())
     losses, teacher = [], None
     for j, widths in enumerate(runs):
-        em.set_widths(widths)
         last = j == len(runs) - 1
         with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), \
-                autocast:
+                autocast, em.at(widths):
             logits = _logits(model(ids))
             if j == 0 or config.loss == "lm":
                 loss = lm_loss(logits, ids)
@@ -372,7 +370,6 @@ def accumulate(model, em: ElasticModel, ids: torch.Tensor, runs: list[dict],
         loss.backward()
         losses.append(loss.detach().float())
         del logits, loss
-    em.set_full()
     return torch.stack(losses)
 
 
