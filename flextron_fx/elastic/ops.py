@@ -151,9 +151,9 @@ class ElasticRegion(nn.Module):
         return f"{self.kind}, {self.block}, candidates={list(self.candidates)}, {shown}"
 
     def forward(self, x: torch.Tensor, width, *params):
-        if not isinstance(width, torch.Tensor):
-            return self.ref(x, width, *params)
-        return self._routed(x, width, params)
+        if isinstance(width, torch.Tensor):
+            return self._routed(x, width, params)
+        return self.ref(x, width, *params)
 
     def _routed(self, x: torch.Tensor, index: torch.Tensor, params) -> torch.Tensor:
         check_routed(index, x, self.candidates, self.block)

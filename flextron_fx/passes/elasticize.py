@@ -189,62 +189,19 @@ def _fuse(gm: fx.GraphModule, name: str, x: fx.Node | None, out: fx.Node, width:
         return "its projection has no single activation input"
     if _token_shape(x) is None or _token_shape(x) != _token_shape(out):
         return "its input and output have different token axes"
-    region = between(dataflow(graph), x, out)
-    stack = list(region)
-    while stack:  # the weights' slices and transposes, and width-dependent shape constants
-        for a in stack.pop().all_input_nodes:
-            if a not in region and a is not x and a.op != "get_attr" and not _is_width(a) \
-                    and (_is_weight_path(a) or _is_size(a)):
-                region.add(a)
-                stack.append(a)
-    order = [n for n in graph.nodes if n in region]
-    for n in order:  # slices and sizes used elsewhere too are copied, anything else moves
-        if n is not out and not (_is_weight_path(n) or _is_size(n)) \
-                and any(u not in region for u in n.users):
-            return f"{n.format_node()} is also used outside the block"
-    sub = fx.Graph()
-    env = {x: sub.placeholder("x")}
-    ph_width = sub.placeholder("width")
-    for w in widths:
-        env[w] = ph_width
-    params = []
-    for n in order:
-        for a in n.all_input_nodes:
-            if a not in env and a not in region and a.op == "get_attr":
-                env[a] = sub.placeholder("p_" + a.target.replace(".", "_"))
-                params.append(a)
-    modules = {}
-    acts = []
-    for n in order:
-        args = n.args
-        if n.target in _VIEWS:
-            args = _token_free_view(n, region, env)
-            if args is None:
-                return f"{n.format_node()} reshapes more than the token axes"
-        for a in _nodes_in((args, n.kwargs)):
-            if a not in env:
-                return f"{n.format_node()} reads {a.format_node()} from outside the block"
-        new = sub.create_node(n.op, n.target, fx.node.map_arg(args, env.__getitem__),
-                              fx.node.map_arg(n.kwargs, env.__getitem__), name=n.name)
-        new.meta = dict(n.meta)
-        if n.op == "call_module":
-            modules[n.target] = gm.get_submodule(n.target)
-        if n.target in _ACTIVATIONS:
-            act = _ACTIVATIONS[n.target]
-            acts.append("gelu_tanh" if act == "gelu" and n.kwargs.get("approximate") == "tanh"
-                        else act)
-        elif isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags:
-            acts.append(str(n.target.overloadpacket.__name__))
-        env[n] = new
-    sub.output(env[out])
-    sub.lint()
-    ref = fx.GraphModule(modules, sub, class_name=f"{block.kind}_reference")
+    order = _region(graph, x, out)
+    if isinstance(order, str):
+        return order
+    made = _reference(gm, x, out, order, widths, f"{block.kind}_reference")
+    if isinstance(made, str):
+        return made
+    ref, params, pointwise = made
     if block.kind == "mlp":
-        named = [a for a in acts if a in _ACTIVATIONS.values() or a == "gelu_tanh"]
-        rest = sorted(a for a in acts if a not in named)
+        named = [a for a in pointwise if a in _ACTIVATIONS.values() or a == "gelu_tanh"]
+        rest = sorted(a for a in pointwise if a not in named)
         plain = len(named) == 1 and rest == (["mul"] if pattern["gated"] else [])
         pattern = {**pattern, "activation": named[0] if plain else "composite",
-                   "pointwise": sorted(acts)}
+                   "pointwise": sorted(pointwise)}
     gm.add_submodule(name, ElasticRegion(block.kind, block.name, ref, cands, rule,
                                          in_layout=in_layout, groups=block.classes.get("groups"),
                                          pattern=pattern))
@@ -259,26 +216,95 @@ def _fuse(gm: fx.GraphModule, name: str, x: fx.Node | None, out: fx.Node, width:
     return None
 
 
+def _region(graph: fx.Graph, x: fx.Node, out: fx.Node) -> list[fx.Node] | str:
+    """The nodes from `x` to `out` with the weight slices and width-dependent sizes they
+    read, in graph order; or why they do not form a region of their own."""
+    region = between(dataflow(graph), x, out)
+    stack = list(region)
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in region and a is not x and a.op != "get_attr" and not _is_width(a) \
+                    and (_is_weight_path(a) or _is_size(a)):
+                region.add(a)
+                stack.append(a)
+    order = [n for n in graph.nodes if n in region]
+    for n in order:  # slices and sizes used elsewhere too are copied, anything else moves
+        if n is not out and not (_is_weight_path(n) or _is_size(n)) \
+                and any(u not in region for u in n.users):
+            return f"{n.format_node()} is also used outside the block"
+    return order
+
+
+def _reference(gm: fx.GraphModule, x: fx.Node, out: fx.Node, order: list[fx.Node],
+               widths: set, class_name: str):
+    """(GraphModule(x, width, *params), the params' get_attr nodes, pointwise op names) of
+    the region `order`; or why it cannot stand alone."""
+    sub = fx.Graph()
+    env = {x: sub.placeholder("x")}
+    ph_width = sub.placeholder("width")
+    env.update(dict.fromkeys(widths, ph_width))
+    params = []
+    for n in order:
+        for a in n.all_input_nodes:
+            if a not in env and a.op == "get_attr":
+                env[a] = sub.placeholder("p_" + a.target.replace(".", "_"))
+                params.append(a)
+    region, token_dims = set(order), {}
+
+    def token_dim(i: int) -> fx.Node:  # size i of the region's own input
+        if i not in token_dims:
+            token_dims[i] = sub.call_function(torch.ops.aten.sym_size.int, (env[x], i))
+        return token_dims[i]
+
+    modules, pointwise = {}, []
+    for n in order:
+        args = n.args
+        if n.target in _VIEWS:
+            args = _token_free_view(n, x, region, env, token_dim)
+            if args is None:
+                return f"{n.format_node()} reshapes more than the token axes"
+        for a in _nodes_in((args, n.kwargs)):
+            if a not in env and a not in token_dims.values():
+                return f"{n.format_node()} reads {a.format_node()} from outside the block"
+        new = sub.create_node(n.op, n.target, fx.node.map_arg(args, lambda a: env.get(a, a)),
+                              fx.node.map_arg(n.kwargs, env.__getitem__), name=n.name)
+        new.meta = dict(n.meta)
+        if n.op == "call_module":
+            modules[n.target] = gm.get_submodule(n.target)
+        if n.target in _ACTIVATIONS:
+            act = _ACTIVATIONS[n.target]
+            pointwise.append("gelu_tanh" if act == "gelu"
+                             and n.kwargs.get("approximate") == "tanh" else act)
+        elif isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags:
+            pointwise.append(str(n.target.overloadpacket.__name__))
+        env[n] = new
+    sub.output(env[out])
+    sub.lint()
+    return fx.GraphModule(modules, sub, class_name=class_name), params, pointwise
+
+
 def _nodes_in(tree) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(tree, lambda a: found.append(a) or a)
     return found
 
 
-def _token_free_view(n: fx.Node, region: set, env: dict):
-    """A view inside a token-wise region, rewritten so that it does not read the batch or
-    sequence size from outside: its token axes become [1, ..., 1, -1]. None if the view
-    also reshapes the feature axis."""
+def _token_free_view(n: fx.Node, x: fx.Node, region: set, env: dict, token_dim):
+    """A view inside a token-wise region, rewritten so that its token axes come from the
+    region's own input: its sizes if the ranks agree, [1, ..., 1, -1] otherwise (so a
+    group of tokens runs alone). None if the view also reshapes the feature axis."""
     src, shape = n.args[0], n.args[1]
     outside = [a for a in _nodes_in(shape) if a not in region and a not in env]
     if not outside:
         return n.args
-    src_val, out_val = src.meta.get("val"), n.meta.get("val")
+    src_val, out_val, x_val = src.meta.get("val"), n.meta.get("val"), x.meta.get("val")
     if src_val is None or out_val is None or str(src_val.shape[-1]) != str(out_val.shape[-1]):
         return None
     last = shape[-1]
     if isinstance(last, fx.Node) and last not in region and last not in env:
         return None
+    if [str(s) for s in out_val.shape[:-1]] == [str(s) for s in x_val.shape[:-1]]:
+        return (src, [token_dim(i) for i in range(len(shape) - 1)] + [last])
     return (src, [1] * (len(shape) - 2) + [-1, last])
 
 
