@@ -14,6 +14,8 @@ one drawn architecture that failed before the fix.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_close, calibration
@@ -24,12 +26,13 @@ from torch import nn
 import flextron_fx
 from flextron_fx import FlextronConfig
 
+BASE = Arch(d_model=8, kv_heads=3, group=3, head_dim=2, mlp_hidden=5, mlp="gelu", bias=False,
+            fused_qkv=False, fused_gate_up=False, parallel=False, norm="rms", tied=False,
+            pre_norm=True, rotary="none", layers=1)
+
 
 def _arch(**kw) -> Arch:
-    base = dict(d_model=8, kv_heads=3, group=3, head_dim=2, mlp_hidden=5, mlp="gelu",
-                bias=False, fused_qkv=False, fused_gate_up=False, parallel=False, norm="rms",
-                tied=False, pre_norm=True, rotary="none", layers=1)
-    return Arch(**{**base, **kw})
+    return dataclasses.replace(BASE, **kw)
 
 
 def _convert(arch: Arch, head_mode: str = "query"):

@@ -173,7 +173,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             by_root.setdefault(r, []).append(p)
     used: set[fx.Node] = set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pending: list[tuple[set, set, Skipped]] = []
+    pending: list[tuple[set, set, Skipped, str]] = []
 
     for out in st.projections:
         if not out.contraction:
@@ -199,7 +199,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
         pins = [A.pinned[r] for r in elastic if r in A.pinned]
         if pins:
             pending.append((set(ins), {A.find(c) for c in elastic},
-                            Skipped(where, path, f"{kind} left dense: {pins[0]}", names)))
+                            Skipped(where, path, f"{kind} left dense: {pins[0]}", names), kind))
             continue
         if kind == "mlp" and len(set(derived)) != 1:
             skipped.append(Skipped(where, path, "mlp hidden axis is a product of several "
@@ -237,8 +237,9 @@ def _extract(gm: fx.GraphModule, st: Propagation):
     stream = {A.find(a) for b in blocks for q in b.in_projs
               for a in by_node[q.node].contraction or ()}
     outs = {b.out_proj.node.name for b in blocks} | \
-        {s.nodes[-1] for s in [*skipped, *(p[2] for p in pending)] if s.nodes}
-    skipped += [s for ins, classes, s in pending
+        {s.nodes[-1] for s in [*skipped, *(p[2] for p in pending if p[3] == "attention")]
+         if s.nodes}
+    skipped += [s for ins, classes, s, _ in pending
                 if not classes & stream and all(len(readers[c]) == 1 for c in classes)
                 and not {n.name for n in ins} <= outs]
     return blocks, skipped
