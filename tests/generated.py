@@ -59,11 +59,7 @@ def architectures(draw) -> Arch:
         mlp_hidden=draw(st.integers(3, 20)),
         mlp=mlp,
         bias=draw(st.booleans()),
-        # NARROWED (library bug, issue 16 item 9): a fused qkv projection with grouped
-        # query heads (group > 1) is analysed as `heads` independent KV groups (e.g. 9
-        # "groups" for 3 KV heads x 3 queries), not as 3 groups of 3; fused qkv is drawn
-        # only for plain multi-head attention until analyze/ handles it
-        fused_qkv=group == 1 and draw(st.booleans()),
+        fused_qkv=draw(st.booleans()),
         fused_gate_up=mlp in ("swiglu", "geglu") and draw(st.booleans()),
         parallel=draw(st.booleans()),
         norm=draw(st.sampled_from(["rms", "layer"])),
@@ -127,12 +123,8 @@ class Attention(nn.Module):
         k = k.view(b, t, -1, a.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, a.head_dim).transpose(1, 2)
         q, k = rotary(q, a.rotary), rotary(k, a.rotary)
-        rep = q.shape[1] // k.shape[1]
-        # NARROWED (library limitation, issue 16 item 9): analyze/propagate.py does not
-        # understand aten.repeat_interleave with repeats=1 on the head axis and leaves the
-        # whole attention dense; like HF's repeat_kv, the repeat is skipped when it is 1
-        if a.group > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        rep = q.shape[1] // k.shape[1]  # also when it is 1 (an identity the analysis follows)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -292,9 +284,12 @@ def reference(model: Generated, ids: torch.Tensor, keep: list[Keep]) -> torch.Te
 
 
 def reference_params(model: Generated, keep: list[Keep]) -> int:
-    """Parameters of the sub-network `keep` selects (a tied head counted once)."""
+    """Parameters of the sub-network `keep` selects (a tied head counted once; a parallel
+    post-norm layer never reads its norm2, so that norm is no part of the network)."""
     a = model.a
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if a.parallel and not a.pre_norm:
+        total -= sum(p.numel() for lay in model.layers for p in lay.norm2.parameters())
     for k in keep:
         heads_gone = a.heads - sum(len(js) for js in k.per_group)
         kv_gone = a.kv_heads - len(k.kv)

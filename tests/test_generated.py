@@ -83,12 +83,15 @@ def _check_orders(model, em, ops) -> None:
 
 
 def _check_coverage(model, em) -> None:
-    """Every nn.Linear but the output head is a projection of some block or skipped."""
+    """Every nn.Linear but the output head is a projection of some block or skipped; with a
+    single KV head, K and V stay whole as a named fixed part of the attention."""
     projected = {p.weight.removeprefix(em.param_prefix) for name in em.ops
                  for p in em.block(name).projections}
     skipped = [s.module_path for s in em.skipped if s.module_path]
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or mod_name == "head":
+            continue
+        if model.a.kv_heads == 1 and re.fullmatch(r"layers\.\d+\.attn\.[kv]", mod_name):
             continue
         inside = f"{mod_name}.weight" in projected or \
             any(mod_name == s or mod_name.startswith(s + ".") for s in skipped)
@@ -104,10 +107,16 @@ def check_architecture(arch, head_mode: str, mix_seed: int) -> None:
                                                               mlp_multiple=1),
                                  progress=False)
     ids = torch.randint(0, arch.vocab, (3, 5), generator=g)
-    # em.skipped may hold spurious candidate regions (a parallel residual reports the
-    # output head as an MLP "mixed with an unsliced tensor"); the real blocks must be elastic
     ops = _layer_ops(em)
-    assert len(ops) == 2 * arch.layers, f"{arch}: elastic ops {list(em.ops)}"
+    # a single-head attention has no head to remove: it is skipped, with the reason
+    assert len(ops) == (2 if arch.heads > 1 else 1) * arch.layers, \
+        f"{arch}: elastic ops {list(em.ops)}, skipped {em.skipped}"
+    assert all(s.module_path for s in em.skipped), f"a skipped entry of no module: {em.skipped}"
+    if arch.heads == 1:
+        assert {s.module_path for s in em.skipped} == \
+            {f"layers.{i}.attn" for i in range(arch.layers)}, em.skipped
+    else:
+        assert not em.skipped, em.skipped
     _check_orders(model, em, ops)
     _check_coverage(model, em)
     with torch.no_grad():
@@ -129,9 +138,7 @@ def check_architecture(arch, head_mode: str, mix_seed: int) -> None:
     em.set_full()
 
 
-# UNFINISHED: drawn models still fail (not yet minimised; see the branch's report), so the
-# 50-example run is kept out of the default suite until they are fixed or explained
-@pytest.mark.slow
+# 50 drawn models in `make test` (about 1-2 s each), 500 under `make test-slow`
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), head_mode=st.sampled_from(["group", "query"]),
        mix_seed=st.integers(0, 2**16))

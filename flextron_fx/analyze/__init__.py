@@ -173,7 +173,7 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             by_root.setdefault(r, []).append(p)
     used: set[fx.Node] = set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pending: list[tuple[fx.Node, set, Skipped]] = []
+    pending: list[tuple[set, set, Skipped, str]] = []
 
     for out in st.projections:
         if not out.contraction:
@@ -191,10 +191,15 @@ def _extract(gm: fx.GraphModule, st: Propagation):
         if not ins:
             continue
         names = [p.node.name for p in [*ins.values(), out]]
+        if not heads and all(A.has_role(r, "head_dim") for r in derived):
+            # one head: the only derived axis is its feature axis, which is no MLP's neurons
+            skipped.append(Skipped(where, path, "attention with a single head: there is no "
+                                                "head to remove; left dense", names))
+            continue
         pins = [A.pinned[r] for r in elastic if r in A.pinned]
         if pins:
-            pending.append((out.node, {A.find(c) for c in elastic},
-                            Skipped(where, path, f"{kind} left dense: {pins[0]}", names)))
+            pending.append((set(ins), {A.find(c) for c in elastic},
+                            Skipped(where, path, f"{kind} left dense: {pins[0]}", names), kind))
             continue
         if kind == "mlp" and len(set(derived)) != 1:
             skipped.append(Skipped(where, path, "mlp hidden axis is a product of several "
@@ -219,8 +224,11 @@ def _extract(gm: fx.GraphModule, st: Propagation):
             proj.node.meta["flextron"] = {"block": block.name, "kind": block.kind,
                                           "role": proj.role, "sizes": dict(block.sizes)}
     # A pinned "block" whose axis several projections read, or the in-projections of found
-    # blocks read, is the residual stream between blocks, not a block that was missed: a
-    # block's hidden axis (neurons, heads) is read back by its one out-projection only.
+    # blocks read, or that only found blocks' out-projections write, is the residual stream
+    # between blocks, not a block that was missed: a block's hidden axis (neurons, heads) is
+    # written by its in-projections and read back by its one out-projection only. (After the
+    # last layer of a parallel-residual model, attention and MLP outputs are summed into an
+    # axis only the output head reads; any linear layer dropped here is still accounted for.)
     readers: dict[int, set] = {}
     for p in st.projections:
         for a in p.contraction or ():
@@ -228,8 +236,12 @@ def _extract(gm: fx.GraphModule, st: Propagation):
     by_node = {p.node: p for p in st.projections}
     stream = {A.find(a) for b in blocks for q in b.in_projs
               for a in by_node[q.node].contraction or ()}
-    skipped += [s for _, classes, s in pending
-                if not classes & stream and all(len(readers[c]) == 1 for c in classes)]
+    outs = {b.out_proj.node.name for b in blocks} | \
+        {s.nodes[-1] for s in [*skipped, *(p[2] for p in pending if p[3] == "attention")]
+         if s.nodes}
+    skipped += [s for ins, classes, s, _ in pending
+                if not classes & stream and all(len(readers[c]) == 1 for c in classes)
+                and not {n.name for n in ins} <= outs]
     return blocks, skipped
 
 
@@ -279,15 +291,22 @@ def _account(gm: fx.GraphModule, st: Propagation, blocks: list[Block],
     kept_whole = [{A.find(a) for a in by_node[b.out_proj.node].contraction} for b in blocks]
     live = dataflow.live(gm.graph)
     fixed: list[Fixed] = []
+    names = {n.name: n for n in gm.graph.nodes}
+    region_out = {names[s.nodes[-1]]: s for s in skipped if s.nodes and s.nodes[-1] in names}
     for p in st.projections:
         if p.node.name in covered:
+            continue
+        region = next((region_out[o] for o in _feeds(p.node, set(region_out), by_node)), None)
+        if region is not None:  # computed within a region left dense: part of it
+            region.nodes.append(p.node.name)
             continue
         if p.node not in live:
             part = "unused"
         elif _unary_path_to_output(p.node, live):
             part = "output head"
         elif (all(A.has_role(a, "head_dim") for a in A.leaves([p.out_atom]))
-              or any(A.tree_roots(p.out_atom) <= k for k in kept_whole)):
+              or any(A.tree_roots(p.out_atom) <= k for k in kept_whole)
+              or _feeds(p.node, {b.out_proj.node for b in blocks}, by_node)):
             part = "unsliced part of a block"
         elif not _projection_before(p.x, by_node):
             part = "input projection"
@@ -300,6 +319,21 @@ def _account(gm: fx.GraphModule, st: Propagation, blocks: list[Block],
             continue
         fixed.append(Fixed(p.node.name, p.weight.target, part))
     return fixed
+
+
+def _feeds(node: fx.Node, outs: set, by_node) -> list[fx.Node]:
+    """Which of `outs` `node` reaches with no linear layer in between: its output is
+    computed with inside that block (a K/V with one KV head, its features rotated by an op
+    that leaves their axis unlabelled)."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        for user in stack.pop().users:
+            if user in outs:
+                found.append(user)
+            elif user not in seen and user not in by_node:
+                seen.add(user)
+                stack.append(user)
+    return found
 
 
 def _unary_path_to_output(node: fx.Node, live: set) -> bool:

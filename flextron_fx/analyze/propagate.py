@@ -56,6 +56,9 @@ class Propagation:
     labels: dict = field(default_factory=dict)
     projections: list[Projection] = field(default_factory=list)
     shape_args: list[ShapeArg] = field(default_factory=list)
+    # tensors downstream of an op with no rule that dropped their labels (up to the next
+    # projection): an unlabelled axis of one of them may still be a head axis
+    lost: set = field(default_factory=set)
 
 
 def _name(target) -> str:
@@ -86,6 +89,7 @@ def propagate(gm: fx.GraphModule) -> Propagation:
     """Label every tensor axis of `gm` with atoms. Requires `tensor_meta` (ShapeProp)."""
     st = Propagation(atoms=AtomTable())
     for node in gm.graph.nodes:
+        n_proj = len(st.projections)
         try:
             _visit(gm, st, node)
         except _Mismatch as exc:
@@ -95,6 +99,9 @@ def propagate(gm: fx.GraphModule) -> Propagation:
             _pin_inputs(st, node, f"no rule for this form of the op ({type(exc).__name__}: "
                                   f"{exc}): {node.format_node()}")
             _keep_same_shape(st, node)
+        if node.op == "call_function" and len(st.projections) == n_proj and \
+                any(a in st.lost for a in _tensor_args(node)):
+            st.lost.add(node)
     return st
 
 
@@ -170,7 +177,8 @@ def _visit(gm: fx.GraphModule, st: Propagation, node: fx.Node) -> None:
         return
 
     inputs = [a for a in _tensor_args(node)]
-    if not any(_labelled(_lab(st, a)) or isinstance(st.labels.get(a), tuple) for a in inputs):
+    if not any(_labelled(_lab(st, a)) or isinstance(st.labels.get(a), tuple) for a in inputs) \
+            and not (name == "repeat_interleave" and inputs):  # may repeat one K/V head
         st.labels[node] = None
         return
 
@@ -192,7 +200,9 @@ def _keep_same_shape(st: Propagation, node: fx.Node) -> None:
 
     The labels are pinned by now, so the block the op sits in is still found and is
     reported as left dense, with the op in the reason, instead of silently vanishing.
+    Any other op's output is marked lost (see Propagation.lost).
     """
+    st.lost.add(node)
     first = node.args[0] if node.args else None
     src = _shape(first) if isinstance(first, fx.Node) else None
     meta = node.meta.get("tensor_meta")
@@ -371,6 +381,30 @@ def _expand(st, node):
             out[k] = [st.atoms.new(out_shape[k])]  # a broadcast axis, e.g. repeat_kv's groups
             st.atoms.add_role(out[k][0], "broadcast")
     _record_shape_list(st, node, 1, out)
+    return out
+
+
+def _repeat_interleave(st, node):
+    """x.repeat_interleave(r, dim): element i becomes r copies at i*r .. i*r+r-1, so the
+    output axis is the product [input axis, r] with r a broadcast axis (a K/V head read by
+    r query heads, as in repeat_kv); r == 1 is the identity."""
+    shp = _shape(node.args[0])
+    lab = _lab(st, node.args[0]) or [None] * len(shp)
+    reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(reps, int) or dim is None:
+        if not _labelled(lab):
+            return None
+        raise _Mismatch("repeat_interleave with tensor or symbolic repeats, or over a "
+                        "flattened tensor")
+    dim %= len(shp)
+    out = list(lab)
+    if reps == 1 or (lab[dim] is None and shp[dim] != 1):
+        return out if _labelled(out) else None
+    rep = st.atoms.new(reps)
+    st.atoms.add_role(rep, "broadcast")
+    out[dim] = (list(lab[dim]) if lab[dim] is not None else []) + [rep]  # one K/V head: [r]
+    st.shape_args.append(ShapeArg(node, (1,), [[rep]]))
     return out
 
 
@@ -610,6 +644,8 @@ def _matmul(st, node):
         db = lb[jb] if jb >= 0 and sb[jb] != 1 else None
         if da is not None and db is not None:
             st.atoms.unify(da, db)
+        elif ja >= 0 and jb >= 0 and sa[ja] == sb[jb] != 1 and (a in st.lost or b in st.lost):
+            _pin_unfollowed_heads(st, node, da if da is not None else db)
         d = da if da is not None else db
         for x in st.atoms.leaves(d or []):
             st.atoms.add_role(x, "head")
@@ -656,6 +692,10 @@ def _sdpa(st, node):
     for d in (lq[-1], lv[-1]):
         for x in st.atoms.leaves(d or []):
             st.atoms.add_role(x, "head_dim")
+    for x, lab, n in ((q, lq, sq[-3]), (k, lk, sk[-3]), (v, lv, sk[-3])):
+        if lab[-3] is None and n > 1 and x in st.lost:  # its heads went through an unknown op
+            for d in (lq[-3], lk[-3], lv[-3]):
+                _pin_unfollowed_heads(st, node, d)
     hq, hk = _dim(st, lq[-3], sq[-3]), _dim(st, lk[-3], sk[-3])
     st.atoms.unify(hk, _dim(st, lv[-3], sk[-3]))
     if node.kwargs.get("enable_gqa", False) and sq[-3] != sk[-3]:
@@ -672,6 +712,14 @@ def _sdpa(st, node):
     if isinstance(mask, fx.Node):
         _mix_mask(st, node, mask, lq[:-1] + [lk[-2]], [*sq[:-1], sk[-2]])
     return lq[:-1] + [lv[-1]]
+
+
+def _pin_unfollowed_heads(st, node, d) -> None:
+    """Query heads meet K/V heads the analysis lost track of (an op it has no rule for
+    changed their shape): which K/V head a query head reads is unknown, so no head moves."""
+    for a in st.atoms.leaves(d or []):
+        st.atoms.pin(a, f"its heads meet heads of a tensor the analysis cannot follow to a "
+                        f"projection in {node.format_node()}")
 
 
 def _mix_mask(st, node, mask: fx.Node, scores: Dims, shape: list[int]) -> None:
@@ -696,6 +744,7 @@ def _mix_mask(st, node, mask: fx.Node, scores: Dims, shape: list[int]) -> None:
 _RULES = {
     **{n: _view for n in _VIEWS},
     "expand": _expand,
+    "repeat_interleave": _repeat_interleave,
     "flatten": _flatten,
     "unflatten": _unflatten,
     "transpose": _transpose,
