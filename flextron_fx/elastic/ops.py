@@ -110,12 +110,16 @@ class ShapeSize(nn.Module):
     def __init__(self, terms: list[tuple], rules: list[WidthRule]):
         super().__init__()
         self.terms, self.rules = terms, rules
+        self._sizes: dict[tuple, int] = {}
 
     def forward(self, *widths: int) -> int:
-        classes: dict[int, int] = {}
-        for rule, w in zip(self.rules, widths):
-            classes.update(rule.classes(w))
-        return sum(L.extent(t, classes) for t in self.terms)
+        size = self._sizes.get(widths)
+        if size is None:
+            classes: dict[int, int] = {}
+            for rule, w in zip(self.rules, widths):
+                classes.update(rule.classes(w))
+            size = self._sizes[widths] = sum(L.extent(t, classes) for t in self.terms)
+        return size
 
 
 class ElasticRegion(nn.Module):
