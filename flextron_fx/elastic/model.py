@@ -15,7 +15,7 @@ from torch import fx, nn
 from ..analyze import Block, dataflow
 from ..config import FlextronConfig
 from ..errors import InputError, WidthError
-from .ops import ElasticRegion, WeightSlice, WidthSource
+from .ops import ElasticRegion, WeightSlice, WidthSource, check_indices
 from .widths import candidates, width_rule
 
 
@@ -164,9 +164,6 @@ class ElasticModel(nn.Module):
 
     def _check_routed(self, name: str, w: torch.Tensor) -> torch.Tensor:
         op = self.ops[name]
-        if w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
-            raise WidthError(f"per-token widths of {name} must be an integer tensor of candidate "
-                             f"indices (0 .. {len(op.candidates) - 1}), got dtype {w.dtype}")
         if w.dim() != 2:
             raise WidthError(f"per-token widths of {name} must be shaped [batch, seq], got "
                              f"{tuple(w.shape)}")
@@ -174,10 +171,7 @@ class ElasticModel(nn.Module):
         if w.device != device:
             raise WidthError(f"per-token widths of {name} are on {w.device}, the model on "
                              f"{device}; move them with .to({str(device)!r})")
-        if w.numel() and (int(w.min()) < 0 or int(w.max()) >= len(op.candidates)):
-            raise WidthError(f"per-token widths of {name} are candidate indices in "
-                             f"[0, {len(op.candidates) - 1}] (candidates {list(op.candidates)}); "
-                             f"got values in [{int(w.min())}, {int(w.max())}]")
+        check_indices(w, op.candidates, name)
         if not self.routable(name):
             raise WidthError(f"{name} cannot run per-token widths: its block could not be "
                              "made one token-wise node (see the log of flextronize)")

@@ -202,12 +202,21 @@ class ElasticRegion(nn.Module):
         return part.index_select(-1, cols.to(part.device))
 
 
+def check_indices(index: torch.Tensor, candidates: tuple[int, ...], block: str) -> None:
+    """Per-token widths are integer candidate indices in range (clear errors otherwise)."""
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise WidthError(f"per-token widths of {block} must be an integer tensor of candidate "
+                         f"indices (0 .. {len(candidates) - 1}), got dtype {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(candidates)):
+        raise WidthError(f"per-token widths of {block} must be candidate indices in "
+                         f"[0, {len(candidates) - 1}] (candidates {list(candidates)}), got "
+                         f"values in [{int(index.min())}, {int(index.max())}]")
+
+
 def check_routed(index: torch.Tensor, x: torch.Tensor, candidates: tuple[int, ...],
                  block: str) -> None:
     """A per-token width tensor that fits the tokens of `x` (clear errors otherwise)."""
-    if index.dtype in (torch.bool,) or index.is_floating_point() or index.is_complex():
-        raise WidthError(f"per-token widths of {block} must be an integer tensor of candidate "
-                         f"indices, got dtype {index.dtype}")
+    check_indices(index, candidates, block)
     if index.device != x.device:
         raise WidthError(f"per-token widths of {block} are on {index.device} but the "
                          f"activations are on {x.device}; move them with .to({x.device})")
@@ -216,7 +225,3 @@ def check_routed(index: torch.Tensor, x: torch.Tensor, candidates: tuple[int, ..
         raise WidthError(f"per-token widths of {block} have shape {tuple(index.shape)} "
                          f"({index.numel()} tokens) but the input has {tokens} tokens; "
                          "pass one candidate index per token, shaped [batch, seq]")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(candidates)):
-        raise WidthError(f"per-token widths of {block} must be candidate indices in "
-                         f"[0, {len(candidates) - 1}] (candidates {list(candidates)}), got "
-                         f"values in [{int(index.min())}, {int(index.max())}]")
