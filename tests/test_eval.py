@@ -216,6 +216,8 @@ def test_eval_over_budgets_writes_rows_markdown_and_labelled_plots(tiny_corpus, 
                                  torch.randint(0, 128, (4, 8)), progress=False)
     tok = CharTokenizer()
     seen = []
+    before = {name: op.candidates[1] for name, op in em.ops.items()}
+    em.set_widths(before)
     result = evaluate(em, tok, elastic=True, budgets=[1.0, 0.5], domains=["tiny"], tasks=[],
                       max_tokens=64, seq_len=16, latency_reps=1, cache_dir=tiny_corpus,
                       echo=lambda s: None, on_progress=lambda r: seen.append(
@@ -227,7 +229,7 @@ def test_eval_over_budgets_writes_rows_markdown_and_labelled_plots(tiny_corpus, 
     assert rows[0]["params"] == em.num_params(1.0) and rows[1]["params"] == em.num_params(0.5)
     assert rows[1]["params_non_embedding"] < rows[0]["params_non_embedding"]
     assert rows[1]["mlp_kept"] <= 0.75 and rows[0]["mlp_kept"] == 1.0
-    assert em.widths == em.full_widths(), "evaluate leaves the model at full width"
+    assert em.widths == before, "evaluate gives back the widths the model had"
     em.set_widths(0.5)
     direct = domain_loss(em, tok, "tiny", seq_len=16, max_tokens=64, cache_dir=tiny_corpus)
     assert math.isclose(rows[1]["domains"]["tiny"]["loss"], direct["loss"], rel_tol=1e-6)

@@ -8,6 +8,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
+from types import MethodType
 
 import torch
 from torch import fx, nn
@@ -16,7 +17,10 @@ from ..analyze import Block, dataflow
 from ..config import FlextronConfig
 from ..errors import InputError, WidthError
 from .ops import ElasticRegion, WeightSlice, WidthSource, check_indices
+from .static import specialise
 from .widths import candidates, width_rule
+
+_PROGRAMS = 8  # static programs kept per model (one per recently used set of widths)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class ElasticModel(nn.Module):
                               candidates(b, config), dict(b.sizes)) for b in blocks}
         self.skipped: list = []  # blocks left dense, with reasons (analyze.Skipped)
         self.orders: dict = {}  # block -> axis -> stored order of original indices
+        self._programs: dict[tuple, object] = {}  # widths -> static program (see forward)
+        self._programs_of = self._last_key = None
+        self._width_targets: list[str] = []
 
     # ---- widths ------------------------------------------------------------------------
     def width_nodes(self) -> dict[str, fx.Node]:
@@ -228,7 +235,45 @@ class ElasticModel(nn.Module):
     # ---- running and exporting ----------------------------------------------------------
     def forward(self, *inputs):
         _check_call(inputs, self.sample_shape)
-        return self.graph_module(*inputs)
+        gm = self.graph_module
+        program = self._static_program()
+        if program is None:
+            return gm(*inputs)
+        # Run the program as gm's forward for this one call, so that gm's hooks (the traced
+        # input checks) run as they always do.
+        gm.forward = MethodType(program, gm)
+        try:
+            return gm(*inputs)
+        finally:
+            del gm.forward
+
+    def _static_program(self):
+        """The graph with the current widths folded in (elastic/static.py), or None.
+
+        None for per-token widths, under torch.compile or export, and the first time a set of widths is seen: a program is built on the
+        second forward pass in a row at the same widths, so training, which samples new widths
+        every step, never pays for building one.
+        """
+        gm = self.graph_module
+        if torch.compiler.is_compiling():
+            return None
+        if self._programs_of is not gm.code:
+            self._programs.clear()
+            self._programs_of, self._last_key = gm.code, None
+            self._width_targets = [n.target for n in width_nodes(gm).values()]
+        key = tuple(gm.get_submodule(t).value for t in self._width_targets)
+        if any(isinstance(w, torch.Tensor) for w in key):
+            return None
+        program = self._programs.get(key)
+        if program is None and key == self._last_key:
+            program = self._programs[key] = specialise(gm)
+            while len(self._programs) > _PROGRAMS:
+                self._programs.pop(next(iter(self._programs)))
+        self._last_key = key
+        return program
+
+    def __getstate__(self):  # generated code is rebuilt on demand, never copied or pickled
+        return {**super().__getstate__(), "_programs": {}, "_programs_of": None}
 
     def materialize(self, widths=None) -> nn.Module:
         """A plain dense copy at `widths` (default: the current ones) with sliced weights.

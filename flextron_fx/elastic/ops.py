@@ -149,6 +149,8 @@ class ElasticRegion(nn.Module):
         self.in_layout, self.groups = in_layout, groups
         self.pattern = dict(pattern or {})
         self._columns: dict[tuple[int, int], object] = {}
+        self._programs: dict[int, object] = {}  # width -> static program of `ref`
+        self._programs_of = None  # the `ref` code they were built from
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.pattern.items() if k != "projections"}
@@ -157,7 +159,20 @@ class ElasticRegion(nn.Module):
     def forward(self, x: torch.Tensor, width, *params):
         if isinstance(width, torch.Tensor):
             return self._routed(x, width, params)
-        return self.ref(x, width, *params)
+        return self._static(width)(self.ref, x, width, *params)
+
+    def _static(self, width: int):
+        """`ref` with this width folded in (elastic/static.py), built once per width."""
+        if self._programs_of is not self.ref.code:
+            self._programs, self._programs_of = {}, self.ref.code
+        program = self._programs.get(width)
+        if program is None:
+            from .static import specialise  # static.py builds on this module's node types
+            program = self._programs[width] = specialise(self.ref, {"width": width})
+        return program
+
+    def __getstate__(self):  # generated code is rebuilt on demand, never copied or pickled
+        return {**super().__getstate__(), "_programs": {}, "_programs_of": None}
 
     def _routed(self, x: torch.Tensor, index: torch.Tensor, params) -> torch.Tensor:
         check_routed(index, x, self.candidates, self.block)
@@ -174,7 +189,8 @@ class ElasticRegion(nn.Module):
                 continue
             width = self.candidates[c]
             part = self._own_columns(part, width, widest)
-            y = self.ref(part.reshape(*lead, n, part.shape[-1]), width, *params)
+            y = self._static(width)(self.ref, part.reshape(*lead, n, part.shape[-1]), width,
+                                    *params)
             outs.append(y.reshape(n, -1))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)

@@ -12,6 +12,7 @@ prompts reuse the key/value cache of their shared examples.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -67,13 +68,17 @@ def latencies_ms(model, budgets, *, elastic: bool, reps: int = 5, seq_len: int =
     with torch.inference_mode():
         for _ in range(max(reps, 1)):
             for b in budgets:
-                if elastic:
-                    model.set_widths(b)
-                model(ids)
-                t0 = time.perf_counter()
-                model(ids)
-                times[b].append((time.perf_counter() - t0) * 1e3)
+                with _at(model, b, elastic):
+                    model(ids)
+                    t0 = time.perf_counter()
+                    model(ids)
+                    times[b].append((time.perf_counter() - t0) * 1e3)
     return {b: statistics.median(t) for b, t in times.items()}
+
+
+def _at(model, budget: float, elastic: bool):
+    """The elastic model at `budget` for a `with` block; nothing to change for a plain one."""
+    return model.at(budget) if elastic else contextlib.nullcontext()
 
 
 def _kept(model, kind: str) -> float:
@@ -132,38 +137,38 @@ def evaluate(model, tokenizer, *, elastic: bool, budgets=(1.0,), domains=(), tas
               "settings": rows}
     progress = on_progress or (lambda r: None)
     for b in budgets:
-        t0 = time.perf_counter()
-        row: dict = {"budget": b}
-        if elastic:
-            model.set_widths(b)
-            row["mlp_kept"], row["heads_kept"] = _kept(model, "mlp"), _kept(model, "attention")
-        row["params"], row["params_non_embedding"] = param_counts(model, elastic)
-        row["latency_ms"] = latency[b]
-        echo(f"budget {b}: {row['params_non_embedding'] / 1e6:.1f} M non-embedding params, "
-             f"{row['latency_ms']:.0f} ms per 1x256 forward (median of {latency_reps})")
-        row["domains"], row["tasks"] = {}, {}
-        rows.append(row)
-        for d, toks in blocks.items():
-            r = domain_loss(model, tokenizer, d, split=split, batch_size=batch_size,
-                            blocks=toks)
-            row["domains"][d] = r
-            echo(f"  {d:<10} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  "
-                 f"({r['tokens']:,} tokens)")
-            progress(result)
-        if built:
-            scorer = _task_model(model, elastic, echo)
-            row["task_model"] = type(scorer).__name__
-            lm = lm_adapter(scorer, tokenizer, max_length=max_length,
-                            batch_tokens=max(batch_size * seq_len, 2048))
-        for task in built:  # one pass per task, so each is kept as soon as it is done
-            r = row["tasks"][task.name] = run_tasks(lm, [task])[task.name]
-            norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
-            echo(f"  {task.name:<10} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  "
-                 f"(n={r['n']}, {r['shots']}-shot)")
-            progress(result)
-        row["seconds"] = time.perf_counter() - t0
-    if elastic:
-        model.set_full()
+        with _at(model, b, elastic):  # the previous widths come back after
+            t0 = time.perf_counter()
+            row: dict = {"budget": b}
+            if elastic:
+                row["mlp_kept"] = _kept(model, "mlp")
+                row["heads_kept"] = _kept(model, "attention")
+            row["params"], row["params_non_embedding"] = param_counts(model, elastic)
+            row["latency_ms"] = latency[b]
+            echo(f"budget {b}: {row['params_non_embedding'] / 1e6:.1f} M non-embedding "
+                 f"params, {row['latency_ms']:.0f} ms per 1x256 forward (median of "
+                 f"{latency_reps})")
+            row["domains"], row["tasks"] = {}, {}
+            rows.append(row)
+            for d, toks in blocks.items():
+                r = domain_loss(model, tokenizer, d, split=split, batch_size=batch_size,
+                                blocks=toks)
+                row["domains"][d] = r
+                echo(f"  {d:<10} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  "
+                     f"bpb {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
+                progress(result)
+            if built:
+                scorer = _task_model(model, elastic, echo)
+                row["task_model"] = type(scorer).__name__
+                lm = lm_adapter(scorer, tokenizer, max_length=max_length,
+                                batch_tokens=max(batch_size * seq_len, 2048))
+            for task in built:  # one pass per task, so each is kept as soon as it is done
+                r = row["tasks"][task.name] = run_tasks(lm, [task])[task.name]
+                norm = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
+                echo(f"  {task.name:<10} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  "
+                     f"(n={r['n']}, {r['shots']}-shot)")
+                progress(result)
+            row["seconds"] = time.perf_counter() - t0
     return result
 
 
