@@ -2,9 +2,11 @@
 
     python benchmarks/forward_speed.py [--batch 1] [--seq 256] [--reps 15] [--json out.json]
 
-Every configuration runs once per round, rounds interleaved, so drift in the machine's
-speed hits all of them alike; the table reports each one's median and its ratio to the
-original Hugging Face model. Slices are views of the shared weights (a gather only for
+Every configuration runs once per round, in a new random order each round, so drift in
+the machine's speed hits all of them alike; the table reports each one's median, and its
+ratio to the original Hugging Face model as the median over rounds of the ratio within a
+round (with the interquartile range of those ratios), which a slow minute cannot bias.
+At repeated widths the elastic model runs its static program (elastic/static.py). Slices are views of the shared weights (a gather only for
 query heads kept inside KV groups, head mode "query"), so nothing is cached between
 forwards. Weights are random-order (no calibration): speed does not depend on the order.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -45,6 +48,7 @@ def main() -> None:
                 em.set_widths(fraction, kind=kind)
         return prepare, run
 
+    full_dense = em.materialize()
     em.set_widths(0.5, kind="mlp")
     mlp50_dense = em.materialize()
     em.set_full()
@@ -55,32 +59,41 @@ def main() -> None:
         "flextron heads 67%": setting(0.6, "attention"),
         "flextron heads 33%": setting(0.3, "attention"),
         "flextron MLP 50% + heads 67%": setting(0.5, None),
+        "materialized full width": (lambda: None, lambda: full_dense(ids)),
         "materialized MLP 50%": (lambda: None, lambda: mlp50_dense(ids)),
     }
+    order = random.Random(0)
     times: dict[str, list[float]] = {k: [] for k in configs}
     with torch.inference_mode():
-        for _ in range(2):  # warm-up
+        for _ in range(2):  # warm-up; the second call at new widths builds the program
             for prepare, run in configs.values():
                 prepare()
                 run()
+                run()
         for _ in range(args.reps):
-            for name, (prepare, run) in configs.items():
+            names = list(configs)
+            order.shuffle(names)
+            for name in names:
+                prepare, run = configs[name]
                 prepare()
                 run()  # one untimed call at the new widths
                 t0 = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["original (HF eager)"])
     full = statistics.median(times["flextron full width"])
     rows = []
     print(f"{args.model}, batch {args.batch} x seq {args.seq}, {args.reps} interleaved rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'configuration':<32}{'median ms':>10}{'vs original':>13}{'speed-up vs full':>18}")
+    print(f"{'configuration':<32}{'median ms':>10}{'vs original':>13}{'(IQR)':>15}"
+          f"{'speed-up vs full':>18}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"config": name, "median_ms": med * 1e3, "ratio_to_original": med / base,
-                     "speedup_vs_full": full / med})
-        print(f"{name:<32}{med * 1e3:>10.1f}{med / base:>13.3f}{full / med:>18.2f}")
+        ratios = [t / b for t, b in zip(ts, times["original (HF eager)"])]
+        q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rows.append({"config": name, "median_ms": med * 1e3, "ratio_to_original": ratio,
+                     "ratio_iqr": [q1, q3], "speedup_vs_full": full / med})
+        print(f"{name:<32}{med * 1e3:>10.1f}{ratio:>13.3f}{f'{q1:.3f}-{q3:.3f}':>15}"
+              f"{full / med:>18.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "seq": args.seq,

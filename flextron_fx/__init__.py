@@ -11,6 +11,7 @@ from .elastic.model import ElasticModel
 from .errors import (
     CalibrationDataError,
     CheckpointError,
+    ExportError,
     FlextronError,
     InputShapeError,
     OutputError,
@@ -23,8 +24,8 @@ from .export.checkpoint import load, save
 from .pipeline import flextronize
 
 __all__ = [
-    "CalibrationDataError", "CheckpointError", "ElasticModel", "FlextronConfig", "FlextronError",
-    "InputShapeError", "OutputError", "ProfileError", "TraceError", "UnsupportedModelError",
+    "CalibrationDataError", "CheckpointError", "ElasticModel", "ExportError", "FlextronConfig",
+    "FlextronError", "InputShapeError", "OutputError", "ProfileError", "TraceError", "UnsupportedModelError",
     "WidthError", "flextronize", "load", "save",
 ]
 __version__ = "0.1.0"

@@ -55,3 +55,7 @@ class InputShapeError(InputError):
 class OutputError(FlextronError):
     """An output path holds something that writing there would delete, or cannot be
     written to."""
+
+
+class ExportError(FlextronError):
+    """An export that failed, or whose result does not match the model it came from."""

@@ -1,0 +1,72 @@
+"""ONNX export of fixed sub-networks: onnxruntime against PyTorch, and nothing half-written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import calibration, output
+from zoo import ZOO, sample_inputs
+
+import flextron_fx
+from flextron_fx import ExportError, OutputError, WidthError
+from flextron_fx.export import to_onnx
+
+ort = pytest.importorskip("onnxruntime")
+
+FAST = ["llama", "bert"]  # a decoder with GQA and SwiGLU, an encoder; the rest: make test-slow
+
+
+def _convert(arch: str):
+    return flextron_fx.flextronize(ZOO[arch](), sample_inputs(arch), calibration(),
+                                   progress=False)
+
+
+def _check_file(em, path, widths):
+    """The file's outputs on new shapes equal the materialized sub-network's (1e-4)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dense = em.materialize(widths)
+    for batch, seq in ((1, 3), (4, 11)):
+        ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        (got, *_) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+        want = output(dense, ids).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("arch", FAST)
+def test_onnx_equals_pytorch_at_two_budgets(arch, tmp_path):
+    em = _convert(arch)
+    last = {w: _check_file(em, to_onnx(em, tmp_path / f"{w}.onnx", w), w) for w in (1.0, 0.5)}
+    assert not np.allclose(last[1.0], last[0.5], atol=1e-3)  # the budget is in the file
+    full, half = (tmp_path / "1.0.onnx").stat().st_size, (tmp_path / "0.5.onnx").stat().st_size
+    assert half < full  # sliced weights, not the full ones plus Slice ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(set(ZOO) - set(FAST)))
+def test_onnx_equals_pytorch_on_the_whole_zoo(arch, tmp_path):
+    em = _convert(arch)
+    for widths in (1.0, 0.75, 0.5):
+        _check_file(em, to_onnx(em, tmp_path / f"{widths}.onnx", widths), widths)
+
+
+def test_bad_exports_leave_nothing_behind(tmp_path):
+    em = _convert("llama")
+    target = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        to_onnx(em, target, 0.5, atol=-1.0)  # no file can pass: the check must refuse
+    assert list(tmp_path.iterdir()) == []
+    name = next(iter(em.ops))
+    with pytest.raises(WidthError, match="per-token"):
+        to_onnx(em, target, {name: torch.zeros((2, 8), dtype=torch.long)})
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(OutputError, match="folder"):
+        to_onnx(em, tmp_path / "d.onnx", 0.5)
+    target.write_bytes(b"old")
+    with pytest.raises(OutputError, match="overwrite"):
+        to_onnx(em, target, 0.5)
+    assert target.read_bytes() == b"old"
+    to_onnx(em, target, 0.5, overwrite=True)
+    assert target.stat().st_size > 1000
