@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     from .profile.commands import add_parser as add_profile
 
     add_profile(sub)
+    from .export.commands import add_parser as add_export
+
+    add_export(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError

@@ -1,0 +1,130 @@
+"""`flextron export`: one fixed sub-network of a saved elastic model as ONNX or Hugging Face.
+
+    flextron export DIR --fraction 0.5 --format onnx --out small.onnx
+    flextron export DIR --widths widths.json --format hf --out small-hf/
+    flextron export DIR --budget params=0.6 --format onnx --out small.onnx
+    flextron export DIR --budget latency=0.6 --lut lut.json --format onnx --out small.onnx
+
+A budget picks the largest uniform widths (one fraction for every op) whose cost fits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    """Register ``flextron export`` on the top-level subparsers ``sub``."""
+    p = sub.add_parser("export", help="write one sub-network as ONNX or a Hugging Face model",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("elastic", help="a folder saved by `flextron convert` or `train-elastic`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fraction", type=float, help="every op at this width fraction")
+    which.add_argument("--widths", help="a JSON file {op name: width} (as `em.widths`)")
+    which.add_argument("--budget", help="latency=0.6, params=50M, memory=300MB, ...: the "
+                                        "largest uniform widths within it")
+    p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
+                                               "latency budgets")
+    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--out", required=True, help="an .onnx file, or a folder for --format hf")
+    p.add_argument("--tokenizer", default=None,
+                   help="bundled model whose tokenizer is saved beside a Hugging Face export")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=export_command)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..errors import CheckpointError
+
+    if not Path(args.elastic).is_dir():
+        raise CheckpointError(f"{args.elastic} is not a folder; pass one saved by "
+                              "`flextron convert` or `flextron train-elastic`")
+    em = load(args.elastic)
+    widths = _widths(em, args)
+    print(f"widths: {_describe(em, widths)}")
+    if args.format == "onnx":
+        from .onnx import to_onnx
+
+        path = to_onnx(em, args.out, widths, overwrite=args.overwrite)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), checked in onnxruntime")
+        return 0
+    return _save_hf(em, widths, args)
+
+
+def _widths(em, args: argparse.Namespace):
+    from ..errors import WidthError
+
+    if args.fraction is not None:
+        return em.static_widths(args.fraction)
+    if args.widths is not None:
+        try:
+            chosen = json.loads(Path(args.widths).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WidthError(f"cannot read widths from {args.widths}: {exc}; write a JSON "
+                             "object {op name: width}") from exc
+        if not isinstance(chosen, dict):
+            raise WidthError(f"{args.widths} holds a {type(chosen).__name__}; write a JSON "
+                             "object {op name: width}")
+        return em.static_widths(chosen)
+    return uniform_for_budget(em, args.budget, args.lut)
+
+
+def uniform_for_budget(em, budget: str, lut: str | None = None) -> dict[str, int]:
+    """The largest uniform widths whose cost fits `budget` ("params=0.6", ...)."""
+    from ..errors import ProfileError
+    from ..profile.cost import Budget, CostModel
+    from ..profile.table import LatencyTable
+
+    limit = Budget.parse(budget)
+    if limit.metric == "latency" and lut is None:
+        raise ProfileError("a latency budget needs a latency table: pass --lut (made by "
+                           "`flextron profile`), or use a params or memory budget")
+    cost = CostModel(em, LatencyTable.load(lut) if lut else None)
+    fractions = sorted({c / op.full for op in em.ops.values() for c in op.candidates},
+                       reverse=True)
+    settings = [em.static_widths(f) for f in fractions]
+    fitting = [w for w in settings if limit.allows(cost, w)]
+    if not fitting:
+        smallest = min(cost.cost(limit.metric, w) for w in settings)
+        full = cost.cost(limit.metric, None)
+        raise ProfileError(f"no uniform sub-network meets {budget}: the smallest costs "
+                           f"{smallest:.4g} ({smallest / full:.1%} of the full model's "
+                           f"{full:.4g})")
+    return fitting[0]
+
+
+def _describe(em, widths: dict) -> str:
+    parts = []
+    for kind, unit in (("mlp", "MLP neurons"), ("attention", "heads")):
+        ops = [op for op in em.ops.values() if op.kind == kind]
+        if ops:
+            kept = sum(widths[o.name] for o in ops) / sum(o.full for o in ops)
+            parts.append(f"{kept:.0%} of {unit}")
+    return ", ".join(parts) + f", {em.num_params(widths) / 1e6:.1f} M parameters"
+
+
+def _save_hf(em, widths: dict, args: argparse.Namespace) -> int:
+    from .._atomic import replace_folder
+    from ..errors import OutputError
+    from .hf import to_hf
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputError(f"{out} exists; pass --overwrite to replace it")
+    model = to_hf(em, widths)
+    tokenizer = None
+    if args.tokenizer:
+        from ..models import tokenizer as load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    with replace_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    print(f"wrote {out} ({type(model).__name__}"
+          f"{', with tokenizer' if tokenizer is not None else ''}); load it with "
+          "transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
