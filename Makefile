@@ -19,7 +19,7 @@ demo: venv
 
 # ruff comes with the dev extra; the rules are in pyproject.toml ([tool.ruff]).
 lint: venv
-	.venv/bin/ruff check flextron_fx tests benchmarks
+	.venv/bin/ruff check flextron_fx tests benchmarks examples
 
 test: venv
 	$(PY) -m pytest -q
