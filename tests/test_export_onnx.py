@@ -10,7 +10,7 @@ from zoo import ZOO, sample_inputs
 
 import flextron_fx
 from flextron_fx import ExportError, OutputError, WidthError
-from flextron_fx.export import to_onnx
+from flextron_fx.export import to_elastic_onnx, to_onnx
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -70,3 +70,53 @@ def test_bad_exports_leave_nothing_behind(tmp_path):
     assert target.read_bytes() == b"old"
     to_onnx(em, target, 0.5, overwrite=True)
     assert target.stat().st_size > 1000
+
+
+# ---- one file for every budget ------------------------------------------------------------
+def _elastic_file_matches(em, path, settings):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names[-1] == "setting"
+    outs = []
+    for k, widths in enumerate(settings):
+        dense = em.materialize(widths)
+        for batch, seq in ((1, 3), (3, 10)):
+            ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(k))
+            (got, *_) = session.run(None, {names[0]: ids.numpy(),
+                                           "setting": np.array(k, dtype=np.int64)})
+            np.testing.assert_allclose(got, output(dense, ids).numpy(), atol=1e-4, rtol=1e-4)
+        outs.append(got)
+    return outs
+
+
+@pytest.mark.parametrize("arch,head_mode", [("llama", "group"), ("phi3", "query")])
+def test_one_elastic_onnx_serves_every_budget(arch, head_mode, tmp_path):
+    em = flextron_fx.flextronize(ZOO[arch](), sample_inputs(arch), calibration(),
+                                 config=flextron_fx.FlextronConfig(head_mode=head_mode),
+                                 progress=False)
+    name = next(n for n, op in em.ops.items() if op.kind == "mlp")
+    mixed = {**em.static_widths(0.75), name: em.ops[name].candidates[0]}  # per-op widths
+    settings = [1.0, 0.5, mixed]
+    path = to_elastic_onnx(em, tmp_path / "all.onnx", settings)
+    outs = _elastic_file_matches(em, path, settings)
+    assert not np.allclose(outs[0], outs[1], atol=1e-3)
+    single = to_onnx(em, tmp_path / "full.onnx", 1.0).stat().st_size
+    assert path.stat().st_size < 1.5 * single  # the full weights once (plus index tables)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(set(ZOO) - {"llama"}))
+def test_one_elastic_onnx_on_the_whole_zoo(arch, tmp_path):
+    em = _convert(arch)
+    settings = [1.0, 0.75, 0.5]
+    _elastic_file_matches(em, to_elastic_onnx(em, tmp_path / "all.onnx", settings), settings)
+
+
+def test_elastic_onnx_refuses_per_token_widths(tmp_path):
+    em = _convert("llama")
+    name = next(iter(em.ops))
+    with pytest.raises(WidthError, match="per-token"):
+        to_elastic_onnx(em, tmp_path / "a.onnx", [{name: torch.zeros((2, 8), dtype=torch.long)}])
+    with pytest.raises(WidthError, match="at least one"):
+        to_elastic_onnx(em, tmp_path / "a.onnx", [])
+    assert not (tmp_path / "a.onnx").exists()

@@ -1,7 +1,8 @@
 """Stage: export. Materialised dense models, ONNX files, Hugging Face models and
 elastic checkpoints."""
 
+from .elastic_onnx import to_elastic_onnx
 from .hf import to_hf
 from .onnx import to_onnx
 
-__all__ = ["to_hf", "to_onnx"]
+__all__ = ["to_elastic_onnx", "to_hf", "to_onnx"]

@@ -82,16 +82,16 @@ def example_inputs(em: ElasticModel, batch: int | None = None, seq: int | None =
     return tuple(inputs), tuple(dynamic)
 
 
-def _export(dense: torch.nn.Module, inputs: tuple, dynamic: tuple):
+def _export(dense: torch.nn.Module, inputs: tuple, dynamic: tuple, names=None):
     with warnings.catch_warnings():  # the exporter's own deprecation chatter
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
                 dense, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False,
-                input_names=[f"input_{i}" for i in range(len(inputs))])
+                input_names=names or [f"input_{i}" for i in range(len(inputs))])
         except Exception as exc:  # the exporter raises many types; keep its message
-            raise ExportError(f"torch.onnx.export failed on the materialized sub-network: "
+            raise ExportError(f"torch.onnx.export failed on {type(dense).__name__}: "
                               f"{type(exc).__name__}: {str(exc)[:800]}") from exc
     proto = program.model_proto
     if proto.ByteSize() > _LIMIT:

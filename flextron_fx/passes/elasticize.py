@@ -379,6 +379,7 @@ def _inline_regions(gm: fx.GraphModule) -> None:
                 env[n] = graph.create_node(n.op, target,
                                            fx.node.map_arg(n.args, env.__getitem__),
                                            fx.node.map_arg(n.kwargs, env.__getitem__))
+                env[n].meta = dict(n.meta)
         graph.erase_node(node)
 
 
