@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 import flextron_fx
 from flextron_fx import cli
 from flextron_fx.errors import FingerprintError, MissingEntryError, ProfileError
-from flextron_fx.profile import Budget, CostModel, LatencyTable, ProfileConfig, profile
-from flextron_fx.profile.backends import get_backend
-from flextron_fx.profile.runtime import LayerwiseModel
-from flextron_fx.profile.table import FORMAT, VERSION, model_signature, op_rows
+from flextron_fx.profiler import Budget, CostModel, LatencyTable, ProfileConfig, profile
+from flextron_fx.profiler.backends import get_backend
+from flextron_fx.profiler.runtime import LayerwiseModel
+from flextron_fx.profiler.table import FORMAT, VERSION, model_signature, op_rows
 
 HYP = settings(max_examples=6, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -196,7 +196,7 @@ def test_a_table_for_another_setup_is_refused_naming_what_differs(table, zoo_con
     with pytest.raises(FingerprintError, match="model.hash"):
         CostModel(em_query, table)
     # validation measures here, so a table from another machine is refused before measuring
-    from flextron_fx.profile import check
+    from flextron_fx.profiler import check
 
     moved = LatencyTable(copy.deepcopy(table.data), source="moved.json")
     moved.data["fingerprint"]["machine"]["cpu"] = "Some Other CPU"
@@ -294,7 +294,7 @@ def test_profile_then_check_on_a_tiny_llama(mode, zoo_converted, tmp_path, capsy
 
 def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, tmp_path,
                                                                  monkeypatch, capsys):
-    from flextron_fx.profile import measure
+    from flextron_fx.profiler import measure
 
     _, em = zoo_converted("llama", head_mode="group")
     config = ProfileConfig(shapes="1x8", threads=1, repeats=3, warmup=0)
@@ -315,8 +315,8 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode,
                                                                             zoo_converted):
-    from flextron_fx.profile.measure import Runner
-    from flextron_fx.profile.onnxrt import ExportedNetwork
+    from flextron_fx.profiler.measure import Runner
+    from flextron_fx.profiler.onnxrt import ExportedNetwork
 
     _, em = zoo_converted("llama", head_mode="group")
     rt = LayerwiseModel(em)
@@ -347,7 +347,7 @@ def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode
 
 
 def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path):
-    from flextron_fx.profile.validate import check
+    from flextron_fx.profiler.validate import check
 
     _, em = zoo_converted("llama", head_mode="group")
     with pytest.raises(ProfileError, match="float32"):
@@ -376,7 +376,7 @@ def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path)
 def test_spearman_matches_scipy_with_ties():
     from scipy.stats import spearmanr
 
-    from flextron_fx.profile.validate import spearman
+    from flextron_fx.profiler.validate import spearman
 
     a, b = [1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 4.0], [2.0, 1.0, 3.0, 3.0, 6.0, 4.0, 4.0]
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
@@ -386,7 +386,7 @@ def test_spearman_matches_scipy_with_ties():
 def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_converted,
                                                                         tmp_path, monkeypatch,
                                                                         capsys):
-    from flextron_fx.profile import onnxrt
+    from flextron_fx.profiler import onnxrt
 
     _, em = zoo_converted("llama", head_mode="group")
     config = ProfileConfig(backend="onnxruntime-cpu", shapes="1x8", threads=1, repeats=2,

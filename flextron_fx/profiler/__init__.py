@@ -7,7 +7,7 @@
     validate.check(em, table)            predicted vs measured on random sub-networks
 
 Example:
-    >>> from flextron_fx.profile import ProfileConfig, profile, CostModel   # doctest: +SKIP
+    >>> from flextron_fx.profiler import ProfileConfig, profile, CostModel   # doctest: +SKIP
     >>> table = profile(em, ProfileConfig(mode="decode", shapes="1x256"))  # doctest: +SKIP
     >>> CostModel(em, table).latency(0.5)                                # doctest: +SKIP
 """

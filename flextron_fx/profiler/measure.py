@@ -34,8 +34,10 @@ from torch import nn
 
 from ..elastic.model import ElasticModel
 from ..errors import ProfileError
+from . import onnxrt
 from .backends import get_backend
-from .runtime import LayerwiseModel
+from .cost import CostModel
+from .runtime import LayerwiseModel, fixed_modules
 from .table import (
     FORMAT,
     MODES,
@@ -109,21 +111,6 @@ def uniform_grid(em: ElasticModel) -> list[tuple[str, dict[str, int]]]:
         out.append((" ".join(f"{k}={w}" for k, w in first.items()), widths))
     return out
 
-
-def fixed_modules(rt: LayerwiseModel) -> list[tuple[str, nn.Module, str]]:
-    """Leaf modules with weights outside every elastic op, with the fixed part they are."""
-    op_paths = [op.module for op in rt.em.ops.values()]
-    head = rt.model.get_output_embeddings()
-    out = []
-    for path, mod in rt.model.named_modules():
-        if any(path == p or path.startswith(p + ".") for p in op_paths):
-            continue
-        if next(mod.children(), None) is not None or next(mod.parameters(False), None) is None:
-            continue
-        part = ("head" if mod is head else "embedding" if isinstance(mod, nn.Embedding)
-                else "dense" if isinstance(mod, nn.Linear) else "norms")
-        out.append((path, mod, part))
-    return out
 
 
 class ModuleTimer:
@@ -265,8 +252,6 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
 
     try:
         if backend.runtime == "onnxruntime":
-            from . import onnxrt
-
             onnxrt.measure(rt, config, configs, samples, threads,
                            lambda shape: Runner(rt, backend, config.mode, shape,
                                                 seed=config.seed),
@@ -358,8 +343,6 @@ def build_table(em, fingerprint, settings, configs, samples, seconds) -> Latency
             "settings": settings, "rows": rows, "entries": entries, "fixed": fixed,
             "anchors": anchors, "seconds": round(seconds, 1)}
     table = LatencyTable(data)
-    from .cost import CostModel
-
     cost = CostModel(em, table)
     names = list(em.ops)
     for key, items in anchors.items():

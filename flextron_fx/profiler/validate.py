@@ -20,6 +20,7 @@ import torch
 
 from .._atomic import savefig_atomic
 from ..elastic.model import ElasticModel
+from . import onnxrt
 from .backends import get_backend
 from .cost import CostModel
 from .measure import DTYPES, Runner, _bar, _load_average, busy_warning, quiet_gc, uniform_grid
@@ -125,9 +126,7 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
             runner = Runner(rt, backend, table.mode, parse_shapes(key)[0], seed=seed)
             bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
             if backend.runtime == "onnxruntime":
-                from .onnxrt import time_networks
-
-                times = time_networks(rt, nets, runner, threads=threads, repeats=repeats,
+                times = onnxrt.time_networks(rt, nets, runner, threads=threads, repeats=repeats,
                                       warmup=warmup, bar=bar)
             else:
                 times = _time_torch(rt, nets, runner, repeats, warmup, bar)

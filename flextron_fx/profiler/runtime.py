@@ -136,3 +136,18 @@ def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
     setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
     if isinstance(owner, nn.Linear) and leaf == "weight":
         owner.out_features, owner.in_features = value.shape
+
+def fixed_modules(rt: LayerwiseModel) -> list[tuple[str, nn.Module, str]]:
+    """Leaf modules with weights outside every elastic op, with the fixed part they are."""
+    op_paths = [op.module for op in rt.em.ops.values()]
+    head = rt.model.get_output_embeddings()
+    out = []
+    for path, mod in rt.model.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in op_paths):
+            continue
+        if next(mod.children(), None) is not None or next(mod.parameters(False), None) is None:
+            continue
+        part = ("head" if mod is head else "embedding" if isinstance(mod, nn.Embedding)
+                else "dense" if isinstance(mod, nn.Linear) else "norms")
+        out.append((path, mod, part))
+    return out
