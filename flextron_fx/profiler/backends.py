@@ -2,7 +2,7 @@
 
 A backend names a runtime and a device ("torch-cpu"). Its clock times a region: wall time
 around a synchronous CPU call, CUDA events for asynchronous GPU work. Imports in this package go one way, from the stage below to the one above:
-table -> cost -> backends -> runtime -> onnxrt -> measure -> validate -> commands.
+table -> cost -> backends -> runtime, graphrun -> onnxrt -> measure -> validate -> commands.
 
 Adding a backend
 (the Triton kernels of a later issue) registers one more `Backend`; the

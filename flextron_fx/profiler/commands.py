@@ -102,6 +102,11 @@ def summary(table) -> str:
     lines = [(f"{fp['backend']} {fp['dtype']} {fp['mode']}, "
               f"{fp['machine'].get('threads')} threads, model {fp['model']['class']} "
               f"({fp['model']['ops']} elastic ops)")]
+    settings = table.data.get("settings", {})
+    if settings.get("method"):
+        lines.append(f"measured on {settings['method']}")
+    if settings.get("decode") and fp["mode"] == "prefill":
+        lines.append(f"decode: {settings['decode']}")
     for key in table.shapes:
         fixed = table.fixed_ms(key)
         lines.append(f"shape {key}: fixed " + ", ".join(f"{p} {v:.3f}" for p, v in fixed.items())
