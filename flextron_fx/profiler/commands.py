@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                    help="spread random sub-networks over this fraction of full latency to 1")
     p.add_argument("--shapes", default=None, help="subset of the table's shapes")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per sub-network")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up forwards after every switch in the first round (later: 1, "
+                        "or none with 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every point and the metrics here")
     p.add_argument("--plot", default=None, help="scatter plot PNG")
@@ -82,8 +85,11 @@ def run_check(args) -> dict:
                            "correlation")
     em = _load(args.run_dir)
     table = LatencyTable.load(args.lut)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ProfileError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and "
+                           f"{args.warmup}")
     result = check(em, table, n=args.n, seed=args.seed, low=args.low, repeats=args.repeats,
-                   shapes=args.shapes, progress=not args.no_progress)
+                   warmup=args.warmup, shapes=args.shapes, progress=not args.no_progress)
     print(report(result))
     if args.json:
         from .._atomic import write_atomic

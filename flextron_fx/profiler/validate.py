@@ -208,6 +208,9 @@ def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar):
     """Every network timed right after and before the full model, in rounds:
     full, net a, full, net b, full, ... (the order of the nets alternates between rounds).
 
+    Warm-up forwards after every switch: `warmup` in the first round, then one (none
+    when `warmup` is 0).
+
     Returns ({i: [ms per round]}, {i: [ms / mean of the two full forwards beside it]}):
     a drift of the machine's speed slower than one forward cancels in the ratio.
     """
@@ -218,7 +221,7 @@ def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar):
     def timed(i, widths, first):
         net.set(widths)
         runner.prepare(i)
-        for _ in range(warmup if first else 1):
+        for _ in range(warmup if first else min(warmup, 1)):
             runner.run(i)
         return runner.run(i)
 
