@@ -13,6 +13,7 @@ import json
 import random
 
 import pytest
+import torch
 from zoo import ZOO
 
 import flextron_fx
@@ -21,7 +22,7 @@ from flextron_fx.elastic.ops import ElasticRegion
 from flextron_fx.errors import UnsupportedModelError
 from flextron_fx.profiler import CostModel, LatencyTable, ProfileConfig, check, profile
 from flextron_fx.profiler.commands import summary
-from flextron_fx.profiler.graphrun import GraphModel, block_extents
+from flextron_fx.profiler.graphrun import GraphModel, _first_tensor, block_extents
 
 NAMES = sorted(ZOO)
 FIXED = 3.0  # ms the fake clock adds per whole-graph forward: embedding, norms, head, glue
@@ -120,7 +121,16 @@ def test_a_real_graph_table_is_built_for_every_architecture(name, zoo_converted)
     extents = block_extents(em)
     assert set(extents) == set(em.ops)
     assert all(extents[a].isdisjoint(extents[b]) for a in extents for b in extents if a != b)
-    assert set(GraphModel(em).blocks) == set(em.ops)
+    gr = GraphModel(em)
+    assert set(gr.blocks) == set(em.ops)
+    smallest = {n: op.candidates[0] for n, op in em.ops.items()}
+    gr.set(smallest)  # blocks run as static programs of these widths, computing the same
+    assert all("forward" in mod.__dict__ for mod in gr.blocks.values())
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(_first_tensor(gr.split(ids)), _first_tensor(em(ids)),
+                                   atol=1e-5, rtol=0)
+    em.set_full()
     table = profile(em, ProfileConfig(shapes="1x8", threads=1, repeats=1, warmup=1),
                     progress=False)
     for n, op in em.ops.items():

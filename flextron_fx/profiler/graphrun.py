@@ -15,10 +15,14 @@ GraphModules (no per-node interpretation). A block's partition holds its *extent
 Forward hooks around the block partitions time each block; the glue (embedding, norms,
 head, rotary tables, mask building, residual adds) is what the whole graph's time leaves
 over (measure.py). Widths are set on the elastic model (`set`), which the split graph
-shares (its WidthSource modules are the same objects), so switching costs nothing.
+shares (its WidthSource modules are the same objects), and every block partition then
+runs as a static program with its widths folded in (elastic/static.py), as the whole
+model does at repeated int widths, so blocks are timed as users run them.
 """
 
 from __future__ import annotations
+
+from types import MethodType
 
 import networkx as nx
 import torch
@@ -28,6 +32,7 @@ from torch.fx.passes.split_module import split_module
 from ..analyze import dataflow
 from ..elastic.model import ElasticModel
 from ..elastic.ops import ElasticRegion
+from ..elastic.static import specialise
 from ..errors import UnsupportedModelError
 from ..trace import vocab_size
 
@@ -118,7 +123,16 @@ class GraphModel:
         missing = [n for n in em.ops if n not in self.blocks]
         if missing:
             raise UnsupportedModelError(f"no partition came out for the blocks {missing}")
+        # the width values each block partition reads as inputs: folded in per width set
+        # (elastic/static.py), as ElasticModel.forward runs a graph at repeated int widths
+        feeds = {node.name: op for op, node in em.width_nodes().items()}
+        self._constants = {
+            name: {n.name: feeds[n.name] for n in mod.graph.nodes
+                   if n.op == "placeholder" and n.name in feeds}
+            for name, mod in self.blocks.items()}
+        self._programs: dict = {}
         self.widths = em.static_widths(None)
+        self._fold()
         if check:
             self._check_random()
 
@@ -131,6 +145,21 @@ class GraphModel:
         widths = self.em.static_widths(widths)
         self.em.set_widths(widths)
         self.widths = widths
+        self._fold()
+
+    def _fold(self) -> None:
+        """Run every block partition as a static program of its current widths, as the
+        whole model runs at repeated int widths (hooks on the partitions still fire)."""
+        for name, mod in self.blocks.items():
+            constants = {ph: self.widths[op] for ph, op in self._constants[name].items()}
+            key = (name, tuple(sorted(constants.items())))
+            if key not in self._programs:
+                self._programs[key] = specialise(mod, constants)
+            program = self._programs[key]
+            if program is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = MethodType(program, mod)
 
     def _check_random(self) -> None:
         """The split graph computes what the elastic graph does at a random per-op mix."""
@@ -148,6 +177,7 @@ class GraphModel:
         finally:
             self.em.set_widths(before)
             self.widths = self.em.static_widths(None)
+            self._fold()
         if ref.shape != got.shape or not torch.allclose(ref.float(), got.float(), atol=1e-4,
                                                         rtol=1e-4):
             raise UnsupportedModelError(
