@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from flextron_fx.profile.commands import layer_costs
-from flextron_fx.profile.table import LatencyTable, describe_shape
+from flextron_fx.profiler.commands import layer_costs
+from flextron_fx.profiler.table import LatencyTable, describe_shape
 
 
 def main(paths: list[str]) -> None:

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_data(sub)
     add_eval(sub)
-    from .profile.commands import add_parser as add_profile
+    from .profiler.commands import add_parser as add_profile
 
     add_profile(sub)
     from .export.commands import add_parser as add_export

@@ -1,5 +1,6 @@
 """The profiler: latency tables (fingerprint, lookups), cost models, the per-layer Hugging
-Face runtime it measures on, and the profile / profile-check commands on a tiny Llama.
+Face runtime it measures decode on, and the profile / profile-check commands on a tiny
+Llama. The graph-level profiler of every architecture: test_profiler_graph.py.
 
 Timings of tiny models are noise; nothing here asserts a speed, only structure and exact
 arithmetic. The accuracy numbers come from `flextron profile-check` on SmolLM2."""
@@ -18,10 +19,10 @@ from hypothesis import strategies as st
 import flextron_fx
 from flextron_fx import cli
 from flextron_fx.errors import FingerprintError, MissingEntryError, ProfileError
-from flextron_fx.profile import Budget, CostModel, LatencyTable, ProfileConfig, profile
-from flextron_fx.profile.backends import get_backend
-from flextron_fx.profile.runtime import LayerwiseModel
-from flextron_fx.profile.table import FORMAT, VERSION, model_signature, op_rows
+from flextron_fx.profiler import Budget, CostModel, LatencyTable, ProfileConfig, profile
+from flextron_fx.profiler.backends import get_backend
+from flextron_fx.profiler.runtime import LayerwiseModel
+from flextron_fx.profiler.table import FORMAT, VERSION, model_signature, op_rows
 
 HYP = settings(max_examples=6, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -196,7 +197,7 @@ def test_a_table_for_another_setup_is_refused_naming_what_differs(table, zoo_con
     with pytest.raises(FingerprintError, match="model.hash"):
         CostModel(em_query, table)
     # validation measures here, so a table from another machine is refused before measuring
-    from flextron_fx.profile import check
+    from flextron_fx.profiler import check
 
     moved = LatencyTable(copy.deepcopy(table.data), source="moved.json")
     moved.data["fingerprint"]["machine"]["cpu"] = "Some Other CPU"
@@ -235,7 +236,8 @@ def test_the_table_covers_every_op_width_and_shape_and_round_trips(table, zoo_co
                 assert e["n"] == 2 * (8 // len(op.candidates)) * 2
                 assert e["p25_ms"] <= e["median_ms"] <= e["p75_ms"]
     for shape in ("1x8", "2x4"):
-        assert set(data["fixed"][shape]) == {"embedding", "norms", "head", "other"}
+        # prefill on torch-cpu times the graph's blocks; the rest of a forward is one part
+        assert set(data["fixed"][shape]) == {"other"}
         assert len(data["anchors"][shape]) == 2 * 4  # every head count x every MLP width
     again = LatencyTable.load(table.save(tmp_path / "t.json"))
     assert again.data == json.loads(json.dumps(table.data))
@@ -254,10 +256,11 @@ def test_unknown_and_unavailable_backends_say_what_exists():
         ProfileConfig(mode="train")
 
 
-def test_models_without_a_hugging_face_class_are_refused_clearly(zoo_converted):
+def test_decode_without_a_hugging_face_class_is_refused_clearly(zoo_converted):
     _, em = zoo_converted("nanogpt")
-    with pytest.raises(flextron_fx.UnsupportedModelError, match="Hugging Face class.*need no"):
-        profile(em, ProfileConfig(shapes="1x4", repeats=1), progress=False)
+    with pytest.raises(flextron_fx.UnsupportedModelError,
+                       match="decode is unavailable.*not a Hugging Face class.*need no"):
+        profile(em, ProfileConfig(mode="decode", shapes="1x4", repeats=1), progress=False)
 
 
 # ---- the commands, end to end ---------------------------------------------------------------
@@ -288,13 +291,15 @@ def test_profile_then_check_on_a_tiny_llama(mode, zoo_converted, tmp_path, capsy
         widths = dict(zip(em.ops, p["widths"]))
         assert p["predicted_ms"] == pytest.approx(cost.latency(widths))
         assert p["rel_error"] == pytest.approx(p["predicted_ms"] / p["measured_ms"] - 1)
+        assert p["predicted_ratio"] == pytest.approx(cost.fraction("latency", widths))
+        assert p["ratio_error"] == pytest.approx(p["predicted_ratio"] / p["measured_ratio"] - 1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Spearman" in capsys.readouterr().out
 
 
 def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, tmp_path,
                                                                  monkeypatch, capsys):
-    from flextron_fx.profile import measure
+    from flextron_fx.profiler import measure
 
     _, em = zoo_converted("llama", head_mode="group")
     config = ProfileConfig(shapes="1x8", threads=1, repeats=3, warmup=0)
@@ -315,15 +320,15 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode,
                                                                             zoo_converted):
-    from flextron_fx.profile.measure import Runner
-    from flextron_fx.profile.onnxrt import ExportedNetwork
+    from flextron_fx.profiler.onnxrt import ExportedNetwork
+    from flextron_fx.profiler.runtime import Runner
 
     _, em = zoo_converted("llama", head_mode="group")
     rt = LayerwiseModel(em)
     widths = {n: op.candidates[i % len(op.candidates)] for i, (n, op) in
               enumerate(em.ops.items())}  # a per-layer mix, not a uniform width
     rt.set(widths)
-    runner = Runner(rt, get_backend("onnxruntime-cpu"), mode, (2, 8))
+    runner = Runner(rt, get_backend("onnxruntime-cpu").clock(), mode, (2, 8))
     net = ExportedNetwork(rt, runner, "mix", threads=1, profiled=True, check=False)
     got = net.sessions["plain"].run(None, net.feeds)[0]
     kwargs = {"input_ids": runner.ids}
@@ -347,7 +352,7 @@ def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode
 
 
 def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path):
-    from flextron_fx.profile.validate import check
+    from flextron_fx.profiler.validate import check
 
     _, em = zoo_converted("llama", head_mode="group")
     with pytest.raises(ProfileError, match="float32"):
@@ -376,7 +381,7 @@ def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path)
 def test_spearman_matches_scipy_with_ties():
     from scipy.stats import spearmanr
 
-    from flextron_fx.profile.validate import spearman
+    from flextron_fx.profiler.validate import spearman
 
     a, b = [1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 4.0], [2.0, 1.0, 3.0, 3.0, 6.0, 4.0, 4.0]
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
@@ -386,7 +391,7 @@ def test_spearman_matches_scipy_with_ties():
 def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_converted,
                                                                         tmp_path, monkeypatch,
                                                                         capsys):
-    from flextron_fx.profile import onnxrt
+    from flextron_fx.profiler import onnxrt
 
     _, em = zoo_converted("llama", head_mode="group")
     config = ProfileConfig(backend="onnxruntime-cpu", shapes="1x8", threads=1, repeats=2,

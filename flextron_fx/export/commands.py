@@ -75,8 +75,8 @@ def _widths(em, args: argparse.Namespace):
 def uniform_for_budget(em, budget: str, lut: str | None = None) -> dict[str, int]:
     """The largest uniform widths whose cost fits `budget` ("params=0.6", ...)."""
     from ..errors import ProfileError
-    from ..profile.cost import Budget, CostModel
-    from ..profile.table import LatencyTable
+    from ..profiler.cost import Budget, CostModel
+    from ..profiler.table import LatencyTable
 
     limit = Budget.parse(budget)
     if limit.metric == "latency" and lut is None:

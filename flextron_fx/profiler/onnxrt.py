@@ -35,32 +35,12 @@ import torch
 from torch import nn
 
 from ..errors import ProfileError
-from .runtime import LayerwiseModel
+from .runtime import LayerwiseModel, fixed_modules
 from .table import shape_key
 
 WRAP = "net"  # attribute of the export wrapper holding the model: scopes start "net."
 
 
-def available() -> str | None:
-    """None when onnxruntime and the exporter's onnxscript import, else what to install."""
-    missing = []
-    for mod in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
-    if missing:
-        return (f"{', '.join(missing)} not installed; pip install 'flextron_fx[onnx]' "
-                "(onnx, onnxruntime, onnxscript)")
-    return None
-
-
-def machine_facts(threads: int) -> dict:
-    import onnxruntime
-
-    from .backends import cpu_machine
-
-    return dict(cpu_machine(threads), onnxruntime=onnxruntime.__version__)
 
 
 class _Prefill(nn.Module):
@@ -91,8 +71,6 @@ class _Decode(nn.Module):
 def attribution(rt: LayerwiseModel) -> dict[str, tuple[str, str]]:
     """Module path -> ("op", op name) or ("fixed", part), for every module a node can be
     scoped to; anything else is "other"."""
-    from .measure import fixed_modules
-
     out = {op.module: ("op", name) for name, op in rt.em.ops.items()}
     out.update({path: ("fixed", part) for path, _, part in fixed_modules(rt)})
     return out

@@ -1,7 +1,10 @@
 """Where latency is measured: a registry of backends, each with its clock and machine facts.
 
 A backend names a runtime and a device ("torch-cpu"). Its clock times a region: wall time
-around a synchronous CPU call, CUDA events for asynchronous GPU work. Adding a backend
+around a synchronous CPU call, CUDA events for asynchronous GPU work. Imports in this package go one way, from the stage below to the one above:
+table -> cost -> backends -> runtime, graphrun -> onnxrt -> measure -> validate -> commands.
+
+Adding a backend
 (the Triton kernels of a later issue) registers one more `Backend`; the
 table format does not change, since a table only records the backend's name and its
 machine facts in the fingerprint.
@@ -95,16 +98,24 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
-def _ort_available():
-    from .onnxrt import available
+def ort_available() -> str | None:
+    """None when onnxruntime and the exporter's onnxscript import, else what to install."""
+    missing = []
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        return (f"{', '.join(missing)} not installed; pip install 'flextron_fx[onnx]' "
+                "(onnx, onnxruntime, onnxscript)")
+    return None
 
-    return available()
 
+def ort_machine(threads: int) -> dict:
+    import onnxruntime
 
-def _ort_machine(threads: int) -> dict:
-    from .onnxrt import machine_facts
-
-    return machine_facts(threads)
+    return dict(cpu_machine(threads), onnxruntime=onnxruntime.__version__)
 
 # named in the issue, not measured yet: said in the error so users know they are planned
 PLANNED = {
@@ -124,7 +135,7 @@ register(Backend("torch-cuda", "cuda", CudaClock, cuda_machine,
                  "torch sees no CUDA device on this machine",
                  notes="PyTorch eager on GPU 0; CUDA events"))
 
-register(Backend("onnxruntime-cpu", "cpu", CpuClock, _ort_machine, needs=_ort_available,
+register(Backend("onnxruntime-cpu", "cpu", CpuClock, ort_machine, needs=ort_available,
                  notes="sub-networks exported to ONNX, onnxruntime's CPU provider; wall time, "
                        "per-op times from onnxruntime's profiler",
                  runtime="onnxruntime", dtypes=("float32",)))

@@ -1,16 +1,27 @@
 """Measure a latency table: every elastic op at every candidate width, in context.
 
-Method. A `LayerwiseModel` (runtime.py) runs the source Hugging Face class with every op
-switchable between dense variants. For each shape, a grid of uniform-width sub-networks
-(every MLP candidate x every attention candidate) runs in interleaved rounds: per round
-and sub-network one warm-up forward after the switch, one forward with hooks that time
-every op module and every fixed module (embedding, norms, output head), and one forward
-without hooks for the end-to-end time. Op timings pool over the layers sharing a row and
-over rounds; the median and quartiles go into the table. "other" is what end-to-end time
-leaves over after the timed modules: the glue between modules (residual adds, rotary
-tables, mask building, Python dispatch), fitted as a constant over the grid. Timing ops inside the running model, rather than
-each module alone, keeps what the sum predicts close to what the whole network does
-(caches hold what a real forward leaves there; no per-call timer overhead is counted).
+What runs. Prefill on torch-cpu at the model's own dtype measures the elastic graph itself
+(`graphrun.GraphModel`): the graph split into one partition per elastic block (an MLP's
+`flextron_mlp_i` region; an attention block from its q/k/v projections to its
+`flextron_out_i` region) and glue partitions between them. This works for every model
+`flextronize` converts. Decode (it needs a key/value cache, which the traced graph does
+not have), other dtypes, CUDA and onnxruntime run the source Hugging Face class rebuilt
+with per-op dense variants (`runtime.LayerwiseModel`, Llama-style classes only); for
+other models they are refused with a message saying so, and a prefill table records
+whether decode is available (`settings["decode"]`, printed by `flextron profile`).
+
+Method. For each shape, a grid of uniform-width sub-networks (every MLP candidate x every
+attention candidate) runs in interleaved rounds: per round and sub-network one warm-up
+forward after the switch, one forward with hooks that time every block (and, on the
+Hugging Face runtime, every fixed module: embedding, norms, output head), and one
+forward of the whole model without hooks for the end-to-end time. Op timings pool over
+the layers sharing a row and over rounds; the median and quartiles go into the table.
+"other" is what end-to-end time leaves over after the timed parts (graph: everything
+outside the blocks: embedding, norms, head, rotary tables, mask building, residual adds;
+Hugging Face runtime: the glue between modules), fitted as a constant over the grid.
+Timing blocks inside the running model, rather than each block alone, keeps what the sum
+predicts close to what the whole network does (caches hold what a real forward leaves
+there; no per-call timer overhead is counted).
 
 Decode: each sub-network first fills a KV cache of the shape's length with one prefill
 (not timed); every timed step gets a fresh copy of that cache and runs one new token per
@@ -33,9 +44,12 @@ import torch
 from torch import nn
 
 from ..elastic.model import ElasticModel
-from ..errors import ProfileError
+from ..errors import ProfileError, UnsupportedModelError
+from . import onnxrt
 from .backends import get_backend
-from .runtime import LayerwiseModel
+from .cost import CostModel
+from .graphrun import GraphModel, GraphRunner
+from .runtime import LayerwiseModel, Runner, decode_unavailable, fixed_modules
 from .table import (
     FORMAT,
     MODES,
@@ -110,32 +124,15 @@ def uniform_grid(em: ElasticModel) -> list[tuple[str, dict[str, int]]]:
     return out
 
 
-def fixed_modules(rt: LayerwiseModel) -> list[tuple[str, nn.Module, str]]:
-    """Leaf modules with weights outside every elastic op, with the fixed part they are."""
-    op_paths = [op.module for op in rt.em.ops.values()]
-    head = rt.model.get_output_embeddings()
-    out = []
-    for path, mod in rt.model.named_modules():
-        if any(path == p or path.startswith(p + ".") for p in op_paths):
-            continue
-        if next(mod.children(), None) is not None or next(mod.parameters(False), None) is None:
-            continue
-        part = ("head" if mod is head else "embedding" if isinstance(mod, nn.Embedding)
-                else "dense" if isinstance(mod, nn.Linear) else "norms")
-        out.append((path, mod, part))
-    return out
-
 
 class ModuleTimer:
-    """Forward hooks that time every op variant and fixed module while `enabled`."""
+    """Forward hooks that time modules while `enabled`: `modules` is a list of
+    (module, ("op", op name) or ("fixed", part))."""
 
-    def __init__(self, rt: LayerwiseModel, clock):
+    def __init__(self, modules, clock):
         self.clock, self.enabled, self.marks, self.handles = clock, False, [], []
-        for name, variants in rt.variants.items():
-            for mod in variants.values():
-                self._hook(mod, ("op", name))
-        for _, mod, part in fixed_modules(rt):
-            self._hook(mod, ("fixed", part))
+        for mod, key in modules:
+            self._hook(mod, key)
 
     def _hook(self, mod: nn.Module, key: tuple) -> None:
         stack: list = []
@@ -166,49 +163,63 @@ class ModuleTimer:
             h.remove()
 
 
-class Runner:
-    """Runs one forward of the current sub-network at one mode and shape, and times it."""
+METHODS = {
+    "graph": "the elastic graph split into one partition per block (graphrun.py); "
+             "forward hooks time every block in context over a grid of uniform widths, one "
+             "warm-up forward after every switch; 'other' = whole-graph time minus the blocks",
+    "layerwise": "the source Hugging Face class with per-op dense variants (runtime.py); "
+                 "in-context module hooks over a grid of uniform widths, one warm-up forward "
+                 "after every switch",
+    "onnxruntime": "onnxruntime's kernel profiler on exported sub-networks of the uniform "
+                   "grid (built from the source Hugging Face class), one after another",
+}
 
-    def __init__(self, rt: LayerwiseModel, backend, mode: str, shape, seed: int = 0):
-        self.rt, self.mode, self.clock = rt, mode, backend.clock()
-        b, n = shape
-        device = next(rt.model.parameters()).device
-        vocab = int(getattr(rt.model.config, "vocab_size", 100))
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (b, n if mode == "prefill" else 1), generator=g)
-        self.ids = self.ids.to(device)
-        if mode == "decode":
-            self.prompt = torch.randint(0, vocab, (b, n), generator=g).to(device)
-            self.pos = torch.full((b, 1), n, dtype=torch.long, device=device)
-        self._kv: dict = {}
 
-    def prepare(self, key) -> None:
-        """Decode: fill (once per sub-network `key`) the KV cache the timed steps start from."""
-        if self.mode == "decode" and key not in self._kv:
-            with torch.inference_mode():
-                out = self.rt.model(input_ids=self.prompt, use_cache=True)
-            cache = out.cache if "cache" in out else out.past_key_values
-            self._kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
+def method_for(em: ElasticModel, backend, mode: str, dtype: str) -> str:
+    """Which runtime measures: the elastic graph itself where it can (torch on the CPU,
+    prefill, the dtype the model holds: every architecture), else the rebuilt Hugging Face
+    class (decode, other dtypes, CUDA, onnxruntime: Llama-style classes only)."""
+    if backend.runtime == "onnxruntime":
+        return "onnxruntime"
+    held = next(iter(em.parameters()), torch.empty(0)).dtype
+    if mode == "prefill" and backend.device == "cpu" and DTYPES[dtype] == held:
+        return "graph"
+    return "layerwise"
 
-    def cache(self, key) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode: the (keys, values) per layer that `prepare(key)` filled."""
-        return self._kv[key]
 
-    def run(self, key=None) -> float:
-        """One forward (prefill) or one decode step; returns milliseconds."""
-        with torch.inference_mode():
-            if self.mode == "prefill":
-                kwargs = {"input_ids": self.ids}
-            else:
-                from transformers import DynamicCache
+def build_runtime(em: ElasticModel, method: str, mode: str, dtype: str, device: str):
+    """The GraphModel or LayerwiseModel that `method` measures on; a clear error when the
+    model has no Hugging Face class that the layerwise runtime can rebuild."""
+    if method == "graph":
+        return GraphModel(em)
+    why = decode_unavailable(em)
+    if why is None:
+        try:
+            return LayerwiseModel(em, dtype=DTYPES[dtype], device=device)
+        except UnsupportedModelError as exc:
+            why = str(exc)
+    what = ("decode is unavailable for this model" if mode == "decode" else
+            f"{method} measurement ({dtype}, {device}) is unavailable for this model")
+    raise UnsupportedModelError(
+        f"{what}: it runs sub-networks in their source Hugging Face class (for a key/value "
+        f"cache), which it can rebuild for Llama-style classes only, and here {why}. Prefill "
+        "on torch-cpu at the model's own dtype measures the elastic graph itself and works "
+        "for every architecture; CostModel(em).params() and .memory() need no table")
 
-                kwargs = {"input_ids": self.ids, "use_cache": True, "position_ids": self.pos,
-                          "cache": DynamicCache(ddp_cache_data=self.cache(key))}
-            start = self.clock.mark()
-            self.rt.model(**kwargs)
-            end = self.clock.mark()
-        self.clock.sync()
-        return self.clock.ms(start, end)
+
+def timed_modules(net) -> list:
+    """(module, key) pairs that ModuleTimer hooks for this runtime."""
+    if isinstance(net, GraphModel):
+        return [(mod, ("op", name)) for name, mod in net.blocks.items()]
+    out = [(mod, ("op", name)) for name, variants in net.variants.items()
+           for mod in variants.values()]
+    return out + [(mod, ("fixed", part)) for _, mod, part in fixed_modules(net)]
+
+
+def make_runner(net, clock, mode: str, shape, seed: int):
+    if isinstance(net, GraphModel):
+        return GraphRunner(net, clock, shape, seed=seed)
+    return Runner(net, clock, mode, shape, seed=seed)
 
 
 def current_fingerprint(em: ElasticModel, config: ProfileConfig, threads: int) -> dict:
@@ -219,11 +230,12 @@ def current_fingerprint(em: ElasticModel, config: ProfileConfig, threads: int) -
 
 
 def profile(em: ElasticModel, config: ProfileConfig = ProfileConfig(), *, path=None,
-            progress: bool = True, echo=print) -> LatencyTable:
+            progress: bool = True, echo=print, clock=None) -> LatencyTable:
     """Measure the latency table of `em` on this machine (see the module docstring).
 
     With `path`, the table is written there and partial results to `path.partial` as
-    rounds finish; an interrupted run resumes from them.
+    rounds finish; an interrupted run resumes from them. `clock` replaces the backend's
+    clock (tests inject a fake one to check the arithmetic exactly).
 
     Example:
         >>> table = profile(em, ProfileConfig(shapes="1x256"), path="lut.json")  # doctest: +SKIP
@@ -236,23 +248,22 @@ def profile(em: ElasticModel, config: ProfileConfig = ProfileConfig(), *, path=N
     threads = config.threads or threads_before
     torch.set_num_threads(threads)
     try:
-        return _profile(em, config, backend, threads, path, progress, echo)
+        return _profile(em, config, backend, threads, path, progress, echo,
+                        clock if clock is not None else backend.clock())
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable:
+def _profile(em, config, backend, threads, path, progress, echo, clock) -> LatencyTable:
     t_start = time.perf_counter()
     fingerprint = current_fingerprint(em, config, threads)
     busy_warning(echo)
-    settings = dict(config.to_dict(), threads=threads, method=(
-        "onnxruntime's kernel profiler on exported sub-networks of the uniform grid, one "
-        "after another" if backend.runtime == "onnxruntime" else
-        "in-context module hooks over a grid of uniform widths; one warm-up forward after "
-        "every switch"))
+    method = method_for(em, backend, config.mode, config.dtype)
+    settings = dict(config.to_dict(), threads=threads, method=METHODS[method])
+    before = em.widths
+    net = build_runtime(em, method, config.mode, config.dtype, backend.device)
     partial_path = Path(str(path) + ".partial") if path else None
     samples, spent = _load_partial(partial_path, fingerprint, settings, echo)
-    rt = LayerwiseModel(em, dtype=DTYPES[config.dtype], device=backend.device)
     configs = uniform_grid(em)
     total = len(config.shapes) * config.repeats * len(configs)
     done = sum(len(v) for v in samples.values())
@@ -264,20 +275,23 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
                           spent + time.perf_counter() - t_start)
 
     try:
-        if backend.runtime == "onnxruntime":
-            from . import onnxrt
-
-            onnxrt.measure(rt, config, configs, samples, threads,
-                           lambda shape: Runner(rt, backend, config.mode, shape,
+        if method == "onnxruntime":
+            onnxrt.measure(net, config, configs, samples, threads,
+                           lambda shape: Runner(net, clock, config.mode, shape,
                                                 seed=config.seed),
                            bar, save)
         else:
-            _measure_torch(rt, backend, config, configs, samples, bar, save)
+            _measure_torch(net, clock, config, configs, samples, bar, save)
     finally:
         bar.close()
-        rt.set(em.full_widths())
+        if method != "graph":
+            net.set(em.full_widths())
+        em.set_widths(before)
     seconds = spent + time.perf_counter() - t_start
     settings["load_average"] = _load_average()
+    why = decode_unavailable(em) if config.mode == "prefill" else None
+    settings["decode"] = ("measured" if config.mode == "decode" else
+                          "available" if why is None else f"unavailable: {why}")
     table = build_table(em, fingerprint, settings, configs, samples, seconds)
     if path:
         table.save(path)
@@ -286,14 +300,14 @@ def _profile(em, config, backend, threads, path, progress, echo) -> LatencyTable
     return table
 
 
-def _measure_torch(rt, backend, config, configs, samples, bar, save) -> None:
+def _measure_torch(net, clock, config, configs, samples, bar, save) -> None:
     """Interleaved rounds over the grid; `save()` after every round."""
-    timer = ModuleTimer(rt, backend.clock())
+    timer = ModuleTimer(timed_modules(net), clock)
     try:
         for shape in config.shapes:
             key = shape_key(shape)
             have = samples.setdefault(key, [])
-            runner = Runner(rt, backend, config.mode, shape, seed=config.seed)
+            runner = make_runner(net, clock, config.mode, shape, config.seed)
             start_round = len(have) // len(configs)
             del have[start_round * len(configs):]
             for r in quiet_gc(range(start_round, config.repeats)):
@@ -301,12 +315,12 @@ def _measure_torch(rt, backend, config, configs, samples, bar, save) -> None:
                 if r % 2:
                     order.reverse()  # alternate the order so slow drift cancels
                 for i, (_, widths) in order:
-                    rt.set(widths)
+                    net.set(widths)
                     runner.prepare(i)
                     for _ in range(config.warmup if r == start_round else 1):
                         runner.run(i)
                     timer.enabled = True
-                    runner.run(i)
+                    runner.run_parts(i)
                     timer.enabled = False
                     ops, fixed = timer.collect()
                     e2e = runner.run(i)
@@ -358,13 +372,20 @@ def build_table(em, fingerprint, settings, configs, samples, seconds) -> Latency
             "settings": settings, "rows": rows, "entries": entries, "fixed": fixed,
             "anchors": anchors, "seconds": round(seconds, 1)}
     table = LatencyTable(data)
-    from .cost import CostModel
-
     cost = CostModel(em, table)
     names = list(em.ops)
+    full = list(em.full_widths().values())
     for key, items in anchors.items():
+        full_pred = cost.latency(None, shape=key)
+        full_meas = next((a["measured"]["median_ms"] for a in items if a["widths"] == full),
+                         None)
+        data.setdefault("full", {})[key] = {"predicted_ms": full_pred, "measured_ms": full_meas}
         for a in items:
             a["predicted_ms"] = cost.latency(dict(zip(names, a["widths"])), shape=key)
+            # budgets are fractions of the full model: what validation compares
+            a["predicted_fraction"] = a["predicted_ms"] / full_pred
+            if full_meas:
+                a["measured_fraction"] = a["measured"]["median_ms"] / full_meas
     return table
 
 

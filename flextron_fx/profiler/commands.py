@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                    help="spread random sub-networks over this fraction of full latency to 1")
     p.add_argument("--shapes", default=None, help="subset of the table's shapes")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per sub-network")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up forwards after every switch in the first round (later: 1, "
+                        "or none with 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every point and the metrics here")
     p.add_argument("--plot", default=None, help="scatter plot PNG")
@@ -82,8 +85,11 @@ def run_check(args) -> dict:
                            "correlation")
     em = _load(args.run_dir)
     table = LatencyTable.load(args.lut)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ProfileError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and "
+                           f"{args.warmup}")
     result = check(em, table, n=args.n, seed=args.seed, low=args.low, repeats=args.repeats,
-                   shapes=args.shapes, progress=not args.no_progress)
+                   warmup=args.warmup, shapes=args.shapes, progress=not args.no_progress)
     print(report(result))
     if args.json:
         from .._atomic import write_atomic
@@ -102,6 +108,11 @@ def summary(table) -> str:
     lines = [(f"{fp['backend']} {fp['dtype']} {fp['mode']}, "
               f"{fp['machine'].get('threads')} threads, model {fp['model']['class']} "
               f"({fp['model']['ops']} elastic ops)")]
+    settings = table.data.get("settings", {})
+    if settings.get("method"):
+        lines.append(f"measured on {settings['method']}")
+    if settings.get("decode") and fp["mode"] == "prefill":
+        lines.append(f"decode: {settings['decode']}")
     for key in table.shapes:
         fixed = table.fixed_ms(key)
         lines.append(f"shape {key}: fixed " + ", ".join(f"{p} {v:.3f}" for p, v in fixed.items())

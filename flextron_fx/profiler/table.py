@@ -16,8 +16,14 @@ JSON layout (format "flextron-latency-table", version 1):
      "rows": {row id: {"kind", "sizes", "candidates", "ops": [op names]}},
      "entries": {row id: {shape: {width: {"median_ms", "p25_ms", "p75_ms", "n"}}}},
      "fixed": {shape: {part: {...same stats...}}},
-     "anchors": {shape: [{"label", "widths", "measured", "predicted_ms"}]},
+     "anchors": {shape: [{"label", "widths", "measured", "predicted_ms",
+                          "predicted_fraction", "measured_fraction"}]},
+     "full": {shape: {"predicted_ms", "measured_ms"}},  (the full model, when measured)
      "seconds": total measuring time}
+
+Budgets and routers use fractions of the full model (`fraction`, `CostModel.fraction`):
+a machine that runs uniformly slower or faster later changes every entry by the same
+factor, so the fractions, and what `flextron profile-check` validates, still hold.
 
 Shapes are written "BxL": batch x sequence length (prefill) or batch x KV-cache length
 (decode: one new token per sequence attending over L cached ones).
@@ -211,6 +217,20 @@ class LatencyTable:
                 f"width {width} and shape {key} ({self.mode}); it has widths {have_w} at "
                 f"shapes {sorted(by_shape)}. Profile with this width and shape")
         return entry[stat]
+
+    def full_ms(self, shape=None) -> float:
+        """Predicted latency (ms) of the full model: every op at full width plus fixed."""
+        key = self._shape(shape)
+        fixed = sum(self.fixed_ms(key).values())
+        ops = 0.0
+        for row in self.data["rows"].values():
+            widest = max(int(w) for w in row["candidates"])
+            ops += len(row["ops"]) * self.op_latency(row["ops"][0], widest, key)
+        return fixed + ops
+
+    def fraction(self, op: str, width: int, shape=None) -> float:
+        """`op` at `width` as a fraction of the full model's predicted latency."""
+        return self.op_latency(op, width, shape) / self.full_ms(shape)
 
     def fixed_ms(self, shape=None, stat: str = "median_ms") -> dict[str, float]:
         key = self._shape(shape)

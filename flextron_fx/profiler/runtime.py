@@ -136,3 +136,85 @@ def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
     setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
     if isinstance(owner, nn.Linear) and leaf == "weight":
         owner.out_features, owner.in_features = value.shape
+
+def fixed_modules(rt: LayerwiseModel) -> list[tuple[str, nn.Module, str]]:
+    """Leaf modules with weights outside every elastic op, with the fixed part they are."""
+    op_paths = [op.module for op in rt.em.ops.values()]
+    head = rt.model.get_output_embeddings()
+    out = []
+    for path, mod in rt.model.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in op_paths):
+            continue
+        if next(mod.children(), None) is not None or next(mod.parameters(False), None) is None:
+            continue
+        part = ("head" if mod is head else "embedding" if isinstance(mod, nn.Embedding)
+                else "dense" if isinstance(mod, nn.Linear) else "norms")
+        out.append((path, mod, part))
+    return out
+
+class Runner:
+    """Runs one forward of the current sub-network at one mode and shape, and times it."""
+
+    def __init__(self, rt: LayerwiseModel, clock, mode: str, shape, seed: int = 0):
+        self.rt, self.mode, self.clock = rt, mode, clock
+        b, n = shape
+        device = next(rt.model.parameters()).device
+        vocab = int(getattr(rt.model.config, "vocab_size", 100))
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (b, n if mode == "prefill" else 1), generator=g)
+        self.ids = self.ids.to(device)
+        if mode == "decode":
+            self.prompt = torch.randint(0, vocab, (b, n), generator=g).to(device)
+            self.pos = torch.full((b, 1), n, dtype=torch.long, device=device)
+        self._kv: dict = {}
+
+    def prepare(self, key) -> None:
+        """Decode: fill (once per sub-network `key`) the KV cache the timed steps start from."""
+        if self.mode == "decode" and key not in self._kv:
+            with torch.inference_mode():
+                out = self.rt.model(input_ids=self.prompt, use_cache=True)
+            cache = out.cache if "cache" in out else out.past_key_values
+            self._kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def cache(self, key) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode: the (keys, values) per layer that `prepare(key)` filled."""
+        return self._kv[key]
+
+    def run_parts(self, key=None) -> None:
+        """The forward whose module hooks time the parts (here the same as `run`)."""
+        self.run(key)
+
+    def run(self, key=None) -> float:
+        """One forward (prefill) or one decode step; returns milliseconds."""
+        with torch.inference_mode():
+            if self.mode == "prefill":
+                kwargs = {"input_ids": self.ids}
+            else:
+                from transformers import DynamicCache
+
+                kwargs = {"input_ids": self.ids, "use_cache": True, "position_ids": self.pos,
+                          "cache": DynamicCache(ddp_cache_data=self.cache(key))}
+            start = self.clock.mark()
+            self.rt.model(**kwargs)
+            end = self.clock.mark()
+        self.clock.sync()
+        return self.clock.ms(start, end)
+
+
+def decode_unavailable(em: ElasticModel) -> str | None:
+    """Why decode cannot be measured for `em` (None: its Hugging Face class looks fit; the
+    full check happens when LayerwiseModel is built). Decode needs a key/value cache, and
+    the traced graph has none: the profiler runs decode in the source Hugging Face class,
+    which it can rebuild for Llama-style classes only."""
+    from ..export import hf
+
+    if em.source.get("kind") != "hf":
+        return (f"the model came from {em.source.get('kind', 'a plain module')!r}, not a "
+                "Hugging Face class, so there is no class with a key/value cache to run")
+    try:
+        import transformers
+
+        hf._config(getattr(transformers, em.source["class"], None), em.source)
+    except UnsupportedModelError as exc:
+        return str(exc)
+    return None

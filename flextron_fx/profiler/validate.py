@@ -4,10 +4,18 @@
 `low`..100 % of the full model (each starts at full width and shrinks randomly chosen ops
 one candidate at a time until it is under its target), adds the uniform-width ones (the
 grid the table was measured on), measures all of them end to end on the table's backend,
-dtype and shapes in interleaved rounds (one warm-up forward after every switch), and
-reports predicted against measured: median and worst absolute relative error and the
-Spearman rank correlation, per group. The random group is the honest test: the uniform
-ones are the table's own anchors.
+dtype and shapes, and reports predicted against measured, per group: median and worst
+error of the latency *ratio* to the full model, median and worst absolute error (ms), and
+the Spearman rank correlation. The random group is the honest test: the uniform ones are
+the table's own anchors.
+
+Why ratios. Budgets are fractions of the full model, and a machine's speed drifts (load,
+clocks, thermals): the full SmolLM2 once took 450 ms while a table was measured and 605 ms
+minutes later. So every network is timed right between two forwards of the full model
+(full, net a, full, net b, full, ... in rounds, one warm-up forward after every switch),
+and its measured ratio is its time over the mean of those two. A change of speed slower
+than a few forwards cancels in that ratio; the absolute error still shows it. (onnxruntime
+exports one network at a time, so there the ratio is to the full model's median.)
 """
 
 from __future__ import annotations
@@ -20,10 +28,21 @@ import torch
 
 from .._atomic import savefig_atomic
 from ..elastic.model import ElasticModel
+from . import onnxrt
 from .backends import get_backend
 from .cost import CostModel
-from .measure import DTYPES, Runner, _bar, _load_average, busy_warning, quiet_gc, uniform_grid
-from .runtime import LayerwiseModel
+from .measure import (
+    METHODS,
+    _bar,
+    _load_average,
+    build_runtime,
+    busy_warning,
+    make_runner,
+    method_for,
+    quiet_gc,
+    uniform_grid,
+)
+from .runtime import Runner
 from .table import LatencyTable, describe_shape, model_signature, parse_shapes, shape_key
 
 
@@ -80,41 +99,50 @@ def metrics(points: list[dict]) -> dict:
     if not points:
         return {"n": 0}
     err = np.abs([p["rel_error"] for p in points])
+    ratio = np.abs([p["ratio_error"] for p in points])
     pred = [p["predicted_ms"] for p in points]
     meas = [p["measured_ms"] for p in points]
     frac = [p["measured_fraction"] for p in points]
     return {"n": len(points), "median_abs_rel_error": float(np.median(err)),
             "worst_abs_rel_error": float(err.max()),
+            "median_abs_ratio_error": float(np.median(ratio)),
+            "worst_abs_ratio_error": float(ratio.max()),
             "spearman": spearman(pred, meas) if len(points) > 2 else None,
             "measured_fraction_range": [float(min(frac)), float(max(frac))]}
 
 
 def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
           low: float = 0.4, repeats: int = 5, warmup: int = 2, shapes=None,
-          progress: bool = True) -> dict:
-    """Predicted vs measured end-to-end latency of random and uniform sub-networks.
+          progress: bool = True, clock=None) -> dict:
+    """Predicted vs measured latency of random and uniform sub-networks: absolute (ms) and
+    as a ratio to the full model measured right beside each of them.
 
-    The table must match this machine, the model and (if given) `shapes`.
+    The table must match this machine, the model and (if given) `shapes`. `clock`
+    replaces the backend's clock (tests inject a fake one).
 
     Example:
         >>> r = check(em, LatencyTable.load("lut.json"), n=30)                # doctest: +SKIP
-        >>> r["shapes"]["1x256"]["random"]["median_abs_rel_error"]           # doctest: +SKIP
-        0.031
+        >>> r["shapes"]["1x256"]["random"]["median_abs_ratio_error"]         # doctest: +SKIP
+        0.021
     """
     fp = table.fingerprint
     backend = get_backend(fp["backend"])
+    clock = clock if clock is not None else backend.clock()
     threads = int(fp["machine"].get("threads") or torch.get_num_threads())
     keys = [shape_key(s) for s in (parse_shapes(shapes) if isinstance(shapes, str)
                                    else shapes or table.shapes)]
     table.require(machine=backend.machine(threads), model=model_signature(em), shapes=keys)
     busy_warning(print if progress else (lambda _msg: None))
     before = torch.get_num_threads()
+    before_widths = em.widths
     torch.set_num_threads(threads)
+    method = method_for(em, backend, table.mode, fp["dtype"])
     try:
         cost = CostModel(em, table)
-        rt = LayerwiseModel(em, dtype=DTYPES[fp["dtype"]], device=backend.device)
+        net = build_runtime(em, method, table.mode, fp["dtype"], backend.device)
         out = {"table": table.source, "fingerprint": fp, "n": n, "seed": seed, "low": low,
-               "repeats": repeats, "shapes": {}}
+               "repeats": repeats, "method": METHODS[method],
+               "interleaved": method != "onnxruntime", "shapes": {}}
         grid = uniform_grid(em)
         full_index = next(i for i, (_, w) in enumerate(grid) if w == em.full_widths())
         for key in keys:
@@ -122,60 +150,94 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
             nets += [("random", f"random {j}", w)
                      for j, w in enumerate(sample_subnetworks(cost, n, low=low, seed=seed,
                                                               shape=key))]
-            runner = Runner(rt, backend, table.mode, parse_shapes(key)[0], seed=seed)
-            bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
-            if backend.runtime == "onnxruntime":
-                from .onnxrt import time_networks
-
-                times = time_networks(rt, nets, runner, threads=threads, repeats=repeats,
-                                      warmup=warmup, bar=bar)
+            shape = parse_shapes(key)[0]
+            if method == "onnxruntime":
+                runner = Runner(net, clock, table.mode, shape, seed=seed)
+                bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
+                times = onnxrt.time_networks(net, nets, runner, threads=threads,
+                                             repeats=repeats, warmup=warmup, bar=bar)
+                full = float(np.median(times[full_index]))
+                ratios = {i: [t / full for t in ts] for i, ts in times.items()}
             else:
-                times = _time_torch(rt, nets, runner, repeats, warmup, bar)
+                runner = make_runner(net, clock, table.mode, shape, seed)
+                bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
+                times, ratios = time_beside_full(net, runner, nets, full_index, repeats,
+                                                 warmup, bar)
             bar.close()
-            rt.set(em.full_widths())
-            full_ms = float(np.median(times[full_index]))
-            points = []
-            for i, (group, label, widths) in enumerate(nets):
-                t = np.asarray(times[i])
-                pred = cost.latency(widths, key)
-                med = float(np.median(t))
-                points.append({
-                    "group": group, "label": label, "widths": list(widths.values()),
-                    "predicted_ms": pred, "measured_ms": med,
-                    "measured_p25_ms": float(np.percentile(t, 25)),
-                    "measured_p75_ms": float(np.percentile(t, 75)),
-                    "rel_error": pred / med - 1, "measured_fraction": med / full_ms,
-                    "params_fraction": cost.fraction("params", widths)})
-            anchor = next((a["measured"]["median_ms"] for a in table.data["anchors"].get(key, [])
-                           if a["widths"] == list(em.full_widths().values())), None)
-            out["shapes"][key] = {
-                "describe": describe_shape(table.mode, key), "full_measured_ms": full_ms,
-                "full_measured_when_profiled_ms": anchor,
-                "full_predicted_ms": cost.latency(None, key), "points": points,
-                **{g: metrics([p for p in points if p["group"] == g])
-                   for g in ("random", "uniform")},
-                "all": metrics(points)}
+            if method != "graph":
+                net.set(em.full_widths())
+            out["shapes"][key] = _compare(em, table, cost, key, nets, times, ratios,
+                                          full_index)
     finally:
         torch.set_num_threads(before)
+        em.set_widths(before_widths)
     out["load_average"] = _load_average()
     return out
 
 
-def _time_torch(rt, nets, runner, repeats, warmup, bar) -> dict[int, list[float]]:
-    """End-to-end ms of every network, in interleaved rounds (the order alternates)."""
+def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
+    """Points and metrics of one shape from measured times and ratios."""
+    full_ms = float(np.median(times[full_index]))
+    full_pred = cost.latency(None, key)
+    points = []
+    for i, (group, label, widths) in enumerate(nets):
+        t = np.asarray(times[i])
+        pred = cost.latency(widths, key)
+        med = float(np.median(t))
+        ratio = float(np.median(ratios[i]))
+        points.append({
+            "group": group, "label": label, "widths": list(widths.values()),
+            "predicted_ms": pred, "measured_ms": med,
+            "measured_p25_ms": float(np.percentile(t, 25)),
+            "measured_p75_ms": float(np.percentile(t, 75)),
+            "rel_error": pred / med - 1, "measured_fraction": med / full_ms,
+            "predicted_ratio": pred / full_pred, "measured_ratio": ratio,
+            "ratio_error": (pred / full_pred) / ratio - 1,
+            "params_fraction": cost.fraction("params", widths)})
+    anchor = next((a["measured"]["median_ms"] for a in table.data["anchors"].get(key, [])
+                   if a["widths"] == list(em.full_widths().values())), None)
+    return {"describe": describe_shape(table.mode, key), "full_measured_ms": full_ms,
+            "full_measured_when_profiled_ms": anchor, "full_predicted_ms": full_pred,
+            "points": points,
+            **{g: metrics([p for p in points if p["group"] == g])
+               for g in ("random", "uniform")},
+            "all": metrics(points)}
+
+
+def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar):
+    """Every network timed right after and before the full model, in rounds:
+    full, net a, full, net b, full, ... (the order of the nets alternates between rounds).
+
+    Warm-up forwards after every switch: `warmup` in the first round, then one (none
+    when `warmup` is 0).
+
+    Returns ({i: [ms per round]}, {i: [ms / mean of the two full forwards beside it]}):
+    a drift of the machine's speed slower than one forward cancels in the ratio.
+    """
     times: dict[int, list[float]] = {i: [] for i in range(len(nets))}
+    ratios: dict[int, list[float]] = {i: [] for i in range(len(nets))}
+    full_widths = nets[full_index][2]
+
+    def timed(i, widths, first):
+        net.set(widths)
+        runner.prepare(i)
+        for _ in range(warmup if first else min(warmup, 1)):
+            runner.run(i)
+        return runner.run(i)
+
     for r in quiet_gc(range(repeats)):
         order = list(range(len(nets)))
         if r % 2:
             order.reverse()
+        before = timed(full_index, full_widths, r == 0)
         for i in order:
-            rt.set(nets[i][2])
-            runner.prepare(i)
-            for _ in range(warmup if r == 0 else 1):
-                runner.run(i)
-            times[i].append(runner.run(i))
+            t = timed(i, nets[i][2], r == 0)
+            after = timed(full_index, full_widths, False)
+            times[i].append(t)
+            ratios[i].append(t / ((before + after) / 2))
+            before = after
             bar.update(1)
-    return times
+    return times, ratios
 
 
 def report(result: dict) -> str:
@@ -189,14 +251,20 @@ def report(result: dict) -> str:
                  "a large change means the machine's load or clock changed)") if then else ""
         lines.append(f"{r['describe']}: full model {r['full_measured_ms']:.2f} ms measured, "
                      f"{r['full_predicted_ms']:.2f} ms predicted{drift}")
+        if result.get("interleaved", True):
+            lines.append("  each network measured between two forwards of the full model; "
+                         "ratio error = predicted / measured fraction of full - 1")
         for g in ("random", "uniform", "all"):
             m = r[g]
             if not m.get("n"):
                 continue
             lo, hi = m["measured_fraction_range"]
             rho = "n/a" if m["spearman"] is None else f"{m['spearman']:.3f}"
-            lines.append(f"  {g:<8} n={m['n']:<3} median |err| {m['median_abs_rel_error']:6.1%}"
-                         f"  worst {m['worst_abs_rel_error']:6.1%}  Spearman {rho}"
+            lines.append(f"  {g:<8} n={m['n']:<3} ratio to full: median |err| "
+                         f"{m['median_abs_ratio_error']:6.1%}  worst "
+                         f"{m['worst_abs_ratio_error']:6.1%};  absolute: median |err| "
+                         f"{m['median_abs_rel_error']:6.1%}  worst "
+                         f"{m['worst_abs_rel_error']:6.1%};  Spearman {rho}"
                          f"  (measured {lo:.0%}-{hi:.0%} of full)")
     return "\n".join(lines)
 
