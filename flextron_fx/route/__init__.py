@@ -1,0 +1,32 @@
+"""Stage: route. Routers that pick sub-networks for a budget (paper section 3.2).
+
+    passes.inject_routers(em, mode)     router nodes produce the blocks' widths
+         static  R_i(T)      (Eq. 9)    one width per op for a budget
+         dynamic R_i(T, h_i) (Eq. 11)   one width per token (routed execution)
+         capacity                       per-token, every batch within the budget
+    costs.CostTable                     per-op, per-candidate cost (latency, params, memory)
+    surrogate.Surrogate                 predicts a sub-network's loss (Eq. 10)
+    train.train_routers                 Figure 3: latency loss (Eq. 8) + surrogate
+    select.select(em, budget, table)    static routers -> per-op widths, once
+
+Example:
+    >>> from flextron_fx.route import RouterConfig, train_routers, select   # doctest: +SKIP
+    >>> train_routers(em, blocks, "runs/r", RouterConfig(steps=300), cost)  # doctest: +SKIP
+    >>> select(em, 0.6, CostTable.coerce(em, cost)).widths                   # doctest: +SKIP
+"""
+
+from ..passes.inject_routers import (
+    fix_budget,
+    inject_routers,
+    remove_routers,
+    routers_of,
+    set_budget,
+)
+from .costs import CostTable
+from .select import Selection, load_routers, save_routers, select
+from .surrogate import Surrogate
+from .train import RouterConfig, train_routers
+
+__all__ = ["CostTable", "RouterConfig", "Selection", "Surrogate", "fix_budget",
+           "inject_routers", "load_routers", "remove_routers", "routers_of", "save_routers",
+           "select", "set_budget", "train_routers"]
