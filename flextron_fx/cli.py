@@ -1,4 +1,5 @@
-"""The `flextron` command line: demo, convert, ablate-sorting, data, eval, profile."""
+"""The `flextron` command line: demo, convert, ablate-sorting, data, eval, profile,
+train-routers, select."""
 
 from __future__ import annotations
 
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     from .export.commands import add_parser as add_export
 
     add_export(sub)
+    from .route.commands import add_parser as add_route
+
+    add_route(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError

@@ -15,18 +15,25 @@ Example:
     >>> select(em, 0.6, CostTable.coerce(em, cost)).widths                   # doctest: +SKIP
 """
 
-from ..passes.inject_routers import (
-    fix_budget,
-    inject_routers,
-    remove_routers,
-    routers_of,
-    set_budget,
-)
-from .costs import CostTable
-from .select import Selection, load_routers, save_routers, select
-from .surrogate import Surrogate
-from .train import RouterConfig, train_routers
+import importlib
 
+# Names and the module that holds them; imported on first use, so that the pass
+# (passes/inject_routers.py), which imports the router modules of this package, and this
+# package can import each other without a cycle.
+_WHERE = {
+    "fix_budget": "..passes.inject_routers", "inject_routers": "..passes.inject_routers",
+    "remove_routers": "..passes.inject_routers", "routers_of": "..passes.inject_routers",
+    "set_budget": "..passes.inject_routers", "CostTable": ".costs",
+    "Selection": ".selection", "load_routers": ".selection", "save_routers": ".selection",
+    "select": ".selection", "Surrogate": ".surrogate", "RouterConfig": ".train",
+    "train_routers": ".train",
+}
 __all__ = ["CostTable", "RouterConfig", "Selection", "Surrogate", "fix_budget",
            "inject_routers", "load_routers", "remove_routers", "routers_of", "save_routers",
            "select", "set_budget", "train_routers"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

@@ -83,6 +83,13 @@ class Router(nn.Module):
         return logits.argmax(-1)
 
 
+def _uniform_start(layer: nn.Linear) -> None:
+    """Zero output layer: every candidate equally likely at first, so the first proposals
+    cover the whole space the surrogate has to learn."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
 def _budget_tensor(budget, batch: int, device) -> torch.Tensor:
     """T as a [batch] float tensor."""
     if isinstance(budget, torch.Tensor):
@@ -107,6 +114,7 @@ class StaticRouter(Router):
         super().__init__(block, candidates)
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.Sigmoid(),
                                  nn.Linear(hidden, len(candidates)))
+        _uniform_start(self.net[-1])
 
     def logits(self, budget: torch.Tensor) -> torch.Tensor:
         """[n] budgets -> [n, K] logits."""
@@ -147,6 +155,7 @@ class DynamicRouter(Router):
         self.w_budget = nn.Parameter(torch.randn(units) / math.sqrt(units))
         self.w_hidden = nn.Linear(dim, units, bias=False)
         self.w_out = nn.Linear(units, len(candidates))
+        _uniform_start(self.w_out)
         self.capacity = capacity
         self.costs: torch.Tensor | None = None
         self.share = None

@@ -77,12 +77,12 @@ class RouterConfig:
     metric: str = "latency"
     batch: int = 4
     budget_range: tuple[float, float] = (0.4, 1.0)
-    lr: float = 1e-2
+    lr: float = 1e-3
     surrogate_lr: float = 3e-3
     latency_weight: float = 10.0
     tau: float = 1.0
     surrogate_threshold: float = 0.05
-    surrogate_warmup: int = 20  # steps the surrogate fits before routers may follow it
+    surrogate_warmup: int = 20  # first steps: only the surrogate learns (Figure 12, stage 1)
     target: str = "loss"  # "loss" (Eq. 10) or "excess": loss minus the full model's
     surrogate_hidden: int = 128
     memory: int = 512
@@ -266,7 +266,9 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
     state.remember(r.detach(), h, target)
     mr, mh, my = state.memory()
     fit = ((sur(mr, mh) - my) ** 2).mean()
-    router_loss = config.latency_weight * lat
+    spread = float(my.var(unbiased=False)) if my.numel() > 1 else 0.0
+    warm = int(state.mem_n) > config.surrogate_warmup * ids.shape[0]
+    router_loss = config.latency_weight * lat * float(warm)
     predicted = torch.zeros(())
     if trusted:
         frozen = {k: v.detach() for k, v in sur.named_parameters()}
@@ -280,11 +282,12 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         grads.update({p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, gs)})
     metrics = {"lm_loss": float(target.mean()), "surrogate_mse": mse, "surrogate_mse_ema": ema,
-               "surrogate_fit": float(fit.detach()), "surrogate_pred": float(pred.mean()),
-               "latency_loss": float(lat), "expected_cost": float(cost.mean()),
-               "budget": float(budget.mean()), "over_budget": float((cost > budget).float().mean()),
-               "trusted": bool(trusted), "predicted_loss": float(predicted),
-               "router_loss": float(router_loss)}
+               "surrogate_fit": float(fit.detach()),
+               "surrogate_explained": 1 - float(fit.detach()) / spread if spread else 0.0, "surrogate_pred": float(pred.mean()),
+               "latency_loss": float(lat.detach()), "expected_cost": float(cost.detach().mean()),
+               "budget": float(budget.mean()), "over_budget": float((cost.detach() > budget).float().mean()),
+               "trusted": bool(trusted), "predicted_loss": float(predicted.detach()),
+               "router_loss": float(router_loss.detach())}
     return metrics, grads
 
 
@@ -345,7 +348,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([
         {"params": list(state.routers.parameters()), "lr": config.lr},
-        {"params": list(state.surrogate.parameters()), "lr": config.surrogate_lr}])
+        {"params": list(state.surrogate.parameters()), "lr": config.surrogate_lr}],
+        betas=(0.5, 0.99))  # little momentum: the hinge of Eq. 8 stops pushing at the budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     gen = torch.Generator().manual_seed(config.seed)
     start, seen, elapsed = 0, 0, 0.0
