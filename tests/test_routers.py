@@ -463,32 +463,6 @@ def test_saved_routers_load_with_the_same_outputs(tmp_path, zoo_converted, mode)
         load_routers(other, tmp_path / "routers")
 
 
-def test_cli_select_prints_widths_and_refuses_an_impossible_budget(tmp_path, capsys):
-    from flextron_fx.cli import main
-
-    em = _fresh()
-    flextron_fx.save(em, tmp_path / "elastic")
-    em = flextron_fx.load(tmp_path / "elastic")
-    table = CostTable.coerce(em, CostModel(em), "params")
-    inject_routers(em, "static")
-    save_routers(em, tmp_path / "run" / "final", table,
-                 extra={"elastic": str(tmp_path / "elastic")})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(["select", str(tmp_path / "run"), "--budget", "params=0.7",
-                   "--json", str(tmp_path / "sel.json")])
-    out = capsys.readouterr().out
-    assert rc == 0
-    sel = json.loads((tmp_path / "sel.json").read_text())
-    assert sel["fraction"] <= 0.7 and set(sel["widths"]) == set(em.ops)
-    assert next(iter(em.ops)) in out and "params" in out
-    rc = main(["select", str(tmp_path / "run"), "--budget", "params=0.01"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "smallest achievable" in err
-    rc = main(["select", str(tmp_path / "elastic"), "--budget", "params=0.7"])
-    assert rc == 2 and "no trained routers" in capsys.readouterr().err
-
-
 def test_a_copy_of_a_routed_graph_routes_the_same(routed):
     em = routed("llama", "dynamic")
     set_budget(em, 0.6)
@@ -497,3 +471,51 @@ def test_a_copy_of_a_routed_graph_routes_the_same(routed):
         warnings.simplefilter("ignore")
         twin = copy.deepcopy(em.graph_module)
     assert torch.equal(output(twin, ids), output(em, ids))
+
+
+def test_cli_train_routers_then_select(tmp_path, capsys):
+    """`flextron train-routers` on real text (SmolLM2's tokenizer, a tiny Llama with its
+    vocabulary), then `flextron select` on the run."""
+    from zoo import _hf
+
+    from flextron_fx.cli import main
+
+    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
+    flextron_fx.save(em, tmp_path / "elastic")
+    run = tmp_path / "routers"
+    args = ["train-routers", str(run), "--elastic", str(tmp_path / "elastic"), "--mode",
+            "static", "--metric", "params", "--steps", "3", "--batch", "2", "--seq", "16",
+            "--eval-tokens", "32", "--budget-range", "0.6", "1.0", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and set(summary["eval"]) == {"0.5", "0.6", "0.7",
+                                                                     "0.8"}
+    assert (run / "final" / "routers.json").is_file() and (run / "curves.png").is_file()
+    assert len(read_metrics(run)) == 3
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["select", str(run), "--budget", "params=0.8", "--json",
+                     str(tmp_path / "sel.json")]) == 0
+    sel = json.loads((tmp_path / "sel.json").read_text())
+    assert sel["fraction"] <= 0.8 and set(sel["widths"]) == set(em.ops)
+    out = capsys.readouterr().out
+    assert "params <= 0.8 of full" in out and "memory_bytes" in out
+    assert next(iter(em.ops)) in out  # the per-op widths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["select", str(run), "--budget", "params=0.01", "--json",
+                     str(tmp_path / "no.json")]) == 2
+    assert "smallest achievable" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
+    assert main(["select", str(tmp_path / "elastic"), "--budget", "params=0.7"]) == 2
+    assert "no trained routers" in capsys.readouterr().err
+    assert main(["train-routers", str(tmp_path / "r2"), "--elastic", str(tmp_path / "elastic"),
+                 "--steps", "1"]) == 2
+    assert "--lut" in capsys.readouterr().err

@@ -73,14 +73,10 @@ def _cost(em, metric: str, lut: str | None):
 
 
 def run_train(args) -> dict:
-    import torch
-
     from .. import load
     from .._atomic import write_atomic
-    from ..data import token_blocks
     from ..data.domains import resolve_domains
-    from ..models import tokenizer
-    from ..train.command import _split
+    from ..train.command import training_text
     from .selection import save_routers
     from .train import RouterConfig, train_routers
 
@@ -98,12 +94,8 @@ def run_train(args) -> dict:
     config.validate()
     em = load(args.elastic)
     cost = _cost(em, args.metric, args.lut)
-    tok = tokenizer(args.model)
-    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), args.seq)
-                        for d in domains for s in ("train", "calibration")])
-    per = max(1, args.eval_tokens // args.seq // len(domains))
-    heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), args.seq,
-                                      max_blocks=per) for d in domains])
+    tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,
+                                    args.eval_tokens)
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
     summary = train_routers(em, tokens, args.run_dir, config, cost, heldout=heldout,
                             resume=args.resume, progress=not args.no_progress,

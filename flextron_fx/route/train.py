@@ -53,6 +53,7 @@ from ..train.loop import (
     batch_rows,
     check_resume,
     check_run_folder,
+    check_tokens,
     data_fingerprint,
     read_metrics,
 )
@@ -309,12 +310,7 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     """
     run = Path(run)
     config.validate()
-    if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.dtype != torch.long:
-        raise TrainingError(f"tokens must be a LongTensor [n, seq] with seq >= 2, got "
-                            f"{tuple(tokens.shape)} {tokens.dtype}")
-    if tokens.shape[0] < config.batch:
-        raise TrainingError(f"{tokens.shape[0]} training blocks are fewer than one batch of "
-                            f"{config.batch}; give more text or a smaller batch")
+    check_tokens(tokens, config.batch)
     table = CostTable.coerce(em, cost, config.metric)
     table.refuse_below_minimum(config.budget_range[0])
     check_run_folder(run, overwrite)
