@@ -111,7 +111,9 @@ def test_dynamic_routed_output_equals_the_same_per_token_widths_set_by_hand(
     _perturb(inject_routers(em, "dynamic", seed=3))
     try:
         set_budget(em, 0.7)
-        routed_out = output(em, ids)
+        runs = [output(em, ids) for _ in range(3)]
+        routed_out = runs[0]
+        assert all(torch.equal(r, routed_out) for r in runs)
         chosen = {n: k.clone() for n, k in _choices(em).items()}
     finally:
         remove_routers(em)
@@ -125,16 +127,25 @@ def test_dynamic_routed_output_equals_the_same_per_token_widths_set_by_hand(
 def test_static_router_equals_its_fixed_widths_and_fix_budget_removes_it(zoo_converted, arch):
     _, em = zoo_converted(arch)
     ids = _ids(3)
-    _perturb(inject_routers(em, "static", seed=1))
+    routers = inject_routers(em, "static", seed=1)
+    _perturb(routers)
     try:
         set_budget(em, 0.6)
+        first = [output(em, ids) for _ in range(3)]  # the 2nd and 3rd run a static program
+        first_widths = static_choice(em, 0.6)
+        assert all(torch.equal(h, first[0]) for h in first)
+        name = next(n for n, w in first_widths.items() if w != em.ops[n].candidates[0])
+        with torch.no_grad():  # a router that changes (as in training) changes the width
+            routers[name].net[-1].bias[0] = 100.0
         routed_out = output(em, ids)
         widths = static_choice(em, 0.6)
+        assert widths == dict(first_widths, **{name: em.ops[name].candidates[0]})
         assert fix_budget(em, 0.6) == widths
         assert not routers_of(em)
         assert em.widths == widths
         assert torch.equal(output(em, ids), routed_out)
         assert_close(routed_out, output(em.materialize(widths), ids))
+        assert_close(first[0], output(em.materialize(first_widths), ids))
     finally:
         remove_routers(em)
         em.set_full()
