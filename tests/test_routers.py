@@ -354,7 +354,7 @@ def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:
 def _config(**kw) -> RouterConfig:
     base = {"steps": 30, "mode": "static", "batch": 8, "budget_range": (0.5, 0.8),
             "target": "excess", "surrogate_warmup": 8, "surrogate_threshold": 0.1,
-            "checkpoint_every": 10}
+            "checkpoint_every": 30}
     return RouterConfig(**{**base, **kw})
 
 
