@@ -1,4 +1,5 @@
-"""The `flextron` command line: demo, convert, ablate-sorting, data, eval, profile."""
+"""The `flextron` command line: demo, convert, ablate-sorting, data, eval, profile,
+train-routers, select."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def _table(r: dict) -> str:
 
 def demo(args) -> None:
     """Convert SmolLM2, save it, print the sorting ablation (paper Table 5), then a short
-    elastic training run (a few steps; `flextron train-elastic` runs long ones)."""
+    elastic training run (a few steps; `flextron train-elastic` runs long ones) and a short
+    router training run with the widths it selects for a budget."""
     args.out = args.out or "runs/smollm2-135m"
     convert(args)
     args.elastic = args.out
@@ -147,6 +149,19 @@ def demo(args) -> None:
                "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
                "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), "--resume"]
               + (["--overwrite"] if args.overwrite else []))
+    if rc:
+        raise SystemExit(rc)
+    # a short router stage: static routers for a parameter budget (no latency table
+    # needed), then the widths they pick for 60 % of the parameters
+    routers = f"{args.out}-routers"
+    rc = main(["train-routers", routers, "--elastic", f"{args.out}-train/final", "--model",
+               args.model, "--mode", "static", "--metric", "params", "--steps", "4",
+               "--batch", "2", "--seq", "128", "--eval-tokens", "512", "--surrogate-warmup",
+               "2", "--seed", str(args.seed), "--resume"]
+              + (["--overwrite"] if args.overwrite else []))
+    if rc:
+        raise SystemExit(rc)
+    rc = main(["select", routers, "--budget", "params=0.6"])
     if rc:
         raise SystemExit(rc)
 
@@ -205,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     from .export.commands import add_parser as add_export
 
     add_export(sub)
+    from .route.commands import add_parser as add_route
+
+    add_route(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import FlextronError

@@ -121,7 +121,10 @@ class ElasticModel(nn.Module):
 
     def resolve(self, widths, kind: str | None = None) -> dict[str, int | torch.Tensor]:
         """The per-op widths that `set_widths(widths, kind=kind)` would set (validated)."""
-        new = self.widths
+        # a dict naming every op needs no current widths (there are none while routers,
+        # not width nodes, feed the blocks)
+        complete = isinstance(widths, dict) and widths.keys() >= self.ops.keys()
+        new = {} if complete else self.widths
         if kind not in (None, "mlp", "attention"):
             raise WidthError(f"kind must be 'mlp', 'attention' or None, got {kind!r}")
         if isinstance(widths, numbers.Real) and not isinstance(widths, (bool, numbers.Integral)):

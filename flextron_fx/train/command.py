@@ -67,10 +67,8 @@ def add_parser(sub) -> None:
 def run(args) -> dict:
     from .. import load, save
     from .._atomic import write_atomic
-    from ..data import token_blocks
     from ..data.domains import resolve_domains
     from ..export.checkpoint import check_target
-    from ..models import tokenizer
     from .loop import TrainConfig, check_run_folder, train_elastic
     from .state import full_model_state
 
@@ -94,12 +92,7 @@ def run(args) -> dict:
         raise TrainingError("say which elastic model to train: --elastic DIR (a folder "
                             "written by `flextron convert --out DIR`)")
     em = load(elastic).to(device)
-    tok = tokenizer(args.model)
-    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), args.seq)
-                        for d in domains for s in splits])
-    per = max(1, args.eval_tokens // args.seq // len(domains))
-    heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), args.seq,
-                                      max_blocks=per) for d in domains])
+    tokens, heldout = training_text(args.model, domains, splits, args.seq, args.eval_tokens)
     if rank == 0:
         print(f"training on {tokens.numel():,} tokens of the {'+'.join(splits)} splits of "
               f"{domains}; "
@@ -125,6 +118,22 @@ def run(args) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def training_text(model: str, domains: list[str], splits: list[str], seq: int,
+                  eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training blocks of `splits`, held-out blocks of the validation split, about
+    `eval_tokens` tokens) of `domains`, read with bundled `model`'s tokenizer."""
+    from ..data import token_blocks
+    from ..models import tokenizer
+
+    tok = tokenizer(model)
+    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), seq)
+                        for d in domains for s in splits])
+    per = max(1, eval_tokens // seq // len(domains))
+    heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), seq,
+                                      max_blocks=per) for d in domains])
+    return tokens, heldout
 
 
 def _split(domain: str, split: str) -> list[tuple[str, str]]:

@@ -228,12 +228,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     run = Path(run)
     rank, world = _rank_world()
     config.validate(world)
-    if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.dtype != torch.long:
-        raise TrainingError(f"tokens must be a LongTensor [n, seq] with seq >= 2, got "
-                            f"{tuple(tokens.shape)} {tokens.dtype}")
-    if tokens.shape[0] < config.batch:
-        raise TrainingError(f"{tokens.shape[0]} training blocks are fewer than one batch of "
-                            f"{config.batch}; give more text or a smaller batch")
+    check_tokens(tokens, config.batch)
     check_run_folder(run, overwrite)
     if rank == 0:
         S.clean_leftovers(run)
@@ -476,6 +471,16 @@ def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) 
             f"blocks of {before['seq']} tokens (sha256 {before['sha256'][:12]}), these are "
             f"{data['blocks']:,} blocks of {data['seq']} (sha256 {data['sha256'][:12]}). "
             "Resume with the same text, tokenizer and --seq, or use a new folder")
+
+
+def check_tokens(tokens: torch.Tensor, batch: int) -> None:
+    """Training token blocks: a LongTensor [n, seq], seq >= 2, at least one batch of them."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.dtype != torch.long:
+        raise TrainingError(f"tokens must be a LongTensor [n, seq] with seq >= 2, got "
+                            f"{tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[0] < batch:
+        raise TrainingError(f"{tokens.shape[0]} training blocks are fewer than one batch of "
+                            f"{batch}; give more text or a smaller batch")
 
 
 def check_run_folder(run: Path, overwrite: bool = False) -> None:

@@ -1,0 +1,291 @@
+"""Pass: inject routers, nodes that produce the blocks' widths from a budget (paper 3.2).
+
+Requires: an elastic graph (`ElasticModel.graph_module`) whose blocks read their widths
+from `WidthSource` nodes (elasticize), and no routers yet.
+Ensures: one `flextron_router_i` node per elastic op, in op order, whose output replaces
+that op's `WidthSource` node as the width input of every user; one `flextron_budget`
+node (the budget T) read by every router; for dynamic routers, each router reads the
+block's input (an MLP region's first argument, the input of the attention's q/k/v
+projections) and the graph stays in topological order. `remove_routers` undoes all of it
+and gives back the `WidthSource` nodes (their values unchanged), so the same outputs.
+
+    mode="static"    R_i(T): an int width per op (Eq. 9)
+    mode="dynamic"   R_i(T, h_i): a candidate index per token (Eq. 11), routed execution
+    mode="capacity"  dynamic routers whose token shares per candidate keep every batch's
+                     cost within the budget (needs a cost table)
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+from torch import fx
+
+from ..elastic.model import ElasticModel, width_nodes
+from ..elastic.ops import ElasticRegion
+from ..errors import WidthError
+from ..route.costs import CostTable
+from ..route.routers import BudgetSource, DynamicRouter, HiddenTap, Router, StaticRouter
+from .elasticize import _activation_input
+
+MODES = ("static", "dynamic", "capacity")
+BUDGET, ROUTER, TAP = "flextron_budget", "flextron_router_", "flextron_final_hidden"
+
+
+def inject_routers(em: ElasticModel, mode: str = "static", *, cost=None, metric: str = "latency",
+                   hidden: int = 64, units: int = 128, seed: int = 0) -> dict[str, Router]:
+    """Insert one router per elastic op into `em`'s graph; returns {op name: router}.
+
+    `cost` (a `CostTable`, a profiler `CostModel` or a dict {op: [cost per candidate]}) is
+    needed by capacity routers; router weights are initialised from `seed`.
+
+    Example:
+        >>> routers = inject_routers(em, "static")          # doctest: +SKIP
+        >>> set_budget(em, 0.6); logits = em(ids)            # doctest: +SKIP
+        >>> remove_routers(em)                               # doctest: +SKIP
+    """
+    if mode not in MODES:
+        raise WidthError(f"router mode must be one of {list(MODES)}, got {mode!r}")
+    gm, graph = em.graph_module, em.graph_module.graph
+    if routers_of(em):
+        raise WidthError("this model already has routers; remove_routers(em) first")
+    table = None
+    if mode == "capacity":
+        if cost is None:
+            raise WidthError("capacity routers need the cost of every candidate: pass cost= "
+                             "(a CostTable, a profiler CostModel or {op: [costs]})")
+        table = CostTable.coerce(em, cost, metric)
+    sources = width_nodes(gm)
+    missing = [n for n in em.ops if n not in sources]
+    if missing:
+        raise WidthError(f"the widths of {missing[:3]} do not come from width nodes; "
+                         "routers replace width nodes")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    ids = placeholders[0]
+    gm.add_submodule(BUDGET, BudgetSource(1.0))
+    with graph.inserting_after(placeholders[-1]):
+        budget = graph.call_module(BUDGET, ())
+    out: dict[str, Router] = {}
+    device = next(gm.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, (name, op) in enumerate(em.ops.items()):
+            src = sources[name]
+            if mode == "static":
+                router, args, after = StaticRouter(name, op.candidates, hidden), \
+                    (budget, ids), budget
+            else:
+                h = _block_input(em, name, src)
+                dim = _last_dim(h, op)
+                router = DynamicRouter(name, op.candidates, dim, units, mode == "capacity")
+                args, after = (budget, h, ids), h
+            router.to(device)
+            target = f"{ROUTER}{i}"
+            gm.add_submodule(target, router)
+            with graph.inserting_after(after):
+                node = graph.call_module(target, args)
+            node.meta["flextron_block"] = name
+            node.meta["flextron_source"] = src.target
+            src.replace_all_uses_with(node)
+            graph.erase_node(src)
+            out[name] = router
+    if table is not None:
+        _set_capacity(out, table)
+    if mode != "static":
+        _tap_final_hidden(gm)
+    _toposort(graph)
+    graph.lint()
+    gm.recompile()
+    return out
+
+
+def remove_routers(em: ElasticModel) -> None:
+    """Take the routers out of `em`'s graph: every op reads its `WidthSource` node again
+    (at the width it had before the routers came in). No-op without routers."""
+    gm, graph = em.graph_module, em.graph_module.graph
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target.startswith(ROUTER):
+            with graph.inserting_after(anchor):
+                src = graph.call_module(node.meta["flextron_source"], ())
+            src.meta["flextron_block"] = node.meta["flextron_block"]
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in (TAP, BUDGET):
+            if node.target == TAP:
+                node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    _toposort(graph)
+    graph.lint()
+    gm.recompile()
+
+
+def routers_of(em: ElasticModel) -> dict[str, Router]:
+    """{op name: router} of the routers in `em`'s graph, in op order (empty if none)."""
+    gm = em.graph_module
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(ROUTER):
+            found[node.meta["flextron_block"]] = gm.get_submodule(node.target)
+    return {n: found[n] for n in em.ops if n in found}
+
+
+def router_mode(em: ElasticModel) -> str | None:
+    routers = list(routers_of(em).values())
+    return routers[0].kind if routers else None
+
+
+def budget_source(em: ElasticModel) -> BudgetSource:
+    try:
+        return em.graph_module.get_submodule(BUDGET)
+    except AttributeError:
+        raise WidthError("this model has no routers; inject_routers(em) first") from None
+
+
+def final_hidden_tap(em: ElasticModel) -> HiddenTap | None:
+    try:
+        return em.graph_module.get_submodule(TAP)
+    except AttributeError:
+        return None
+
+
+def set_budget(em: ElasticModel, budget) -> None:
+    """Set the budget T the routers read: a fraction of the full cost in (0, 1], or a
+    [batch] tensor of them (one budget per sequence)."""
+    src = budget_source(em)
+    if isinstance(budget, torch.Tensor):
+        b = budget.detach().float()
+        if b.numel() == 0 or not bool(((b > 0) & (b <= 1)).all()):
+            raise WidthError("budgets are fractions of the full model's cost in (0, 1]")
+        src.value = b
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+            or not 0 < float(budget) <= 1:
+        raise WidthError(f"a budget is a fraction of the full model's cost in (0, 1], got "
+                         f"{budget!r}")
+    src.value = float(budget)
+
+
+def fix_budget(em: ElasticModel, budget: float) -> dict[str, int]:
+    """Static routers only: their widths at `budget`, then the routers removed and those
+    widths set as constants (a fixed budget costs nothing at run time). Returns them."""
+    routers = routers_of(em)
+    if not routers:
+        raise WidthError("this model has no routers; inject_routers(em) first")
+    if any(r.kind != "static" for r in routers.values()):
+        raise WidthError("only static routers give one width per op for a budget; dynamic "
+                         "routers choose per token (keep them in the graph)")
+    set_budget(em, budget)
+    widths = static_choice(em, float(budget))
+    remove_routers(em)
+    em.set_widths(widths)
+    return widths
+
+
+@torch.no_grad()
+def static_choice(em: ElasticModel, budget: float) -> dict[str, int]:
+    """Each static router's argmax width at `budget`."""
+    out = {}
+    for name, r in routers_of(em).items():
+        device = r.net[0].weight.device
+        out[name] = r.candidates[int(r.logits(torch.tensor([budget], device=device)).argmax())]
+    return out
+
+
+def _set_capacity(routers: dict[str, Router], table: CostTable) -> None:
+    """Each block's cost limit per token: its cheapest cost plus the same share of its
+    range for every block, the share set so that the limits add up to the budget."""
+    low = {n: min(table.costs[n]) for n in routers}
+    span = {n: max(table.costs[n]) - low[n] for n in routers}
+    base, total = table.fixed + sum(low.values()), sum(span.values())
+
+    def share_of(name):
+        def share(budget: float) -> float:
+            table.refuse_below_minimum(budget)
+            alpha = 1.0 if total == 0 else min(1.0, (budget * table.full - base) / total)
+            return low[name] + max(0.0, alpha) * span[name]
+        return share
+
+    for name, r in routers.items():
+        r.costs = table.tensor(name)
+        r.share = share_of(name)
+
+
+def _block_input(em: ElasticModel, name: str, src: fx.Node) -> fx.Node:
+    """The tensor a block reads: an MLP region's input, attention's q/k/v input."""
+    gm = em.graph_module
+    op = em.ops[name]
+    if op.kind == "mlp":
+        for user in src.users:
+            if user.op == "call_module" and isinstance(gm.get_submodule(user.target),
+                                                       ElasticRegion):
+                return user.args[0]
+    else:
+        inputs = {_activation_input(p.node) for p in em.block(name).in_projs}
+        inputs.discard(None)
+        if len(inputs) == 1 and em.routable(name):
+            return inputs.pop()
+    raise WidthError(f"{name} cannot take a width per token (its token-wise part is not one "
+                     "node, or its projections read different tensors); use mode='static'")
+
+
+def _last_dim(h: fx.Node, op) -> int:
+    val = h.meta.get("val")
+    if val is not None and hasattr(val, "shape"):
+        return int(val.shape[-1])
+    return int(op.sizes.get("model_dim"))
+
+
+_LINEAR = {torch.ops.aten.linear.default, torch.ops.aten.matmul.default,
+           torch.ops.aten.mm.default}
+
+
+def _tap_final_hidden(gm: fx.GraphModule) -> None:
+    """A `HiddenTap` on the final hidden state: the input of the output head (or the
+    graph's first output when it is not a projection)."""
+    graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    first = out.args[0]
+    while isinstance(first, (tuple, list, dict)):
+        first = next(iter(first.values() if isinstance(first, dict) else first))
+    node = first
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LINEAR:
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return
+    gm.add_submodule(TAP, HiddenTap())
+    with graph.inserting_after(node):
+        tap = graph.call_module(TAP, (node,))
+    node.replace_all_uses_with(tap, delete_user_cb=lambda u: u is not tap)
+
+
+def _toposort(graph: fx.Graph) -> None:
+    """Reorder nodes so that each comes after its inputs, keeping the original order
+    wherever it already is one (the smallest topological order by original position)."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [pos[n] for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = nodes[heapq.heappop(ready)]
+        order.append(n)
+        for u in n.users:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, pos[u])
+    if len(order) != len(nodes):
+        raise WidthError("router injection made the graph cyclic (a router reads a tensor "
+                         "computed from its own width)")
+    if order == nodes:
+        return
+    prev = order[0]
+    for n in order[1:]:
+        if prev.next is not n:
+            prev.append(n)
+        prev = n

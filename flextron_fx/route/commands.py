@@ -1,0 +1,153 @@
+"""`flextron train-routers RUN --elastic DIR --lut LUT --mode static|dynamic|capacity` trains
+routers on a saved elastic model (backbone frozen); `flextron select DIR --budget
+latency=0.6` turns a budget into per-op widths with trained static routers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError, TrainingError
+
+
+def add_parser(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train-routers", formatter_class=fmt, description=__doc__,
+                       help="train routers for budgets (paper Figure 3)")
+    p.add_argument("run_dir", help="checkpoints, metrics.jsonl, curves.png and final/ "
+                                   "(the routers) go here")
+    p.add_argument("--elastic", required=True,
+                   help="saved elastic model (flextron convert --out, or a train-elastic "
+                        "run's final/)")
+    p.add_argument("--mode", choices=["static", "dynamic", "capacity"], default="static")
+    p.add_argument("--metric", choices=["latency", "params", "memory"], default="latency",
+                   help="what the budget limits")
+    p.add_argument("--lut", default=None,
+                   help="latency table (flextron profile --json); needed for --metric latency")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model whose tokenizer reads the training text")
+    p.add_argument("--domains", default="wikipedia")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 1.0),
+                   metavar=("LOW", "HIGH"), help="budgets sampled per sequence, fractions "
+                   "of the full model's cost")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
+    p.add_argument("--surrogate-threshold", type=float, default=0.05,
+                   help="routers follow the surrogate once its MSE is below this")
+    p.add_argument("--surrogate-warmup", type=int, default=20)
+    p.add_argument("--target", choices=["loss", "excess"], default="loss",
+                   help="what the surrogate predicts: the loss, or the loss above the full "
+                        "model's on the same sequence (less noisy, one more forward)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("select", formatter_class=fmt, description=__doc__,
+                       help="per-op widths for a budget from trained static routers")
+    p.add_argument("run_dir", help="a train-routers run (its final/) or a router folder")
+    p.add_argument("--budget", required=True,
+                   help="METRIC=AMOUNT: latency=0.6, latency=60%%, latency=12ms, params=50M, "
+                        "memory=300MB")
+    p.add_argument("--lut", default=None,
+                   help="latency table for the predicted latency (default: the run's own)")
+    p.add_argument("--json", default=None, help="also write the selection here")
+    p.set_defaults(func=run_select)
+
+
+def _cost(em, metric: str, lut: str | None):
+    from ..profile import CostModel, LatencyTable
+
+    if metric == "latency" and lut is None:
+        raise TrainingError("a latency budget needs a latency table: --lut TABLE (written "
+                            "by flextron profile --json), or choose --metric params/memory")
+    return CostModel(em, LatencyTable.load(lut) if lut else None)
+
+
+def run_train(args) -> dict:
+    from .. import load
+    from .._atomic import write_atomic
+    from ..data.domains import resolve_domains
+    from ..train.command import training_text
+    from .selection import save_routers
+    from .train import RouterConfig, train_routers
+
+    try:
+        domains = resolve_domains(args.domains)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    config = RouterConfig(
+        steps=args.steps, mode=args.mode, metric=args.metric, batch=args.batch,
+        budget_range=tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
+        surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
+        target=args.target, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
+               "domains": domains})
+    config.validate()
+    em = load(args.elastic)
+    cost = _cost(em, args.metric, args.lut)
+    tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,
+                                    args.eval_tokens)
+    max_s = None if args.max_minutes is None else 60 * args.max_minutes
+    summary = train_routers(em, tokens, args.run_dir, config, cost, heldout=heldout,
+                            resume=args.resume, progress=not args.no_progress,
+                            max_seconds=max_s, overwrite=args.overwrite)
+    run = Path(args.run_dir)
+    if summary["status"] == "done":
+        from .costs import CostTable
+
+        table = CostTable.coerce(em, cost, args.metric)
+        save_routers(em, run / "final", table, extra=config.extra)
+        summary["final"] = str(run / "final")
+    write_atomic(run / "summary.json", json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def router_folder(path: str | Path) -> Path:
+    from .selection import META
+
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    if (path / "final" / META).is_file():
+        return path / "final"
+    raise CheckpointError(f"{path} holds no trained routers ({META}, or final/{META}); "
+                          "train them with flextron train-routers")
+
+
+def run_select(args) -> dict:
+    from .. import load
+    from ..profile import Budget
+    from .selection import load_routers, read_router_meta, select
+
+    folder = router_folder(args.run_dir)
+    meta = read_router_meta(folder)
+    elastic = meta.get("extra", {}).get("elastic")
+    if not elastic:
+        raise CheckpointError(f"{folder} does not say which elastic model its routers belong "
+                              "to (extra.elastic in routers.json)")
+    budget = Budget.parse(args.budget)
+    em = load(elastic)
+    _, table, _ = load_routers(em, folder)
+    if table is None:
+        raise CheckpointError(f"{folder} holds no cost table; retrain the routers")
+    lut = args.lut or meta.get("extra", {}).get("lut")
+    from ..profile import CostModel, LatencyTable
+
+    cost_model = CostModel(em, LatencyTable.load(lut) if lut else None)
+    sel = select(em, budget, table, cost_model=cost_model)
+    print(sel)
+    if args.json:
+        from .._atomic import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(sel.to_dict(), indent=1))
+    return sel.to_dict()

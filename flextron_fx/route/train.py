@@ -1,0 +1,485 @@
+"""Router training (paper Figure 3): backbone frozen, budgets sampled per step, routers
+propose sub-networks, a surrogate model learns their loss, routers follow the surrogate.
+
+One step on a batch of B sequences:
+
+1. a budget T_b per sequence, uniform in `budget_range` (fractions of the full cost);
+2. one forward of the elastic model with the routers sampling (straight-through
+   Gumbel-softmax): static routers pick a width per op and sequence, dynamic routers a
+   width per token; no gradient reaches or leaves the backbone;
+3. the real loss of each sequence's sub-network (its mean next-token loss) is the
+   surrogate's target (Eq. 10); the surrogate is fitted by MSE on a memory of recent
+   (router outputs, loss) pairs;
+4. routers always get the latency loss of Eq. 8, max(expected cost - T, 0) with the
+   expected cost sum_i softmax(R_i) . cost_i from the cost table, and, once the
+   surrogate's error on fresh samples (before it fits them, smoothed) is under
+   `surrogate_threshold`, its predicted loss.
+
+Checkpoints, exact resume, SIGTERM safety and the metrics log work as in `train-elastic`
+(the same helpers); `curves.png` shows surrogate MSE, LM loss and latency loss over steps
+(the stages of the paper's Figure 12). Joint tuning of routers and backbone afterwards is
+not implemented here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .._atomic import savefig_atomic, write_atomic
+from ..elastic.model import ElasticModel
+from ..errors import TrainingError
+from ..passes.inject_routers import (
+    MODES,
+    final_hidden_tap,
+    inject_routers,
+    router_mode,
+    routers_of,
+    set_budget,
+)
+from ..train import state as S
+from ..train.loop import (
+    _logits,
+    _Stop,
+    _truncate,
+    batch_rows,
+    check_resume,
+    check_run_folder,
+    check_tokens,
+    data_fingerprint,
+    read_metrics,
+)
+from .costs import CostTable
+from .surrogate import Surrogate
+
+TARGETS = ("loss", "excess")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Settings of a router training run (saved with every checkpoint).
+
+    `latency_weight` is lambda of Eq. 7; `tau` the Gumbel-softmax temperature; the
+    surrogate steers the routers once the running mean of its squared error on fresh
+    samples is below `surrogate_threshold` (in squared loss units); it fits a memory of
+    the last `memory` samples at every step.
+    """
+
+    steps: int
+    mode: str = "static"
+    metric: str = "latency"
+    batch: int = 4
+    budget_range: tuple[float, float] = (0.4, 1.0)
+    lr: float = 1e-3
+    surrogate_lr: float = 3e-3
+    latency_weight: float = 10.0
+    tau: float = 1.0
+    surrogate_threshold: float = 0.05
+    surrogate_warmup: int = 20  # first steps: only the surrogate learns (Figure 12, stage 1)
+    target: str = "loss"  # "loss" (Eq. 10) or "excess": loss minus the full model's
+    surrogate_hidden: int = 128
+    memory: int = 512
+    hidden: int = 64  # static router MLP width
+    units: int = 128  # dynamic router U (paper: 128)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise TrainingError(f"steps must be >= 1, got {self.steps}")
+        if self.mode not in MODES:
+            raise TrainingError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.batch < 1:
+            raise TrainingError(f"batch must be >= 1, got {self.batch}")
+        low, high = self.budget_range
+        if not 0 < low <= high <= 1:
+            raise TrainingError(f"budget_range is 0 < low <= high <= 1 (fractions of the "
+                                f"full cost), got {list(self.budget_range)}")
+        for name in ("lr", "surrogate_lr", "tau", "surrogate_threshold"):
+            if not getattr(self, name) > 0:
+                raise TrainingError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.target not in TARGETS:
+            raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
+        if self.latency_weight < 0 or self.memory < 1 or self.surrogate_warmup < 0:
+            raise TrainingError("latency_weight and surrogate_warmup must be >= 0, memory >= 1")
+
+
+class RouterTraining(nn.Module):
+    """What router training updates and checkpoints: the routers (the same modules the
+    graph calls), the surrogate, and the surrogate's memory of recent samples."""
+
+    def __init__(self, routers: dict, surrogate: Surrogate, router_dim: int,
+                 hidden_dim: int, memory: int):
+        super().__init__()
+        self.routers = nn.ModuleDict({str(i): r for i, r in enumerate(routers.values())})
+        self.surrogate = surrogate
+        self.register_buffer("mem_r", torch.zeros(memory, router_dim))
+        self.register_buffer("mem_h", torch.zeros(memory, hidden_dim))
+        self.register_buffer("mem_y", torch.zeros(memory))
+        self.register_buffer("mem_n", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mse_ema", torch.full((), -1.0))
+
+    def remember(self, r: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        m = self.mem_y.shape[0]
+        for i in range(y.shape[0]):
+            j = int(self.mem_n) % m
+            self.mem_r[j], self.mem_y[j] = r[i], y[i]
+            if h.shape[-1]:
+                self.mem_h[j] = h[i]
+            self.mem_n += 1
+
+    def memory(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        n = min(int(self.mem_n), self.mem_y.shape[0])
+        h = self.mem_h[:n] if self.mem_h.shape[-1] else None
+        return self.mem_r[:n], h, self.mem_y[:n]
+
+
+def sequence_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence: [batch]."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                           reduction="none")
+    return loss.view(ids.shape[0], -1).mean(1)
+
+
+def router_outputs(em: ElasticModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """After a sampling forward: the surrogate input r [batch, sum K] (per op: the one-hot
+    sample, or the share of tokens per candidate) with straight-through gradients, and
+    per op the expected candidate distribution [batch, K] (softmax, token-averaged)."""
+    decisions, probs = [], []
+    for name, r in routers_of(em).items():
+        if r.record is None:
+            raise TrainingError(f"the router of {name} did not sample in the last forward")
+        p, s = r.record
+        decisions.append(s if s.dim() == 2 else s.mean(1))
+        probs.append(p if p.dim() == 2 else p.mean(1))
+    return torch.cat(decisions, -1), probs
+
+
+def expected_cost(probs: list[torch.Tensor], table: CostTable, names) -> torch.Tensor:
+    """Eq. 8's expected cost as a fraction of the full model's: [batch]."""
+    total = table.fixed + sum(p @ table.tensor(n, p.device) for p, n in zip(probs, names))
+    return total / table.full
+
+
+def latency_loss(cost: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: mean over sequences of max(expected cost - T, 0) (fractions of full)."""
+    return torch.relu(cost - budget).mean()
+
+
+def _pooled_hidden(em: ElasticModel, batch: int) -> torch.Tensor:
+    tap = final_hidden_tap(em)
+    if tap is None or tap.last is None:
+        return torch.zeros(batch, 0)
+    h = tap.last.float()
+    return h.reshape(batch, -1, h.shape[-1]).mean(1)
+
+
+def _hidden_dim(em: ElasticModel) -> int:
+    tap = final_hidden_tap(em)
+    if tap is None:
+        return 0
+    node = next(n for n in em.graph_module.graph.nodes
+                if n.op == "call_module" and n.target == "flextron_final_hidden")
+    val = node.args[0].meta.get("val")
+    if val is None:
+        raise TrainingError("the final hidden state has no recorded shape; dynamic routers "
+                            "need a graph traced with shapes (flextronize does that)")
+    return int(val.shape[-1])
+
+
+@torch.no_grad()
+def full_losses(em: ElasticModel, ids: torch.Tensor) -> torch.Tensor:
+    """Each sequence's loss under the full model (every router gives its widest width)."""
+    routers = list(routers_of(em).values())
+    saved = [(r.full, r.record, r.last_index) for r in routers]
+    try:
+        for r in routers:
+            r.full = True
+        return sequence_losses(_logits(em(ids)), ids)
+    finally:
+        for r, (full, record, last) in zip(routers, saved):
+            r.full, r.record, r.last_index = full, record, last
+
+
+class _Sampling:
+    """Routers sample (Gumbel) from `gen` and the final-hidden tap records; undone on exit.
+    (The exported graph has no train/eval switch: it was traced in eval mode.)"""
+
+    def __init__(self, em: ElasticModel, gen: torch.Generator, tau: float):
+        self.em, self.gen, self.tau = em, gen, tau
+
+    def __enter__(self):
+        for r in routers_of(self.em).values():
+            r.sampling, r.generator, r.tau = True, self.gen, self.tau
+        tap = final_hidden_tap(self.em)
+        if tap is not None:
+            tap.recording = True
+        return self
+
+    def __exit__(self, *exc):
+        for r in routers_of(self.em).values():
+            r.sampling, r.generator = False, None
+        tap = final_hidden_tap(self.em)
+        if tap is not None:
+            tap.recording, tap.last = False, None
+
+
+def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: torch.Tensor,
+                config: RouterConfig, gen: torch.Generator) -> tuple[dict, dict]:
+    """One router training step's losses and gradients (not applied): returns the metrics
+    and {parameter: gradient}."""
+    low, high = config.budget_range
+    budget = low + (high - low) * torch.rand(ids.shape[0], generator=gen)
+    budget = budget.to(ids.device)
+    set_budget(em, budget)
+    with _Sampling(em, gen, config.tau), torch.enable_grad():
+        logits = _logits(em(ids))
+        target = sequence_losses(logits.detach(), ids)
+        del logits
+        r, probs = router_outputs(em)
+        h = _pooled_hidden(em, ids.shape[0]).to(ids.device)
+    if config.target == "excess":
+        target = target - full_losses(em, ids)
+    names = list(routers_of(em))
+    cost = expected_cost(probs, table, names)
+    lat = latency_loss(cost, budget)
+    sur = state.surrogate
+    hs = h if h.shape[-1] else None
+    if int(state.mem_n) == 0:
+        sur.offset.fill_(float(target.mean()))
+    with torch.no_grad():
+        pred = sur(r.detach(), hs)
+        mse = float(((pred - target) ** 2).mean())
+    ema = mse if float(state.mse_ema) < 0 else 0.9 * float(state.mse_ema) + 0.1 * mse
+    state.mse_ema.fill_(ema)
+    trusted = ema < config.surrogate_threshold and int(state.mem_n) >= \
+        config.surrogate_warmup * ids.shape[0]
+    state.remember(r.detach(), h, target)
+    mr, mh, my = state.memory()
+    fit = ((sur(mr, mh) - my) ** 2).mean()
+    spread = float(my.var(unbiased=False)) if my.numel() > 1 else 0.0
+    warm = int(state.mem_n) > config.surrogate_warmup * ids.shape[0]
+    router_loss = config.latency_weight * lat * float(warm)
+    predicted = torch.zeros(())
+    if trusted:
+        frozen = {k: v.detach() for k, v in sur.named_parameters()}
+        frozen.update(dict(sur.named_buffers()))
+        predicted = functional_call(sur, frozen, (r, hs)).mean()
+        router_loss = router_loss + predicted
+    rparams = [p for p in state.routers.parameters()]
+    sparams = [p for p in sur.parameters()]
+    grads = {}
+    for params, loss in ((rparams, router_loss), (sparams, fit)):
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.update({p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, gs)})
+    metrics = {"lm_loss": float(target.mean()), "surrogate_mse": mse, "surrogate_mse_ema": ema,
+               "surrogate_fit": float(fit.detach()),
+               "surrogate_explained": 1 - float(fit.detach()) / spread if spread else 0.0, "surrogate_pred": float(pred.mean()),
+               "latency_loss": float(lat.detach()), "expected_cost": float(cost.detach().mean()),
+               "budget": float(budget.mean()), "over_budget": float((cost.detach() > budget).float().mean()),
+               "trusted": bool(trusted), "predicted_loss": float(predicted.detach()),
+               "router_loss": float(router_loss.detach())}
+    return metrics, grads
+
+
+def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config: RouterConfig,
+                  cost, *, heldout: torch.Tensor | None = None, resume: bool = False,
+                  progress: bool = True, max_seconds: float | None = None,
+                  overwrite: bool = False, eval_budgets=(0.5, 0.6, 0.7, 0.8)) -> dict:
+    """Inject routers of `config.mode` into `em` (unless it has them) and train them on
+    token blocks `tokens` [n, seq] against `cost` (a `CostTable`, a profiler `CostModel` or
+    {op: [cost per candidate]}); checkpoints and metrics go to `run`.
+
+    The backbone stays frozen. On SIGTERM or Ctrl-C the run checkpoints and returns;
+    `resume=True` continues from the newest checkpoint exactly as if never stopped. With
+    `heldout`, the summary holds each of `eval_budgets`' held-out loss and predicted cost.
+
+    Example:
+        >>> cfg = RouterConfig(steps=300, mode="static")                   # doctest: +SKIP
+        >>> train_routers(em, blocks, "runs/routers", cfg, CostModel(em, lut))  # doctest: +SKIP
+    """
+    run = Path(run)
+    config.validate()
+    check_tokens(tokens, config.batch)
+    table = CostTable.coerce(em, cost, config.metric)
+    table.refuse_below_minimum(config.budget_range[0])
+    check_run_folder(run, overwrite)
+    S.clean_leftovers(run)
+    data = data_fingerprint(tokens)
+    ckpt = S.latest(run) if resume else None
+    if not resume and ckpt is None and S.latest(run) is not None:
+        raise TrainingError(f"{run} already holds checkpoints; pass resume=True (--resume) "
+                            "to continue it, or use a new folder")
+    if ckpt is not None:
+        check_resume(run, S.read_state(ckpt), config, data)
+    mode = router_mode(em)
+    if mode is None:
+        inject_routers(em, config.mode, cost=table, metric=config.metric, hidden=config.hidden,
+                       units=config.units, seed=config.seed)
+    elif mode != config.mode:
+        raise TrainingError(f"the model already has {mode} routers, not {config.mode} ones; "
+                            "remove_routers(em) first")
+    routers = routers_of(em)
+    device = next(em.parameters()).device
+    frozen = {p: p.requires_grad for p in em.parameters()}
+    for p in em.parameters():
+        p.requires_grad_(False)
+    router_dim = sum(len(r.candidates) for r in routers.values())
+    hidden_dim = _hidden_dim(em) if config.mode != "static" else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        surrogate = Surrogate(router_dim, config.surrogate_hidden, hidden_dim or None)
+    state = RouterTraining(routers, surrogate, router_dim, hidden_dim, config.memory).to(device)
+    for p in state.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam([
+        {"params": list(state.routers.parameters()), "lr": config.lr},
+        {"params": list(state.surrogate.parameters()), "lr": config.surrogate_lr}],
+        betas=(0.5, 0.99))  # little momentum: the hinge of Eq. 8 stops pushing at the budget
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    start, seen, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        st = S.load_checkpoint(ckpt, state, optimizer, scheduler, gen)
+        start, seen, elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        print(f"resuming {run} from {ckpt.name} (step {start})")
+    metrics = run / "metrics.jsonl"
+    run.mkdir(parents=True, exist_ok=True)
+    _truncate(metrics, start)
+    write_atomic(run / "config.json", json.dumps(asdict(config), indent=1))
+    info = {"config": asdict(config), "data": data, "cost": table.to_dict()}
+    bar = tqdm(total=config.steps, initial=start, desc=f"train-routers ({config.mode})",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    step, status, t_run = start, "done", time.perf_counter()
+    try:
+        with _Stop() as stop:
+            while step < config.steps:
+                t0 = time.perf_counter()
+                rows = batch_rows(step, config.batch, tokens.shape[0], config.seed)
+                ids = tokens[rows].to(device)
+                row, grads = router_step(em, state, table, ids, config, gen)
+                optimizer.zero_grad(set_to_none=True)
+                for p, g in grads.items():
+                    p.grad = g
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                seen += ids.numel()
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                row = {"step": step, **row, "tokens": seen, "tok_per_s": ids.numel() / dt,
+                       "elapsed_s": round(elapsed, 3)}
+                with metrics.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(lm=f"{row['lm_loss']:.3f}", mse=f"{row['surrogate_mse']:.4f}",
+                                lat=f"{row['latency_loss']:.4f}")
+                want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)
+                if step % config.checkpoint_every == 0 or step == config.steps or want_stop:
+                    S.save_checkpoint(run, step, state, optimizer, scheduler, gen,
+                                      dict(info, tokens=seen, elapsed_s=elapsed),
+                                      keep=config.keep_checkpoints)
+                    plot_router_run(run)
+                if want_stop and step < config.steps:
+                    status = "stopped"
+                    break
+    finally:
+        bar.close()
+        for p, was in frozen.items():
+            p.requires_grad_(was)
+    summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
+               "wall_s": time.perf_counter() - t_run, "mode": config.mode,
+               "metric": config.metric}
+    if heldout is not None and status == "done":
+        summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
+    return summary
+
+
+@torch.no_grad()
+def evaluate_routers(em: ElasticModel, heldout: torch.Tensor, table: CostTable, budgets,
+                     batch: int = 4) -> dict[str, dict]:
+    """Per budget: mean held-out next-token loss with the routers deciding (argmax, or
+    capacity), and the predicted cost as a fraction of full (token-averaged for dynamic)."""
+    from ..train.loop import lm_loss
+
+    device = next(em.parameters()).device
+    names = list(routers_of(em))
+    out = {}
+    for b in budgets:
+        set_budget(em, float(b))
+        total = count = spent = 0.0
+        for i in range(0, heldout.shape[0], batch):
+            ids = heldout[i:i + batch].to(device)
+            n = ids[:, 1:].numel()
+            total += float(lm_loss(_logits(em(ids)), ids)) * n
+            count += n
+            spent += chosen_cost(em, table, names) * ids.numel()
+        out[str(b)] = {"loss": total / count,
+                       "cost": spent / (heldout[:, :].numel()) / table.full}
+    return out
+
+
+def chosen_cost(em: ElasticModel, table: CostTable, names=None) -> float:
+    """Cost (table units) of the routers' choices in the last forward, token-averaged."""
+    total = table.fixed
+    for name, r in routers_of(em).items():
+        k = r.last_index
+        c = table.tensor(name)
+        total += float(c[k]) if isinstance(k, int) else float(c[k.cpu()].mean())
+    return total
+
+
+def plot_router_run(run: str | Path) -> Path | None:
+    """`RUN/curves.png`: surrogate MSE, LM loss (real and predicted) and latency loss with
+    expected cost against budget, over steps (the stages of the paper's Figure 12)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(run)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    a.plot(steps, [r["surrogate_mse"] for r in rows], lw=0.8, label="on fresh samples")
+    a.plot(steps, [r["surrogate_mse_ema"] for r in rows], label="running mean")
+    trusted = [r["step"] for r in rows if r["trusted"]]
+    if trusted:
+        a.axvline(trusted[0], color="gray", ls="--", label="routers follow the surrogate")
+    a.set_yscale("log")
+    a.set_title("surrogate MSE")
+    a.set_xlabel("step")
+    a.legend()
+    b.plot(steps, [r["lm_loss"] for r in rows], lw=0.8, label="real (sampled sub-networks)")
+    b.plot(steps, [r["surrogate_pred"] for r in rows], lw=0.8, label="surrogate")
+    b.set_title("LM loss")
+    b.set_xlabel("step")
+    b.legend()
+    c.plot(steps, [r["latency_loss"] for r in rows], lw=0.8, label="latency loss (Eq. 8)")
+    c.plot(steps, [r["expected_cost"] for r in rows], lw=0.8, label="expected cost")
+    c.plot(steps, [r["budget"] for r in rows], lw=0.8, label="budget (batch mean)")
+    c.set_title("cost, fraction of full")
+    c.set_xlabel("step")
+    c.legend()
+    fig.tight_layout()
+    out = savefig_atomic(fig, Path(run) / "curves.png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["RouterConfig", "RouterTraining", "chosen_cost", "evaluate_routers",
+           "expected_cost", "latency_loss", "plot_router_run", "router_step",
+           "sequence_losses", "train_routers"]

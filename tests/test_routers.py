@@ -1,0 +1,532 @@
+"""Routers injected into the elastic graph (paper 3.2): static, dynamic, capacity; their
+training through a surrogate model; select; the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close, calibration, output
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zoo import ZOO, sample_inputs
+
+import flextron_fx
+from flextron_fx import ProfileError, WidthError
+from flextron_fx.passes.inject_routers import (
+    fix_budget,
+    inject_routers,
+    remove_routers,
+    routers_of,
+    set_budget,
+    static_choice,
+)
+from flextron_fx.profile import Budget, CostModel
+from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
+from flextron_fx.route.routers import assign_by_preference, capacity_counts
+from flextron_fx.route.train import (
+    RouterTraining,
+    chosen_cost,
+    expected_cost,
+    latency_loss,
+    read_metrics,
+    router_step,
+    sequence_losses,
+    train_routers,
+)
+
+ARCHS = ["llama", "gpt2", "opt", "phi3", "nanogpt"]
+MODES = ["static", "dynamic", "capacity"]
+BATCH, SEQ = 3, 6
+
+
+def _ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _width_cost(em) -> dict[str, list[float]]:
+    """A synthetic cost table: each candidate costs its share of the full width."""
+    return {n: [c / op.full for c in op.candidates] for n, op in em.ops.items()}
+
+
+def _perturb(routers: dict, seed: int = 1) -> None:
+    """Trained-looking router weights instead of the uniform start (all logits equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in routers.values():
+            for p in r.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture
+def routed(zoo_converted):
+    """get(arch, mode) -> elastic model with (perturbed) routers; removed afterwards."""
+    used = []
+
+    def get(arch: str, mode: str, seed: int = 0, **kw):
+        _, em = zoo_converted(arch)
+        _perturb(inject_routers(em, mode, cost=_width_cost(em), seed=seed, **kw), seed)
+        used.append(em)
+        return em
+
+    yield get
+    for em in used:
+        remove_routers(em)
+        em.set_full()
+
+
+def _choices(em) -> dict:
+    return {n: r.last_index for n, r in routers_of(em).items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_each_router_output_is_a_valid_candidate(routed, arch, mode):
+    em = routed(arch, mode)
+    assert set(routers_of(em)) == set(em.ops)
+    text = str(em.graph_module.graph)
+    assert "flextron_budget" in text and f"flextron_router_{len(em.ops) - 1}" in text
+    assert "flextron_width_" not in text  # every width now comes from a router
+    for budget in (0.5, 0.8, 1.0):
+        set_budget(em, budget)
+        output(em, _ids(1))
+        for name, k in _choices(em).items():
+            K = len(em.ops[name].candidates)
+            if mode == "static":
+                assert isinstance(k, int) and 0 <= k < K
+            else:
+                assert k.shape == (BATCH, SEQ) and k.dtype == torch.long
+                assert int(k.min()) >= 0 and int(k.max()) < K
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_dynamic_routed_output_equals_the_same_per_token_widths_set_by_hand(
+        zoo_converted, arch):
+    _, em = zoo_converted(arch)
+    ids = _ids(2)
+    _perturb(inject_routers(em, "dynamic", seed=3))
+    try:
+        set_budget(em, 0.7)
+        runs = [output(em, ids) for _ in range(3)]
+        routed_out = runs[0]
+        assert all(torch.equal(r, routed_out) for r in runs)
+        chosen = {n: k.clone() for n, k in _choices(em).items()}
+    finally:
+        remove_routers(em)
+    assert any(len(set(k.flatten().tolist())) > 1 for k in chosen.values())  # really per token
+    with em.at(chosen):
+        by_hand = output(em, ids)
+    assert torch.equal(routed_out, by_hand)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_static_router_equals_its_fixed_widths_and_fix_budget_removes_it(zoo_converted, arch):
+    _, em = zoo_converted(arch)
+    ids = _ids(3)
+    routers = inject_routers(em, "static", seed=1)
+    _perturb(routers)
+    try:
+        set_budget(em, 0.6)
+        first = [output(em, ids) for _ in range(3)]  # the 2nd and 3rd run a static program
+        first_widths = static_choice(em, 0.6)
+        assert all(torch.equal(h, first[0]) for h in first)
+        name = next(n for n, w in first_widths.items() if w != em.ops[n].candidates[0])
+        with torch.no_grad():  # a router that changes (as in training) changes the width
+            routers[name].net[-1].bias[0] = 100.0
+        routed_out = output(em, ids)
+        widths = static_choice(em, 0.6)
+        assert widths == dict(first_widths, **{name: em.ops[name].candidates[0]})
+        assert fix_budget(em, 0.6) == widths
+        assert not routers_of(em)
+        assert em.widths == widths
+        assert torch.equal(output(em, ids), routed_out)
+        assert_close(routed_out, output(em.materialize(widths), ids))
+        assert_close(first[0], output(em.materialize(first_widths), ids))
+    finally:
+        remove_routers(em)
+        em.set_full()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_inject_then_remove_gives_back_the_original_outputs(routed, zoo_converted, arch, mode):
+    _, em = zoo_converted(arch)
+    ids = _ids(4)
+    em.set_widths(0.5, kind="mlp")  # widths set before routing come back as they were
+    before, widths = output(em, ids), em.widths
+    nodes = sorted((n.op, str(n.target)) for n in em.graph_module.graph.nodes)
+    inject_routers(em, mode, cost=_width_cost(em))
+    set_budget(em, 0.6)
+    assert not torch.equal(output(em, ids), before) or mode == "static"
+    remove_routers(em)
+    assert em.widths == widths
+    assert torch.equal(output(em, ids), before)
+    assert em.graph_module.code.count("flextron_router") == 0
+    assert sorted((n.op, str(n.target)) for n in em.graph_module.graph.nodes) == nodes
+    em.set_full()
+
+
+def test_router_injection_refuses_bad_use(zoo_converted):
+    _, em = zoo_converted("llama")
+    with pytest.raises(WidthError, match="router mode"):
+        inject_routers(em, "banana")
+    with pytest.raises(WidthError, match="capacity routers need"):
+        inject_routers(em, "capacity")
+    inject_routers(em, "static")
+    try:
+        with pytest.raises(WidthError, match="already has routers"):
+            inject_routers(em, "static")
+        with pytest.raises(WidthError, match=r"\(0, 1\]"):
+            set_budget(em, 1.5)
+        with pytest.raises(WidthError, match="no longer comes from a width node"):
+            em.set_widths(0.5)
+    finally:
+        remove_routers(em)
+
+
+# ---- costs and the latency loss (Eq. 8) -------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(costs=st.lists(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=4), min_size=1,
+                      max_size=4),
+       fixed=st.floats(0.0, 3.0), seed=st.integers(0, 2**16), budget=st.floats(0.05, 1.0))
+def test_latency_loss_is_zero_under_budget_and_grows_with_the_excess(costs, fixed, seed,
+                                                                     budget):
+    table = CostTable("latency", {f"op{i}": c for i, c in enumerate(costs)}, fixed)
+    g = torch.Generator().manual_seed(seed)
+    probs = [torch.softmax(torch.randn(2, len(c), generator=g) * 3, -1) for c in costs]
+    names = list(table.costs)
+    cost = expected_cost(probs, table, names)
+    # the expected cost is sum_i softmax . cost_i (plus the fixed part), over the full cost
+    want = (fixed + sum(p @ torch.tensor(c) for p, c in zip(probs, costs))) / table.full
+    torch.testing.assert_close(cost, want.float())
+    b = torch.full((2,), budget)
+    loss = latency_loss(cost, b)
+    excess = torch.clamp(cost - b, min=0)
+    torch.testing.assert_close(loss, excess.mean())
+    if bool((cost <= b).all()):
+        assert float(loss) == 0.0
+    # more excess, more loss; a lower budget never lowers it
+    assert float(latency_loss(cost + 0.1, b)) >= float(loss)
+    assert float(latency_loss(cost, b - 0.05)) >= float(loss)
+    if bool((cost > b).all()):
+        assert float(latency_loss(cost + 0.1, b)) == pytest.approx(float(loss) + 0.1, abs=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["params", "memory"])
+def test_cost_table_from_the_profiler_adds_up_to_its_cost(zoo_converted, metric):
+    _, em = zoo_converted("llama")
+    cm = CostModel(em, context=64)
+    table = CostTable.coerce(em, cm, metric)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        choice = {n: int(torch.randint(len(op.candidates), (1,), generator=g))
+                  for n, op in em.ops.items()}
+        widths = {n: em.ops[n].candidates[k] for n, k in choice.items()}
+        assert table.total(choice) == pytest.approx(cm.cost(metric, widths), rel=1e-9)
+    assert table.full == pytest.approx(cm.cost(metric, None), rel=1e-9)
+
+
+def test_cost_table_refuses_a_table_that_does_not_fit(zoo_converted):
+    _, em = zoo_converted("llama")
+    costs = _width_cost(em)
+    name = next(iter(costs))
+    with pytest.raises(ProfileError, match="one cost per candidate"):
+        CostTable.coerce(em, dict(costs, **{name: [1.0]}))
+    with pytest.raises(ProfileError, match="ops without costs"):
+        CostTable.coerce(em, {name: costs[name]})
+    with pytest.raises(ProfileError, match="finite"):
+        CostTable("latency", {"a": [float("nan")]})
+
+
+# ---- capacity mode -----------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(2, 5), n=st.integers(1, 50), seed=st.integers(0, 2**16),
+       frac=st.floats(0.0, 1.0))
+def test_capacity_counts_meet_the_limit_and_assignment_follows_them(k, n, seed, frac):
+    g = torch.Generator().manual_seed(seed)
+    costs = sorted(torch.rand(k, generator=g).tolist())
+    probs = torch.softmax(torch.randn(n, k, generator=g) * 2, -1)
+    limit = costs[0] + frac * (costs[-1] - costs[0])
+    counts = capacity_counts(probs.mean(0), costs, n, limit)
+    assert sum(counts) == n and min(counts) >= 0
+    assert sum(c * m for c, m in zip(costs, counts)) <= limit * n * (1 + 1e-6) + 1e-9
+    index = assign_by_preference(probs, counts)
+    assert torch.bincount(index, minlength=k).tolist() == counts
+    # the widest candidate takes the tokens that prefer it most
+    top = counts[-1]
+    if 0 < top < n:
+        chosen = probs[index == k - 1, k - 1]
+        others = probs[index != k - 1, k - 1]
+        assert float(chosen.min()) >= float(others.max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), budget=st.floats(0.45, 1.0))
+def test_capacity_mode_keeps_every_batch_within_budget(zoo_converted, arch, seed, budget):
+    _, em = zoo_converted(arch)
+    table = CostTable.coerce(em, _width_cost(em))
+    _perturb(inject_routers(em, "capacity", cost=table, seed=seed % 7), seed)
+    try:
+        budget = max(budget, table.minimum / table.full)
+        set_budget(em, budget)
+        for b in range(3):
+            output(em, _ids(seed + b, batch=2 + b, seq=5 + b))
+            assert chosen_cost(em, table) <= budget * table.full * (1 + 1e-6)
+    finally:
+        remove_routers(em)
+
+
+def test_capacity_refuses_a_budget_below_the_cheapest(routed):
+    em = routed("llama", "capacity")
+    table = CostTable.coerce(em, _width_cost(em))
+    set_budget(em, table.minimum / table.full * 0.9)
+    with pytest.raises(ProfileError, match=f"{table.minimum / table.full:.4g}"):
+        output(em, _ids())
+
+
+# ---- surrogate and training --------------------------------------------------------------
+
+def _fresh(arch: str = "llama", head_scale: float = 1.0):
+    torch.manual_seed(0)
+    model = ZOO[arch]()
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
+    return flextron_fx.flextronize(model, sample_inputs(arch), calibration(), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_the_surrogate_target_is_the_true_loss_of_the_sampled_sub_network(zoo_converted, mode):
+    _, em = zoo_converted("llama")
+    ids = _ids(5, batch=4, seq=8)
+    table = CostTable.coerce(em, _width_cost(em))
+    routers = inject_routers(em, mode, seed=2)
+    try:
+        config = RouterConfig(steps=1, mode=mode, batch=4, budget_range=(0.5, 1.0))
+        dim = sum(len(r.candidates) for r in routers.values())
+        from flextron_fx.route.surrogate import Surrogate
+        from flextron_fx.route.train import _hidden_dim
+
+        hd = _hidden_dim(em) if mode != "static" else 0
+        state = RouterTraining(routers, Surrogate(dim, 16, hd or None), dim, hd, 8)
+        gen = torch.Generator().manual_seed(11)
+        router_step(em, state, table, ids, config, gen)
+        sampled = {n: k.clone() for n, k in _choices(em).items()}
+        targets = state.mem_y[:4].clone()
+    finally:
+        remove_routers(em)
+    # the same per-token widths set by hand give the same per-sequence losses
+    with em.at(sampled):
+        again = sequence_losses(output(em, ids), ids)
+    assert torch.equal(targets, again)
+    if mode == "static":  # each sequence equals the dense model at its widths
+        for b in range(4):
+            widths = {n: em.ops[n].candidates[int(k[b, 0])] for n, k in sampled.items()}
+            dense = em.materialize(widths)
+            loss = sequence_losses(output(dense, ids[b:b + 1]), ids[b:b + 1])
+            torch.testing.assert_close(targets[b:b + 1], loss, atol=1e-4, rtol=0)
+    # the surrogate input was the sampled sub-network: one-hot per op (static)
+    r = state.mem_r[:4]
+    if mode == "static":
+        assert torch.equal(r.sum(-1), torch.full((4,), float(len(em.ops))))
+    assert torch.allclose(r.sum(-1), torch.full((4,), float(len(em.ops))))
+
+
+def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:
+    """Text drawn from the full model itself: the full model is then the best predictor
+    of it, and narrower sub-networks lose more (a learnable signal on random weights)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (n, 2), generator=g)
+    with torch.no_grad():
+        while ids.shape[1] < seq:
+            p = torch.softmax(output(em, ids)[:, -1], -1)
+            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    return ids
+
+
+def _config(**kw) -> RouterConfig:
+    base = {"steps": 30, "mode": "static", "batch": 8, "budget_range": (0.5, 0.8),
+            "target": "excess", "surrogate_warmup": 8, "surrogate_threshold": 0.1,
+            "checkpoint_every": 30}
+    return RouterConfig(**{**base, **kw})
+
+
+def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
+    em = _fresh(head_scale=6.0)
+    tokens = _self_sampled_tokens(em)
+    summary = train_routers(em, tokens, tmp_path / "run", _config(), _width_cost(em),
+                            progress=False, heldout=tokens[:8], eval_budgets=(0.5, 0.8))
+    rows = read_metrics(tmp_path / "run")
+    assert summary["status"] == "done" and len(rows) == 30
+    warm = [r["latency_loss"] for r in rows[:8]]  # routers frozen: the initial proposals
+    late = [r["latency_loss"] for r in rows[-5:]]
+    assert sum(warm) / len(warm) > 0.02
+    assert sum(late) / len(late) < 0.5 * sum(warm) / len(warm)
+    assert rows[-1]["expected_cost"] < rows[0]["expected_cost"]
+    # the surrogate predicts its samples better than their mean does, and better than at
+    # its first fit
+    assert rows[-1]["surrogate_explained"] > 0.05
+    assert rows[-1]["surrogate_explained"] > rows[1]["surrogate_explained"]
+    assert any(r["trusted"] for r in rows)
+    assert (tmp_path / "run" / "curves.png").is_file()
+    for b, res in summary["eval"].items():  # argmax sub-networks within the budget
+        assert res["cost"] <= float(b) + 0.05 and math.isfinite(res["loss"])
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted, mode):
+    config = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,
+                     surrogate_threshold=10.0)
+    _, em = zoo_converted("llama")
+    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    cost = _width_cost(em)
+
+    def routers():
+        return {k: v.clone() for k, v in em.graph_module.state_dict().items() if "router" in k}
+
+    try:
+        train_routers(em, tokens, tmp_path / "a", config, cost, progress=False)
+        whole = routers()
+        remove_routers(em)
+        stopped = train_routers(em, tokens, tmp_path / "b", config, cost, progress=False,
+                                max_seconds=0.0)  # stops (with a checkpoint) after one step
+        assert stopped["status"] == "stopped" and stopped["step"] == 1
+        remove_routers(em)  # a new process: routers injected afresh, then restored
+        done = train_routers(em, tokens, tmp_path / "b", config, cost, progress=False,
+                             resume=True)
+        assert done["status"] == "done" and done["step"] == 4
+        resumed = routers()
+        assert whole.keys() == resumed.keys() and whole
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), k
+        a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+        drop = ("elapsed_s", "tok_per_s")
+        assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in b]
+        remove_routers(em)
+        other = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,
+                        surrogate_threshold=10.0, lr=0.5)
+        with pytest.raises(flextron_fx.FlextronError, match="different settings"):
+            train_routers(em, tokens, tmp_path / "b", other, cost, progress=False, resume=True)
+    finally:
+        remove_routers(em)
+
+
+# ---- select, budgets, saving --------------------------------------------------------------
+
+def test_select_meets_the_budget_and_refuses_an_impossible_one(routed):
+    em = routed("llama", "static", seed=4)
+    table = CostTable.coerce(em, _width_cost(em), "params")
+    cm = CostModel(em)
+    for b in (0.5, 0.7, 1.0):
+        sel = select(em, b, table, cost_model=cm)
+        assert sel.fraction <= b + 1e-9
+        assert all(w in em.ops[n].candidates for n, w in sel.widths.items())
+        assert sel.predicted["params"] == em.num_params(sel.widths)
+        assert f"{b:.4g}" in str(sel)
+    low = table.minimum / table.full
+    with pytest.raises(ProfileError, match=f"smallest achievable is {low:.4g}"):
+        select(em, low * 0.9, table)
+    with pytest.raises(ProfileError, match="latency budget cannot be met"):
+        select(em, Budget.parse("latency=0.6"), table)
+    sel = select(em, Budget.parse("params=0.7"), table)
+    assert sel.budget == pytest.approx(0.7)
+
+
+def test_training_refuses_an_impossible_budget_range(tmp_path, zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, _width_cost(em))
+    low = table.minimum / table.full
+    with pytest.raises(ProfileError, match=f"smallest achievable is {low:.4g}"):
+        train_routers(em, _ids(batch=8), tmp_path / "r", _config(budget_range=(low / 2, 0.9)),
+                      table, progress=False)
+    assert not routers_of(em)
+
+
+@pytest.mark.parametrize("mode", ["static", "capacity"])
+def test_saved_routers_load_with_the_same_outputs(tmp_path, zoo_converted, mode):
+    _, em = zoo_converted("gpt2")
+    ids = _ids(6)
+    table = CostTable.coerce(em, _width_cost(em))
+    _perturb(inject_routers(em, mode, cost=table, seed=5))
+    try:
+        set_budget(em, 0.7)
+        before = output(em, ids)
+        save_routers(em, tmp_path / "routers", table, extra={"note": 1})
+    finally:
+        remove_routers(em)
+    _, loaded_table, meta = load_routers(em, tmp_path / "routers")
+    try:
+        set_budget(em, 0.7)
+        assert torch.equal(output(em, ids), before)
+        assert loaded_table == table and meta["extra"] == {"note": 1}
+    finally:
+        remove_routers(em)
+    _, other = zoo_converted("llama")
+    with pytest.raises(flextron_fx.CheckpointError, match="other elastic ops"):
+        load_routers(other, tmp_path / "routers")
+
+
+def test_a_copy_of_a_routed_graph_routes_the_same(routed):
+    em = routed("llama", "dynamic")
+    set_budget(em, 0.6)
+    ids = _ids(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = copy.deepcopy(em.graph_module)
+    assert torch.equal(output(twin, ids), output(em, ids))
+
+
+def test_cli_train_routers_then_select(tmp_path, capsys):
+    """`flextron train-routers` on real text (SmolLM2's tokenizer, a tiny Llama with its
+    vocabulary), then `flextron select` on the run."""
+    from zoo import _hf
+
+    from flextron_fx.cli import main
+
+    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
+    flextron_fx.save(em, tmp_path / "elastic")
+    run = tmp_path / "routers"
+    args = ["train-routers", str(run), "--elastic", str(tmp_path / "elastic"), "--mode",
+            "static", "--metric", "params", "--steps", "3", "--batch", "2", "--seq", "16",
+            "--eval-tokens", "32", "--budget-range", "0.6", "1.0", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and set(summary["eval"]) == {"0.5", "0.6", "0.7",
+                                                                     "0.8"}
+    assert (run / "final" / "routers.json").is_file() and (run / "curves.png").is_file()
+    assert len(read_metrics(run)) == 3
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["select", str(run), "--budget", "params=0.8", "--json",
+                     str(tmp_path / "sel.json")]) == 0
+    sel = json.loads((tmp_path / "sel.json").read_text())
+    assert sel["fraction"] <= 0.8 and set(sel["widths"]) == set(em.ops)
+    out = capsys.readouterr().out
+    assert "params <= 0.8 of full" in out and "memory_bytes" in out
+    assert next(iter(em.ops)) in out  # the per-op widths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["select", str(run), "--budget", "params=0.01", "--json",
+                     str(tmp_path / "no.json")]) == 2
+    assert "smallest achievable" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
+    assert main(["select", str(tmp_path / "elastic"), "--budget", "params=0.7"]) == 2
+    assert "no trained routers" in capsys.readouterr().err
+    assert main(["train-routers", str(tmp_path / "r2"), "--elastic", str(tmp_path / "elastic"),
+                 "--steps", "1"]) == 2
+    assert "--lut" in capsys.readouterr().err
