@@ -25,7 +25,7 @@ from flextron_fx.passes.inject_routers import (
     set_budget,
     static_choice,
 )
-from flextron_fx.profile import Budget, CostModel
+from flextron_fx.profiler import Budget, CostModel
 from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
 from flextron_fx.route.routers import assign_by_preference, capacity_counts
 from flextron_fx.route.train import (

@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
 
 
 def _cost(em, metric: str, lut: str | None):
-    from ..profile import CostModel, LatencyTable
+    from ..profiler import CostModel, LatencyTable
 
     if metric == "latency" and lut is None:
         raise TrainingError("a latency budget needs a latency table: --lut TABLE (written "
@@ -126,7 +126,7 @@ def router_folder(path: str | Path) -> Path:
 
 def run_select(args) -> dict:
     from .. import load
-    from ..profile import Budget
+    from ..profiler import Budget
     from .selection import load_routers, read_router_meta, select
 
     folder = router_folder(args.run_dir)
@@ -141,7 +141,7 @@ def run_select(args) -> dict:
     if table is None:
         raise CheckpointError(f"{folder} holds no cost table; retrain the routers")
     lut = args.lut or meta.get("extra", {}).get("lut")
-    from ..profile import CostModel, LatencyTable
+    from ..profiler import CostModel, LatencyTable
 
     cost_model = CostModel(em, LatencyTable.load(lut) if lut else None)
     sel = select(em, budget, table, cost_model=cost_model)
