@@ -34,7 +34,7 @@ def _config(args):
     from .config import FlextronConfig
 
     return FlextronConfig(head_mode=args.head_mode, head_score=args.head_score,
-                          mlp_score=args.score, compensate=not args.no_compensation,
+                          mlp_score=args.score, compensate=args.compensation,
                           seed=args.seed, calibration_batch_size=args.batch_size)
 
 
@@ -181,8 +181,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="MLP neuron importance (flextron_fx/passes/scores.py)")
     p.add_argument("--head-score", choices=names("attention"), default=default.head_score,
                    help="attention head importance")
-    p.add_argument("--no-compensation", action="store_true",
-                   help="no per-width bias compensation (passes/compensate.py)")
+    p.add_argument("--compensation", choices=["none", "mlp", "attention", "all"],
+                   default=default.compensate,
+                   help="blocks that get per-width bias compensation (passes/compensate.py)")
     p.add_argument("--calib-domains", default="wikipedia",
                    help="comma list of domains whose calibration splits are mixed in equal "
                         "shares for calibration (fetched with `flextron data fetch`)")

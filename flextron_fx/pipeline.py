@@ -38,8 +38,9 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
     `dynamic_shapes` (torch.export's format, e.g. `({0: Dim("batch"), 1: Dim("seq")},)`) to
     choose them yourself. A model whose code fixes the sequence length is traced for the
     sample's length only, with a warning; other lengths then raise `InputShapeError`.
-    With calibration data and `config.compensate`, every width below the full one also
-    adds back the mean output of the units it drops (`passes/compensate.py`).
+    With calibration data, every width below the full one of the blocks that
+    `config.compensate` names also adds back the mean output of the units it drops
+    (`passes/compensate.py`).
     `resume` names a file for calibration progress, so an interrupted conversion picks
     up where it stopped. The user's model is not modified.
 
@@ -80,7 +81,7 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
         check("rank")
         permute(gm, analysis, blocks, orders)
         check("permute")
-        if config.compensate:
+        if config.compensate != "none":
             tables = compensation_tables(gm, analysis, blocks, stats, orders, config)
     elasticize(gm, analysis, blocks, config)
     check("elasticize")

@@ -48,6 +48,7 @@ _CACHE: dict = {}
 
 
 def converted(name: str, head_mode: str = "group", **cfg):
+    cfg.setdefault("compensate", "all")
     key = (name, head_mode, tuple(sorted(cfg.items())))
     if key not in _CACHE:
         _CACHE[key] = _converted(name, head_mode, **cfg)
@@ -129,7 +130,8 @@ def test_bias_equals_the_expected_removed_contribution_by_hand(seed, mlp_score):
     g = torch.Generator().manual_seed(seed)
     calib = torch.randn(16, 5, 8, generator=g)
     em = flextron_fx.flextronize(model, (calib[:2],), calib,
-                                 config=FlextronConfig(mlp_multiple=8, mlp_score=mlp_score),
+                                 config=FlextronConfig(mlp_multiple=8, mlp_score=mlp_score,
+                                                       compensate="mlp"),
                                  progress=False)
     (name,) = em.ops
     order = torch.tensor(em.orders[name]["neurons"])  # stored neuron p = original order[p]
@@ -166,9 +168,24 @@ def test_save_load_keeps_the_biases(tmp_path):
     em.set_full()
 
 
+def test_to_hf_puts_the_biases_on_the_output_projections():
+    """SmolLM2's family (Llama) has no output-projection biases: to_hf switches them on
+    and the rebuilt Hugging Face model equals the compensated elastic one."""
+    from flextron_fx.export.hf import to_hf
+
+    _, em = converted("llama")
+    ids = _ids(4)
+    for f in (0.5, 0.25):
+        small = to_hf(em, f)
+        assert small.config.mlp_bias and small.config.attention_bias
+        with em.at(f):
+            assert_close(output(small, ids), output(em, ids))
+    assert not to_hf(em, 1.0).config.attention_bias  # full width: no bias needed
+
+
 def test_training_updates_the_biases_only_when_asked():
     for train in (True, False):
-        _, em = _converted("llama", "group")
+        _, em = _converted("llama", "group", compensate="all")
         comps = list(compensation_modules(em.graph_module).values())
         for p in em.parameters():
             p.requires_grad_(True)
@@ -293,6 +310,16 @@ def test_taylor_on_a_model_without_a_next_token_loss_is_a_clear_error():
         flextron_fx.flextronize(SwiGLU(), (calib[:2],), calib,
                                 config=FlextronConfig(mlp_multiple=8, mlp_score="taylor"),
                                 progress=False)
+
+
+def test_compensate_names_the_kinds_of_blocks_that_get_it():
+    for kinds, expected in (("mlp", {"mlp"}), ("attention", {"attention"}), (False, set()),
+                            (True, {"mlp", "attention"})):
+        _, em = converted("llama", compensate=kinds)
+        got = {em.ops[m.block].kind for m in compensation_modules(em.graph_module).values()}
+        assert got == expected, kinds
+    with pytest.raises(ValueError, match="compensate must be one of"):
+        FlextronConfig(compensate="heads")
 
 
 def test_unknown_score_is_a_clear_error():

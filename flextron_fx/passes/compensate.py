@@ -44,11 +44,14 @@ def compensation_tables(gm: fx.GraphModule, analysis: Analysis, blocks: list[Blo
                         stats: dict[str, Stats], orders: dict, config: FlextronConfig
                         ) -> dict[str, torch.Tensor]:
     """{block: [K - 1, out features]}: row k is the expected output of the units that
-    candidate k removes, from the weights as stored now (permuted by `orders`)."""
+    candidate k removes, from the weights as stored now (permuted by `orders`), for the
+    blocks of the kinds `config.compensate` names."""
+    kinds = {"none": (), "mlp": ("mlp",), "attention": ("attention",),
+             "all": ("mlp", "attention")}[config.compensate]
     tables = {}
     for block in blocks:
         cands = candidates(block, config)
-        if len(cands) < 2 or block.name not in stats:
+        if len(cands) < 2 or block.name not in stats or block.kind not in kinds:
             continue
         proj = block.out_proj
         lay = L.sized(analysis.atoms, proj.layout)
