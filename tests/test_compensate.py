@@ -329,3 +329,22 @@ def test_unknown_score_is_a_clear_error():
         FlextronConfig(head_score="wanda")
     assert FlextronConfig.from_json(FlextronConfig(mlp_score="taylor").to_json()).mlp_score \
         == "taylor"
+
+
+def test_calibration_mix_takes_equal_interleaved_shares(monkeypatch):
+    from flextron_fx.data import corpus
+    from flextron_fx.data.blocks import calibration_mix
+
+    class Chars:
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    texts = {"wikipedia": [("w", "a" * 40)], "python": [("p", "b" * 40)]}
+    monkeypatch.setattr(corpus, "load_split", lambda d, split, cache_dir=None: texts[d])
+    calib, source = calibration_mix(Chars(), ["wikipedia", "python"], seq_len=8, n_calib=4)
+    assert calib[:, 0].tolist() == [ord("a"), ord("b"), ord("a"), ord("b")]
+    assert "wikipedia (2 blocks)" in source and "python (2 blocks)" in source
+    with pytest.raises(ValueError, match="unknown domain"):
+        calibration_mix(Chars(), ["klingon"], seq_len=8)
