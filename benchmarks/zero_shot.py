@@ -38,6 +38,7 @@ from flextron_fx.passes.compensate import compensate, compensation_tables
 from flextron_fx.passes.elasticize import elasticize
 from flextron_fx.passes.permute import permute, sort_order
 from flextron_fx.passes.rank import measure, score_blocks
+from flextron_fx.passes.scores import needs
 from flextron_fx.trace import trace
 
 # name -> (kinds it cuts, widths for ElasticModel.set_widths)
@@ -87,7 +88,16 @@ def main() -> None:
                     help="also calibrate on a mix of every evaluated domain's calibration split")
     ap.add_argument("--mix-pairs", default="activation/contribution,taylor/taylor")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="write a bar chart (PNG) of the results here")
+    ap.add_argument("--replot", default=None,
+                    help="only print the table (and --plot) of a JSON written by --json")
     args = ap.parse_args()
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+        print(table(res, list(res["test_tokens"])))
+        if args.plot:
+            print(f"wrote {plot(res, args.plot)}")
+        return
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model, tok = load("smollm2-135m")
@@ -119,13 +129,13 @@ def main() -> None:
     analysis = analyze(base.graph_module, base.sample_inputs)
     for calib_name, calib in calibs.items():
         t = time.perf_counter()
+        todo = pairs if calib_name == "wikipedia" else \
+            [tuple(p.split("/")) for p in args.mix_pairs.split(",")]
         stats = measure(base.graph_module, analysis, analysis.blocks, calib,
-                        measures={"abs", "sum", "sq", "contribution", "taylor"},
+                        measures=needs(*(s for pair in todo for s in pair)),
                         batch_size=args.calib_batch, sample_inputs=base.sample_inputs)
         print(f"calibrated on {calib_name} ({calib.shape[0]} x {calib.shape[1]}) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        todo = pairs if calib_name == "wikipedia" else \
-            [tuple(p.split("/")) for p in args.mix_pairs.split(",")]
         for mlp, head in todo:
             keys = {}
             for comp in (False, True):
@@ -161,6 +171,8 @@ def main() -> None:
 
         write_atomic(Path(args.json), json.dumps(res, indent=1))
         print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(res, args.plot)}")
 
 
 def table(res: dict, domains: list[str]) -> str:
@@ -177,6 +189,43 @@ def table(res: dict, domains: list[str]) -> str:
         lines.append(f"| {c} | {mlp} | {head} | {calib} | {'yes' if comp == 'comp' else 'no'} | "
                      + " | ".join(f"{v[d]:.2f}" for d in domains) + " |")
     return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> Path:
+    """Perplexity relative to the full model (log scale), one panel per sub-network, one
+    group of bars per score, without / with compensation, mean over the domains."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flextron_fx._atomic import savefig_atomic
+
+    full = res["ppl"]["full"]
+    rows: dict = {}
+    for key, v in res["ppl"].items():
+        if key == "full":
+            continue
+        calib, c, mlp, head, comp = key.split("|")
+        label = "/".join(x for x in (mlp, head) if x != "-") + ("" if calib == "wikipedia"
+                                                                 else f" ({calib})")
+        ratio = math.exp(sum(math.log(v[d] / full[d]) for d in full) / len(full))
+        rows.setdefault(c, {}).setdefault(label, {})[comp] = ratio
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    for ax, (c, by_score) in zip(axes[0], sorted(rows.items())):
+        labels = sorted(by_score)
+        for j, comp in enumerate(("plain", "comp")):
+            ax.bar([i + 0.4 * j for i in range(len(labels))],
+                   [by_score[k].get(comp, float("nan")) for k in labels], width=0.4,
+                   label="with compensation" if comp == "comp" else "without")
+        ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_title(f"{c}: perplexity / full model (geo. mean over domains)")
+        ax.legend()
+    fig.tight_layout()
+    return savefig_atomic(fig, path, dpi=90)
 
 
 if __name__ == "__main__":
