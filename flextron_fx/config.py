@@ -36,13 +36,17 @@ class FlextronConfig:
             output projection, summed over calibration tokens; "output_l1" is the
             paper's Eq. 3 (L1 norm of the head output); also "taylor", "fluctuation".
         mlp_score: MLP neuron importance, a score of `flextron_fx.passes.scores`:
-            "activation" (Eq. 4 on the neuron's output), "act_x_norm", "wanda",
-            "fluctuation", "taylor" (docs/RESULTS.md, "Zero-shot quality").
+            "fluctuation" (default: the variance of the neuron's output after the down
+            projection, FLAP), "activation" (Eq. 4 on the neuron's output, the default
+            before), "act_x_norm", "wanda", "taylor". Measured on SmolLM2
+            (docs/RESULTS.md, "Zero-shot quality"), fluctuation cuts MLP 50 % best.
         compensate: which blocks get per-width bias compensation (passes/compensate.py)
             when calibrating: each width below the full one adds back the mean output of
-            the units it removes; "none", "mlp", "attention" (default) or "all" (True
+            the units it removes; "none" (default), "mlp", "attention" or "all" (True
             means "all", False "none"). The full width is unchanged. Measured on SmolLM2
-            (docs/RESULTS.md, "Zero-shot quality"), it helps heads a lot and MLPs not.
+            (docs/RESULTS.md, "Zero-shot quality") with Wikipedia calibration, it helps
+            only on Wikipedia-like text and hurts other domains; head_score
+            "fluctuation" needs it on attention (without, the cut model is broken).
         calibration_batch_size: sequences per forward pass while ranking.
         seed: the seed that chose the calibration data (recorded with the model); the
             passes themselves are deterministic: the same data gives the same permutation.
@@ -55,8 +59,8 @@ class FlextronConfig:
     mlp_multiple: int = 64
     head_mode: str = "group"
     head_score: str = "contribution"
-    mlp_score: str = "activation"
-    compensate: str = "attention"
+    mlp_score: str = "fluctuation"
+    compensate: str = "none"
     calibration_batch_size: int = 8
     seed: int = 0
     debug: bool = False

@@ -70,6 +70,11 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
             + ". flextron_fx needs blocks of the form linear -> element-wise -> linear or "
             "q/k/v projections -> attention -> output projection.")
     orders, tables = {}, {}
+    if calibration is not None and config.head_score == "fluctuation" \
+            and config.compensate not in ("attention", "all"):
+        log.warning("head_score='fluctuation' keeps the heads whose output varies most and "
+                    "relies on compensation for the rest; without compensate='attention' "
+                    "the cut models are far worse (docs/RESULTS.md, 'Zero-shot quality')")
     if calibration is not None:
         stats = measure(gm, analysis, blocks, calibration,
                         measures=needs(config.mlp_score, config.head_score),

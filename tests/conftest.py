@@ -56,8 +56,7 @@ def zoo_converted():
             model = ZOO[name]()
             em = flextron_fx.flextronize(
                 model, sample_inputs(name), calibration() if calibrated else None,
-                # without compensation biases: tests/test_compensate.py covers those
-                config=FlextronConfig(head_mode=head_mode, compensate="none"), progress=False)
+                config=FlextronConfig(head_mode=head_mode), progress=False)
             cache[key] = (model, em)
         model, em = cache[key]
         em.set_full()

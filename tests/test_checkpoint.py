@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from zoo import ZOO, sample_inputs
 
 import flextron_fx
-from flextron_fx import CheckpointError, FlextronConfig, OutputError
+from flextron_fx import CheckpointError, OutputError
 from flextron_fx.export import checkpoint
 
 
@@ -100,8 +100,7 @@ def test_checkpoint_of_another_model_is_rejected(zoo_converted, tmp_path):
 def test_same_calibration_gives_identical_weights(zoo_converted):
     model, first = zoo_converted("llama")
     second = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), calibration(),
-                                     config=FlextronConfig(head_mode="query", compensate="none"),
-                                     progress=False)  # the fixture's settings
+                                     progress=False)
     a, b = first.graph_module.state_dict(), second.graph_module.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
