@@ -222,7 +222,7 @@ def plot(res: dict, path: str) -> Path:
                    label="with compensation" if comp == "comp" else "without")
         ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=30, ha="right")
         ax.set_yscale("log")
-        ax.set_title(f"{c}: perplexity / full model (geo. mean over domains)")
+        ax.set_title(f"{c}: perplexity / full model\n(geometric mean over domains)")
         ax.legend()
     fig.tight_layout()
     return savefig_atomic(fig, path, dpi=90)
