@@ -13,16 +13,30 @@ from pathlib import Path
 
 def _data(tokenizer, args):
     from .data import calibration_and_heldout
+    from .data.blocks import calibration_mix
+    from .data.domains import resolve_domains
+    from .errors import CalibrationDataError
 
-    return calibration_and_heldout(tokenizer, seq_len=args.seq_len, n_calib=args.calib_samples,
-                                   n_heldout_tokens=args.heldout_tokens, seed=args.seed)
+    calib, held, source = calibration_and_heldout(
+        tokenizer, seq_len=args.seq_len, n_calib=args.calib_samples,
+        n_heldout_tokens=args.heldout_tokens, seed=args.seed)
+    try:
+        domains = resolve_domains(args.calib_domains)
+    except ValueError as exc:
+        raise CalibrationDataError(f"--calib-domains: {exc}") from None
+    if domains != ["wikipedia"]:
+        calib, mix = calibration_mix(tokenizer, domains, seq_len=args.seq_len,
+                                     n_calib=args.calib_samples)
+        source = f"{source}; calibration on {mix}"
+    return calib, held, source
 
 
 def _config(args):
     from .config import FlextronConfig
 
-    return FlextronConfig(head_mode=args.head_mode, head_score=args.head_score, seed=args.seed,
-                          calibration_batch_size=args.batch_size)
+    return FlextronConfig(head_mode=args.head_mode, head_score=args.head_score,
+                          mlp_score=args.score, compensate=args.compensation,
+                          seed=args.seed, calibration_batch_size=args.batch_size)
 
 
 def convert(args) -> dict:
@@ -173,9 +187,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--heldout-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=8)
+    from .config import FlextronConfig
+    from .passes.scores import names
+
+    default = FlextronConfig()
     p.add_argument("--head-mode", choices=["query", "group"], default="group")
-    p.add_argument("--head-score", choices=["contribution", "output_l1"],
-                   default="contribution")
+    p.add_argument("--score", choices=names("mlp"), default=default.mlp_score,
+                   help="MLP neuron importance (flextron_fx/passes/scores.py)")
+    p.add_argument("--head-score", choices=names("attention"), default=default.head_score,
+                   help="attention head importance")
+    p.add_argument("--compensation", choices=["none", "mlp", "attention", "all"],
+                   default=default.compensate,
+                   help="blocks that get per-width bias compensation (passes/compensate.py)")
+    p.add_argument("--calib-domains", default="wikipedia",
+                   help="comma list of domains whose calibration splits are mixed in equal "
+                        "shares for calibration (fetched with `flextron data fetch`)")
     p.add_argument("--seed", type=int, default=0)
 
 

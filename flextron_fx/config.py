@@ -10,7 +10,7 @@ from typing import Any
 CONFIG_VERSION = 1
 
 HEAD_MODES = ("query", "group")
-HEAD_SCORES = ("output_l1", "contribution")
+COMPENSATE = ("none", "mlp", "attention", "all")
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,22 @@ class FlextronConfig:
             the KV cache shrinks too; "query" keeps every KV group and drops query heads
             inside each group. Measured on SmolLM2 (docs/RESULTS.md), keeping 6 of 9
             heads after sorting costs far less perplexity in "group" mode.
-        head_score: head importance. "contribution" (default) is the L2 norm of each
-            head's output after the output projection, summed over calibration tokens;
-            "output_l1" is the paper's Eq. 3 (L1 norm of the head output).
+        head_score: head importance, a score of `flextron_fx.passes.scores` for heads.
+            "contribution" (default) is the L2 norm of each head's output after the
+            output projection, summed over calibration tokens; "output_l1" is the
+            paper's Eq. 3 (L1 norm of the head output); also "taylor", "fluctuation".
+        mlp_score: MLP neuron importance, a score of `flextron_fx.passes.scores`:
+            "fluctuation" (default: the variance of the neuron's output after the down
+            projection, FLAP), "activation" (Eq. 4 on the neuron's output, the default
+            before), "act_x_norm", "wanda", "taylor". Measured on SmolLM2
+            (docs/RESULTS.md, "Zero-shot quality"), fluctuation cuts MLP 50 % best.
+        compensate: which blocks get per-width bias compensation (passes/compensate.py)
+            when calibrating: each width below the full one adds back the mean output of
+            the units it removes; "none" (default), "mlp", "attention" or "all" (True
+            means "all", False "none"). The full width is unchanged. Measured on SmolLM2
+            (docs/RESULTS.md, "Zero-shot quality") with Wikipedia calibration, it helps
+            only on Wikipedia-like text and hurts other domains; head_score
+            "fluctuation" needs it on attention (without, the cut model is broken).
         calibration_batch_size: sequences per forward pass while ranking.
         seed: the seed that chose the calibration data (recorded with the model); the
             passes themselves are deterministic: the same data gives the same permutation.
@@ -46,6 +59,8 @@ class FlextronConfig:
     mlp_multiple: int = 64
     head_mode: str = "group"
     head_score: str = "contribution"
+    mlp_score: str = "fluctuation"
+    compensate: str = "none"
     calibration_batch_size: int = 8
     seed: int = 0
     debug: bool = False
@@ -58,8 +73,18 @@ class FlextronConfig:
             raise ValueError(f"mlp_multiple must be an int >= 1, got {self.mlp_multiple!r}")
         if self.head_mode not in HEAD_MODES:
             raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
-        if self.head_score not in HEAD_SCORES:
-            raise ValueError(f"head_score must be one of {HEAD_SCORES}, got {self.head_score!r}")
+        from .passes import scores  # the registry is the one list of score names
+
+        for which, kind in (("head_score", "attention"), ("mlp_score", "mlp")):
+            try:
+                scores.check(getattr(self, which), kind)
+            except ValueError as exc:
+                raise ValueError(f"{which}: {exc}") from None
+        if isinstance(self.compensate, bool):
+            object.__setattr__(self, "compensate", "all" if self.compensate else "none")
+        if self.compensate not in COMPENSATE:
+            raise ValueError(f"compensate must be one of {COMPENSATE} (or True / False), got "
+                             f"{self.compensate!r}")
         for name in ("calibration_batch_size", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -12,9 +12,11 @@ from .analyze import analyze
 from .config import FlextronConfig
 from .elastic.model import ElasticModel
 from .errors import FlextronError, UnsupportedModelError
+from .passes.compensate import compensate, compensation_tables
 from .passes.elasticize import elasticize
 from .passes.permute import permute, sort_order
-from .passes.rank import rank
+from .passes.rank import measure, score_blocks
+from .passes.scores import needs
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
     `dynamic_shapes` (torch.export's format, e.g. `({0: Dim("batch"), 1: Dim("seq")},)`) to
     choose them yourself. A model whose code fixes the sequence length is traced for the
     sample's length only, with a warning; other lengths then raise `InputShapeError`.
+    With calibration data, every width below the full one of the blocks that
+    `config.compensate` names also adds back the mean output of the units it drops
+    (`passes/compensate.py`).
     `resume` names a file for calibration progress, so an interrupted conversion picks
     up where it stopped. The user's model is not modified.
 
@@ -64,17 +69,30 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                "ops or an attention core)")
             + ". flextron_fx needs blocks of the form linear -> element-wise -> linear or "
             "q/k/v projections -> attention -> output projection.")
-    orders = {}
+    orders, tables = {}, {}
+    if calibration is not None and config.head_score == "fluctuation" \
+            and config.compensate not in ("attention", "all"):
+        log.warning("head_score='fluctuation' keeps the heads whose output varies most and "
+                    "relies on compensation for the rest; without compensate='attention' "
+                    "the cut models are far worse (docs/RESULTS.md, 'Zero-shot quality')")
     if calibration is not None:
-        scores = rank(gm, analysis, blocks, calibration, head_score=config.head_score,
-                      batch_size=config.calibration_batch_size,
-                      sample_inputs=traced.sample_inputs, progress=progress, resume=resume)
+        stats = measure(gm, analysis, blocks, calibration,
+                        measures=needs(config.mlp_score, config.head_score),
+                        batch_size=config.calibration_batch_size,
+                        sample_inputs=traced.sample_inputs, progress=progress, resume=resume)
+        scores = score_blocks(gm, blocks, stats, mlp_score=config.mlp_score,
+                              head_score=config.head_score)
         orders = {b.name: sort_order(b, scores[b.name]) for b in blocks}
         check("rank")
         permute(gm, analysis, blocks, orders)
         check("permute")
+        if config.compensate != "none":
+            tables = compensation_tables(gm, analysis, blocks, stats, orders, config)
     elasticize(gm, analysis, blocks, config)
     check("elasticize")
+    if tables:
+        compensate(gm, blocks, tables)
+        check("compensate")
     em = ElasticModel(gm, blocks, config, source=_source(model, traced.is_hf),
                       sample_shape=tuple(traced.sample_inputs[0].shape),
                       param_prefix=traced.param_prefix)

@@ -113,9 +113,9 @@ def test_observer_accumulates_on_the_device_of_its_inputs():
     can be added to)."""
     w = torch.randn(8, 6)
     lay = ("atom", 0, 6)
-    obs = _Observer(lay, lambda: w.to("meta"), 1, "contribution")
-    obs.head_of = torch.tensor([0, 0, 0, 1, 1, 1])
-    obs.heads = torch.zeros(2, dtype=torch.float64)
+    obs = _Observer(lay, lambda: w.to("meta"), 1, {"contribution"})
+    obs.set_heads(torch.tensor([0, 0, 0, 1, 1, 1]), (1, 2))
     obs(torch.randn(2, 3, 6, device="meta"))
-    assert obs.channel.device.type == "meta" and obs.heads.device.type == "meta"
+    assert all(s.device.type == "meta" for s in obs.sums.values())
+    assert obs.heads["contribution"].device.type == "meta"
     assert all(c.device.type == "meta" for c in obs._columns("meta"))

@@ -111,3 +111,34 @@ def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 512,
     source = (f"enwiki sample in gensim-{GENSIM_VERSION} wheel, {len(calib_docs)} calibration"
               f" / {len(held_docs)} validation articles (seed {seed})")
     return calib, heldout, source
+
+
+def calibration_mix(tokenizer, domains: Sequence[str], seq_len: int = 256, n_calib: int = 512,
+                    cache_dir=None) -> tuple[torch.LongTensor, str]:
+    """Calibration blocks drawn in equal shares from the ``calibration`` split of each of
+    ``domains`` (fetched with ``flextron data fetch``), interleaved so any prefix of the
+    result is a mix too. Returns ``(calib [<= n_calib, seq_len], source)``.
+
+    Example:
+        >>> calib, source = calibration_mix(tok, ["wikipedia", "python"], n_calib=64)  # doctest: +SKIP
+    """
+    from flextron_fx.data.corpus import load_split
+    from flextron_fx.data.domains import resolve_domains
+
+    domains = resolve_domains(list(domains))
+    if not domains:
+        raise ValueError("calibration_mix needs at least one domain")
+    share = -(-n_calib // len(domains))
+    parts = [token_blocks(tokenizer, (t for _, t in load_split(d, "calibration", cache_dir)),
+                          seq_len, max_blocks=share) for d in domains]
+    for d, p in zip(domains, parts):
+        if p.shape[0] < share:
+            log.warning("calibration split of %s gives %d of %d blocks of %d tokens", d,
+                        p.shape[0], share, seq_len)
+    rows = [p[i] for i in range(max(p.shape[0] for p in parts)) for p in parts
+            if i < p.shape[0]][:n_calib]
+    if not rows:
+        raise ValueError(f"the calibration splits of {domains} hold no block of {seq_len} tokens")
+    source = "calibration splits of " + ", ".join(
+        f"{d} ({p.shape[0]} blocks)" for d, p in zip(domains, parts))
+    return torch.stack(rows), source

@@ -2,7 +2,9 @@
 
 The weights file holds the permuted full-width parameters under the user's own names
 (for a Hugging Face model, its state-dict keys), so it is also a valid full-width
-checkpoint of the original architecture.
+checkpoint of the original architecture. Per-width compensation biases
+(passes/compensate.py), which that architecture has no place for, go to a file of their
+own, `compensation.safetensors`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from .._atomic import recover, replace_folder
 from ..config import FlextronConfig
 from ..elastic.model import ElasticModel
 from ..errors import CheckpointError, OutputError, WidthError
+from ..passes.compensate import compensate, compensation_modules
 
 FORMAT = 1
 WEIGHTS, META = "model.safetensors", "flextron.json"
+COMPENSATION = "compensation.safetensors"
 
 
 def unique_tensors(state: dict[str, torch.Tensor], prefix: str = ""
@@ -57,6 +61,10 @@ def save(em: ElasticModel, path: str | os.PathLike,
     check_target(path, overwrite)
     if state is None:
         state = em.graph_module.state_dict(keep_vars=False)
+    comp = compensation_modules(em.graph_module)
+    comp_state = {k: v.detach().contiguous().cpu() for k, v in state.items()
+                  if k.split(".")[0] in comp}
+    state = {k: v for k, v in state.items() if k not in comp_state}
     tensors, aliases = unique_tensors(state, em.param_prefix)
     meta = {
         "format": FORMAT,
@@ -70,9 +78,12 @@ def save(em: ElasticModel, path: str | os.PathLike,
         "orders": em.orders,
         "skipped": [vars(s) for s in em.skipped],
         "aliases": aliases,
+        "compensation": {name: mod.block for name, mod in comp.items()},
     }
     with replace_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if comp_state:
+            save_file(comp_state, str(tmp / COMPENSATION), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps(meta, indent=1, default=_jsonable))
     return path
 
@@ -154,6 +165,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
         tensors[alias] = tensors[canonical]
     prefix = meta["param_prefix"]
     state = {prefix + k: v for k, v in tensors.items()}
+    state.update(_compensation(em, path, meta.get("compensation") or {}))
     try:
         missing, unexpected = em.graph_module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
@@ -167,6 +179,33 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
         raise _damaged(path, META, f"its widths do not fit the model ({exc})") from exc
     em.orders = meta.get("orders", {})
     return em
+
+
+def _compensation(em: ElasticModel, path: Path, saved: dict) -> dict[str, torch.Tensor]:
+    """Insert the saved compensation nodes into `em`; returns their state."""
+    if not saved:
+        return {}
+    if not isinstance(saved, dict) or not (path / COMPENSATION).is_file():
+        raise _damaged(path, COMPENSATION, "flextron.json lists compensation biases but the "
+                       "file holding them is missing")
+    try:
+        tensors = load_file(str(path / COMPENSATION))
+    except SafetensorError as exc:
+        raise _damaged(path, COMPENSATION, f"it cannot be read ({exc})") from exc
+    tables = {}
+    for name, block in saved.items():
+        if f"{name}.bias" not in tensors or block not in em.ops:
+            raise _damaged(path, COMPENSATION, f"{name} (for {block}) is not in it or names "
+                           "no elastic op of the model")
+        tables[block] = tensors[f"{name}.bias"]
+    try:
+        made = compensate(em.graph_module, [em.block(n) for n in em.ops], tables)
+    except ValueError as exc:  # rows that do not fit the candidates
+        raise CheckpointError(f"{path / COMPENSATION} does not fit the model: {exc}") from exc
+    if sorted(made) != sorted(saved):
+        raise CheckpointError(f"{path / COMPENSATION} does not fit the model: it holds "
+                              f"{sorted(saved)[:3]}..., the model made {sorted(made)[:3]}...")
+    return {f"{name}.bias": tensors[f"{name}.bias"] for name in saved}
 
 
 # What `load` reads from flextron.json, with the type each entry must have.

@@ -5,8 +5,10 @@ source class (say `LlamaForCausalLM`) with a config whose sizes are the sub-netw
 everything the class offers works on the sub-network: a key/value cache, `generate`,
 `save_pretrained`. A config holds one size per kind for all layers, so this needs the
 same width in every layer (uniform widths, as `set_widths(f)` gives) and a config with
-Llama-style size fields. The result is checked against the elastic graph on a short input
-before it is returned.
+Llama-style size fields. Compensation biases (passes/compensate.py) of the chosen widths
+go to the output projections' biases; a Llama without biases gets `attention_bias` /
+`mlp_bias` switched on (the other projections' biases then hold zeros). The result is
+checked against the elastic graph on a short input before it is returned.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from ..elastic.model import ElasticModel
 from ..errors import UnsupportedModelError, WidthError
+from ..passes.compensate import compensation_modules
 
 # config fields of the Llama family (Llama, Mistral, Qwen2, Gemma, SmolLM, ...)
 _FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -48,6 +51,9 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
             "a Hugging Face config has one MLP width and one head count for all layers, but "
             f"these widths differ across layers (MLP {sorted(mlp)}, heads {sorted(heads)}); "
             "pick uniform widths (em.set_widths(f)) or use em.materialize()")
+    rows = {m.block: m.row(chosen[m.block]) for m in compensation_modules(em.graph_module).values()
+            if m.row(chosen[m.block]) is not None}
+    flags = _bias_flags(em, rows, config)
     config.head_dim = getattr(config, "head_dim", None) or \
         config.hidden_size // config.num_attention_heads
     sub = em.materialize(chosen)
@@ -64,6 +70,13 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     prefix = em.param_prefix
     state = {k[len(prefix):]: v for k, v in sub.state_dict().items() if k.startswith(prefix)}
     model = cls(config).eval()
+    if rows:  # compensation biases go to the output projections' biases
+        for key, value in model.state_dict().items():
+            if flags and key.endswith(".bias") and key not in state:
+                state[key] = torch.zeros_like(value)  # biases the flags switched on
+        for block, row in rows.items():
+            key = em.block(block).out_proj.weight[len(prefix):].removesuffix("weight") + "bias"
+            state[key] = state[key] + row.detach().to(state[key].dtype)
     aliases: dict[int, list[str]] = {}  # tied tables are stored once in the graph
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
@@ -84,6 +97,31 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     if check:
         _check_same(em, chosen, model)
     return model
+
+
+_BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}  # Llama's config fields
+
+
+def _bias_flags(em: ElasticModel, rows: dict, config) -> list[str]:
+    """Config flags to switch on so the output projections of the blocks in `rows` (blocks
+    with a compensation bias at these widths) have a bias; UnsupportedModelError if the
+    class cannot have one."""
+    flags = []
+    for block in rows:
+        b = em.block(block)
+        if b.out_proj.bias is not None:
+            continue
+        flag = _BIAS_FLAGS[b.kind]
+        if getattr(config, flag, None) is None:
+            raise UnsupportedModelError(
+                f"{block} adds a compensation bias at these widths (passes/compensate.py) "
+                f"but {em.source['class']} has no bias on its {b.kind} output projection; "
+                "export em.materialize() (ONNX) instead, or convert with "
+                f"FlextronConfig(compensate='none')")
+        if flag not in flags:
+            flags.append(flag)
+            setattr(config, flag, True)  # the other projections' biases stay zero
+    return flags
 
 
 def _config(cls, source: dict):

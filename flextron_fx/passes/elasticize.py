@@ -328,6 +328,9 @@ def freeze(gm: fx.GraphModule) -> fx.GraphModule:
         for user in list(node.users):
             user.args = tree_map(lambda a, n=node, v=value: v if a is n else a, user.args)
         graph.erase_node(node)
+    from .compensate import fold  # compensation rows become constant adds
+
+    fold(gm)
     for node in list(graph.nodes):
         if node.op != "call_module" or not node.target.startswith(SLICE_PREFIX):
             continue

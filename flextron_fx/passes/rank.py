@@ -1,17 +1,13 @@
-"""Rank: accumulate per-neuron and per-head importance over calibration data (Eq. 3, 4).
+"""Rank: measure neurons and heads over calibration data, then score them (Eq. 3, 4).
 
-What is measured, at the input of each block's out-projection (down / o):
-
-* MLP neurons (Eq. 4): sum over tokens of |h_i|, where h is the down projection's
-  input. For a gated MLP that is |act(gate_i) * up_i|, the neuron's actual output before
-  mixing. The paper's literal Eq. 4 scores the pre-activation of W1's row; for gated MLPs
-  the gate and up paths together decide what a neuron contributes, and measured on
-  SmolLM2 (DESIGN.md) this activation ranks best among activation and magnitude scores.
-* Attention heads: "contribution" (default) sums over tokens the L2 norm of each head's
-  output after the output projection, ||W_o[:, head] a_head||; "output_l1" is Eq. 3
-  literally, the L1 norm of the head output a_head. The raw head output ignores how
-  much W_o amplifies or cancels a head; docs/RESULTS-sorting.md has the measured
-  comparison on SmolLM2.
+Observers sit at the input of each block's output projection (down / o) and sum, per
+channel over the calibration tokens: |h|, h, h^2, and on request the first-order Taylor
+term |h * dL/dh| (a backward pass per batch) and each head's output norm after the
+projection. `passes/scores.py` turns these sums into importance scores (a registry:
+"activation" is Eq. 4 on the neuron's output, |act(gate) * up| for gated MLPs;
+"contribution" scores a head by ||W_o[:, head] a_head||; "output_l1" is Eq. 3 read
+literally; docs/RESULTS.md has the measured comparisons on SmolLM2). The signed means are
+what per-width bias compensation (`passes/compensate.py`) adds back for removed units.
 
 Requires: blocks from analyze(); the graph not yet elasticized.
 Ensures: the graph is unchanged (observers are removed again).
@@ -37,6 +33,8 @@ from ..analyze import Analysis, Block
 from ..elastic import layout as L
 from ..errors import CalibrationDataError
 from ..trace import check_token_ids
+from . import scores as S
+from .scores import Stats
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +42,75 @@ OBSERVER_PREFIX = "flextron_observer_"
 
 
 class _Observer(torch.nn.Module):
-    def __init__(self, layout, weight_getter, in_axis: int, score: str):
+    def __init__(self, layout, weight_getter, in_axis: int, measures: set[str]):
         super().__init__()
-        self.weight_getter, self.in_axis, self.score = weight_getter, in_axis, score
-        self.channel = torch.zeros(layout[2], dtype=torch.float64)
-        self.heads: torch.Tensor | None = None  # [num heads] for "contribution"
+        self.weight_getter, self.in_axis, self.measures = weight_getter, in_axis, measures
+        n = layout[2]
+        self.sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("abs", "sum", "sq")}
+        if "taylor" in measures:
+            self.sums["taylor"] = torch.zeros(n, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.heads: dict[str, torch.Tensor] = {}  # head-level sums (attention)
         self.head_of: torch.Tensor | None = None  # head index of every input channel
         self.shape = (1, 1)  # (KV groups, query heads per group)
         self._cols: list[torch.Tensor] | None = None
+        self._zero: torch.Tensor | None = None
+
+    def set_heads(self, head_of: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.head_of, self.shape = head_of, shape
+        for k in ("contribution", "taylor"):
+            if k in self.measures:
+                self.heads[k] = torch.zeros(shape[0] * shape[1], dtype=torch.float64)
 
     def forward(self, x):
-        if self.channel.device != x.device:  # sums live where the model runs (e.g. CUDA)
+        if self.count.device != x.device:  # sums live where the model runs (e.g. CUDA)
             self.to_device(x.device)
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.channel += flat.abs().sum(0).double()
-        if self.score == "contribution" and self.head_of is not None:
+        self.sums["abs"] += flat.abs().sum(0).double()
+        self.sums["sum"] += flat.sum(0).double()
+        self.sums["sq"] += flat.pow(2).sum(0).double()
+        self.count += flat.shape[0]
+        if "contribution" in self.heads:
             w = self.weight_getter().detach().float()
             w = w if self.in_axis == 1 else w.t()  # [out, in]
-            scores = torch.zeros(self.heads.shape, dtype=torch.float64, device=x.device)
+            scores = torch.zeros_like(self.heads["contribution"])
             for h, cols in enumerate(self._columns(x.device)):
                 y = flat[:, cols] @ w[:, cols].t()
                 scores[h] = y.norm(dim=1).sum().double()
-            self.heads += scores
+            self.heads["contribution"] += scores
+        if "taylor" in self.measures and torch.is_grad_enabled():
+            if self._zero is None or self._zero.device != x.device:
+                self._zero = torch.zeros((), device=x.device, requires_grad=True)
+            y = x + self._zero  # the same values; a leaf behind it lets autograd reach here
+            y.register_hook(functools.partial(self._taylor, flat))
+            return y
         return x
 
+    def _taylor(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        prod = flat * grad.detach().reshape(flat.shape).float()
+        self.sums["taylor"] += prod.abs().sum(0).double()
+        if "taylor" in self.heads:
+            per_head = torch.zeros(prod.shape[0], self.heads["taylor"].numel(),
+                                   device=prod.device).index_add_(
+                1, self.head_of.to(prod.device), prod)
+            self.heads["taylor"] += per_head.abs().sum(0).double()
+
     def to_device(self, device) -> None:
-        self.channel = self.channel.to(device)
-        if self.heads is not None:
-            self.heads = self.heads.to(device)
+        self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        self.heads = {k: v.to(device) for k, v in self.heads.items()}
+        self.count = self.count.to(device)
+
+    def stats(self) -> Stats:
+        self.to_device("cpu")
+        return Stats(int(self.count), self.sums["abs"], self.sums["sum"], self.sums["sq"],
+                     self.sums.get("taylor"), dict(self.heads), self.head_of, self.shape)
 
     def _columns(self, device) -> list[torch.Tensor]:
         """Input channels of each head, found once on the CPU and kept on `device`."""
+        n = self.shape[0] * self.shape[1]
         if self._cols is None or self._cols[0].device != torch.device(device):
             self._cols = [(self.head_of == h).nonzero().squeeze(1).to(device)
-                          for h in range(self.heads.numel())]
+                          for h in range(n)]
         return self._cols
 
 
@@ -99,16 +132,67 @@ def _check(batch: torch.Tensor, sample: tuple) -> None:
 
 
 def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibration,
-         *, head_score: str = "contribution", batch_size: int = 8,
-         sample_inputs: tuple = (), progress: bool = True,
+         *, head_score: str = "contribution", mlp_score: str = "activation",
+         batch_size: int = 8, sample_inputs: tuple = (), progress: bool = True,
          resume: str | Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Importance of every neuron and head, per block name.
 
     `calibration` is a tensor [n, seq] (split into batches of `batch_size`) or an iterable
     of input tensors. Returns {block: {"neurons": [hidden]} or {"heads": [groups, per_group]}}.
-    With `resume`, running sums are saved to that file every ~30 s and a rerun on the same
-    data continues after the last saved batch.
+    `mlp_score` and `head_score` name scores of `passes/scores.py`. With `resume`, running
+    sums are saved to that file every ~30 s and a rerun on the same data continues after
+    the last saved batch. `measure` + `score_blocks` do the same in two steps.
     """
+    S.check(mlp_score, "mlp")
+    S.check(head_score, "attention")
+    stats = measure(gm, analysis, blocks, calibration, measures=S.needs(mlp_score, head_score),
+                    batch_size=batch_size, sample_inputs=sample_inputs, progress=progress,
+                    resume=resume)
+    return score_blocks(gm, blocks, stats, mlp_score=mlp_score, head_score=head_score)
+
+
+def score_blocks(gm: fx.GraphModule, blocks: list[Block], stats: dict[str, Stats], *,
+                 mlp_score: str = "activation", head_score: str = "contribution"
+                 ) -> dict[str, dict[str, torch.Tensor]]:
+    """Scores (as `rank` returns them) from measured `stats`, weights in their stored order."""
+    scores = {}
+    for block in blocks:
+        out = block.out_proj
+        w = attrgetter(out.weight)(gm).detach()
+        w = w if out.axis == 1 else w.t()  # [out, in]: columns are the scored channels
+        if block.kind == "mlp":
+            scores[block.name] = {"neurons": S.evaluate(mlp_score, "mlp", stats[block.name], w)}
+        else:
+            scores[block.name] = {"heads": S.evaluate(head_score, "attention",
+                                                      stats[block.name], w)}
+    return scores
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: the loss whose gradient the Taylor score uses."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or ids.dim() != 2 \
+            or ids.is_floating_point() or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise CalibrationDataError(
+            "the 'taylor' score needs a language model (token ids [batch, seq] in, logits "
+            "[batch, seq, vocab] out) for its next-token loss; choose another score "
+            f"(scores: {list(S.SCORES)})")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibration,
+            *, measures=("abs",), batch_size: int = 8, sample_inputs: tuple = (),
+            progress: bool = True, resume: str | Path | None = None) -> dict[str, Stats]:
+    """Sums over the calibration tokens at every block's output-projection input.
+
+    `measures` names what to take besides |h|, h and h^2 (always taken): "contribution"
+    (head output norms after the projection) and "taylor" (|h * dL/dh|, one backward pass
+    of the next-token loss per batch). Returns {block name: `scores.Stats`}.
+    """
+    measures = set(measures)
+    unknown = measures - set(S.MEASURES)
+    if unknown:
+        raise ValueError(f"unknown measures {sorted(unknown)}; allowed: {list(S.MEASURES)}")
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
             raise CalibrationDataError("calibration tensor is empty; pass [n, seq] inputs")
@@ -128,16 +212,14 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         out = block.out_proj
         lay = L.sized(A, out.layout)
         getter = functools.partial(attrgetter(out.weight), gm)
-        obs = _Observer(lay, getter, out.axis, head_score if block.kind == "attention" else "")
+        obs = _Observer(lay, getter, out.axis, measures)
         if block.kind == "attention":
             g, r = block.classes.get("groups"), block.classes.get("per_group")
             G = A.size[g] if g is not None else 1
             R = A.size[r] if r is not None else 1
             gi = L.coords(lay, g).clamp(min=0) if g is not None else 0
             ri = L.coords(lay, r).clamp(min=0) if r is not None else 0
-            obs.head_of = (gi * R + ri) * torch.ones(lay[2], dtype=torch.long)
-            obs.heads = torch.zeros(G * R, dtype=torch.float64)
-            obs.shape = (G, R)
+            obs.set_heads((gi * R + ri) * torch.ones(lay[2], dtype=torch.long), (G, R))
         name = f"{OBSERVER_PREFIX}{k}"
         gm.add_submodule(name, obs)
         x = out.node.args[1] if out.node.target == torch.ops.aten.addmm.default \
@@ -148,17 +230,23 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
         observers[block.name] = obs
     gm.recompile()
     device = next((p.device for p in gm.parameters()), None)
-    fingerprint = _fingerprint(batches, head_score)
+    fingerprint = _fingerprint(batches, ",".join(sorted(measures)))
     done = _restore(resume, observers, fingerprint) if resume else 0
+    taylor = "taylor" in measures
     try:
         last = time.monotonic()
-        with torch.no_grad():
+        with torch.enable_grad() if taylor else torch.no_grad():
             bar = tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                        initial=done, total=len(batches))
             finished, good = done, _sums(observers) if resume else None
             try:
                 for b in batches[done:]:
-                    gm(b.to(device) if device is not None else b)
+                    b = b.to(device) if device is not None else b
+                    out = gm(b)
+                    if taylor:
+                        leaves = [o._zero for o in observers.values() if o._zero is not None]
+                        torch.autograd.grad(lm_loss(out, b), leaves, allow_unused=True)
+                    del out
                     finished += 1
                     bar.update(1)
                     if resume:
@@ -181,25 +269,11 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
             if name.startswith(OBSERVER_PREFIX):
                 delattr(gm, name)
         gm.recompile()
-
-    scores: dict[str, dict[str, torch.Tensor]] = {}
-    for block in blocks:
-        obs = observers[block.name]
-        obs.to_device("cpu")  # orders are index lists; permute moves them to the weights
-        if block.kind == "mlp":
-            scores[block.name] = {"neurons": obs.channel.float()}
-            continue
-        if head_score == "contribution":
-            heads = obs.heads
-        else:
-            heads = torch.zeros(obs.heads.numel(), dtype=torch.float64)
-            heads.index_add_(0, obs.head_of, obs.channel)
-        scores[block.name] = {"heads": heads.reshape(obs.shape).float()}
-    return scores
+    return {name: obs.stats() for name, obs in observers.items()}
 
 
-def _fingerprint(batches, head_score: str) -> str:
-    h = hashlib.sha256(head_score.encode())
+def _fingerprint(batches, what: str) -> str:
+    h = hashlib.sha256(what.encode())
     for b in batches:
         h.update(f"{tuple(b.shape)} {b.dtype}".encode())
         # raw bytes: numpy has no bfloat16, so .numpy() would fail for bf16 batches
@@ -210,9 +284,11 @@ def _fingerprint(batches, head_score: str) -> str:
 def _sums(observers) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, obs in observers.items():
-        tensors[f"{name}/channel"] = obs.channel.detach().cpu().clone()
-        if obs.heads is not None:
-            tensors[f"{name}/heads"] = obs.heads.detach().cpu().clone()
+        tensors[f"{name}/count"] = obs.count.detach().cpu().clone()
+        for k, v in obs.sums.items():
+            tensors[f"{name}/{k}"] = v.detach().cpu().clone()
+        for k, v in obs.heads.items():
+            tensors[f"{name}/heads_{k}"] = v.detach().cpu().clone()
     return tensors
 
 
@@ -234,9 +310,11 @@ def _restore(path, observers, fingerprint: str) -> int:
             log.warning("ignoring %s: it was written for other calibration data", path)
             return 0
         for name, obs in observers.items():
-            obs.channel.copy_(f.get_tensor(f"{name}/channel"))
-            if obs.heads is not None:
-                obs.heads.copy_(f.get_tensor(f"{name}/heads"))
+            obs.count.copy_(f.get_tensor(f"{name}/count"))
+            for k, v in obs.sums.items():
+                v.copy_(f.get_tensor(f"{name}/{k}"))
+            for k, v in obs.heads.items():
+                v.copy_(f.get_tensor(f"{name}/heads_{k}"))
     done = int(meta.get("done", 0))
     log.warning("resuming calibration from %s after %d batches", path, done)
     return done

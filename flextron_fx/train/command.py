@@ -60,6 +60,9 @@ def add_parser(sub) -> None:
                    help="write into RUN_DIR (and RUN_DIR/final) even when it holds files "
                         "that are not a training run's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-train-compensation", action="store_true",
+                   help="keep the per-width compensation biases as calibrated (default: "
+                        "train them with the weights)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -102,6 +105,7 @@ def run(args) -> dict:
         budget_range=args.budget_range and tuple(args.budget_range), vary=args.vary,
         loss=args.loss, kd_temperature=args.kd_temperature, lr=args.lr, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+        train_compensation=not args.no_train_compensation,
         extra={"elastic": str(elastic), "seq": args.seq, "domains": domains,
                "train_splits": splits})
     max_s = None if args.max_minutes is None else 60 * args.max_minutes

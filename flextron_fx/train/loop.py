@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .._atomic import savefig_atomic, write_atomic
 from ..elastic.model import ElasticModel
 from ..errors import OutputError, TrainingError
+from ..passes.compensate import compensation_modules
 from . import state as S
 from .sampling import KINDS, SAMPLERS, make_sampler
 
@@ -41,6 +42,8 @@ class TrainConfig:
     distribution at this step, temperature `kd_temperature`) or "lm+kd" (their mean).
     The full network always learns from next tokens. The learning rate warms up linearly for
     `warmup` steps, then follows a cosine down to `min_lr_ratio * lr`.
+    `train_compensation`: the per-width compensation biases (passes/compensate.py), if the
+    model has them, are trained with the weights (True) or kept as calibrated (False).
     """
 
     steps: int
@@ -60,6 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 25
     seed: int = 0
+    train_compensation: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
 
     def validate(self, world: int) -> None:
@@ -244,6 +248,9 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     device = _device(em)
     for p in em.parameters():
         p.requires_grad_(True)
+    if not config.train_compensation:
+        for mod in compensation_modules(em.graph_module).values():
+            mod.bias.requires_grad_(False)
     model = _wrap(em, parallel, world, device)
     optimizer = make_optimizer(em, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
@@ -440,8 +447,9 @@ def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) 
     differ from those of its checkpoint (`saved_state`, its state.json)."""
     saved = saved_state["config"]
     mine = json.loads(json.dumps(asdict(config)))
-    diff = {k: (saved.get(k), v) for k, v in mine.items()
-            if k not in ("steps", "extra") and saved.get(k) != v}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # runs older than a field
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
+            if k not in ("steps", "extra") and saved.get(k, defaults[k]) != v}
     if diff:
         raise TrainingError(f"resuming {run} with different settings {diff} (saved, "
                             "given); resume with the run's own settings")
