@@ -56,7 +56,7 @@ def test_bad_exports_leave_nothing_behind(tmp_path):
     em = _convert("llama")
     target = tmp_path / "m.onnx"
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        to_onnx(em, target, 0.5, atol=-1.0)  # no file can pass: the check must refuse
+        to_onnx(em, target, 0.5, tol=-1.0)  # no file can pass: the check must refuse
     assert list(tmp_path.iterdir()) == []
     name = next(iter(em.ops))
     with pytest.raises(WidthError, match="per-token"):
