@@ -44,7 +44,8 @@ def test_a_params_budget_picks_the_largest_uniform_widths_within_it(saved):
 def test_export_onnx_from_the_command_line(saved, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     em, path = saved
-    (tmp_path / "w.json").write_text(json.dumps(em.static_widths(0.5)))
+    (tmp_path / "w.json").write_text(json.dumps({"budget": 0.5, "metric": "params",
+                                                 "widths": em.static_widths(0.5)}))
     out = tmp_path / "half.onnx"
     assert cli.main(["export", str(path), "--widths", str(tmp_path / "w.json"),
                      "--out", str(out)]) == 0
@@ -82,3 +83,16 @@ def test_export_hf_loads_in_plain_transformers(saved, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True)
     got = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(got, output(em.materialize(0.5), ids), atol=1e-5, rtol=1e-5)
+
+
+def test_widths_files_plain_or_from_select(saved, tmp_path):
+    import argparse
+
+    from flextron_fx.export.commands import _widths
+
+    em, _ = saved
+    half = em.static_widths(0.5)
+    for i, content in enumerate((half, {"budget": 0.5, "metric": "params", "widths": half})):
+        (tmp_path / f"{i}.json").write_text(json.dumps(content))
+        args = argparse.Namespace(fraction=None, widths=str(tmp_path / f"{i}.json"))
+        assert _widths(em, args) == half

@@ -253,9 +253,9 @@ class ElasticModel(nn.Module):
     def _static_program(self):
         """The graph with the current widths folded in (elastic/static.py), or None.
 
-        None for per-token widths, under torch.compile or export, and the first time a set of widths is seen: a program is built on the
-        second forward pass in a row at the same widths, so training, which samples new widths
-        every step, never pays for building one.
+        None for per-token widths, under torch.compile or export, and the first time a set
+        of widths is seen: a program is built on the second forward pass in a row at the
+        same widths, so training, which samples new widths every step, never pays for it.
         """
         gm = self.graph_module
         if torch.compiler.is_compiling():

@@ -3,9 +3,13 @@
     flextron export DIR --fraction 0.5 --format onnx --out small.onnx
     flextron export DIR --widths widths.json --format hf --out small-hf/
     flextron export DIR --budget params=0.6 --format onnx --out small.onnx
+    flextron select ROUTERS --budget latency=0.6 --json sel.json   # trained static routers
+    flextron export DIR --widths sel.json --format onnx --out small.onnx
     flextron export DIR --budget latency=0.6 --lut lut.json --format onnx --out small.onnx
 
-A budget picks the largest uniform widths (one fraction for every op) whose cost fits it.
+`--budget` picks the largest uniform widths (one fraction for every op) whose cost fits it;
+with trained static routers, `flextron select --json` picks per-op widths to pass as
+`--widths`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("elastic", help="a folder saved by `flextron convert` or `train-elastic`")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--fraction", type=float, help="every op at this width fraction")
-    which.add_argument("--widths", help="a JSON file {op name: width} (as `em.widths`)")
+    which.add_argument("--widths", help="a JSON file {op name: width} (as `em.widths`), or "
+                                        "what `flextron select --json` wrote (the static "
+                                        "routers' choice for a budget)")
     which.add_argument("--budget", help="latency=0.6, params=50M, memory=300MB, ...: the "
                                         "largest uniform widths within it")
     p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
@@ -65,6 +71,8 @@ def _widths(em, args: argparse.Namespace):
         except (OSError, json.JSONDecodeError) as exc:
             raise WidthError(f"cannot read widths from {args.widths}: {exc}; write a JSON "
                              "object {op name: width}") from exc
+        if isinstance(chosen, dict) and isinstance(chosen.get("widths"), dict):
+            chosen = chosen["widths"]  # the JSON of `flextron select --json`
         if not isinstance(chosen, dict):
             raise WidthError(f"{args.widths} holds a {type(chosen).__name__}; write a JSON "
                              "object {op name: width}")
