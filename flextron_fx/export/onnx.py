@@ -84,9 +84,11 @@ def example_inputs(em: ElasticModel, batch: int | None = None, seq: int | None =
 
 
 def _export(dense: torch.nn.Module, inputs: tuple, dynamic: tuple, names=None):
+    chatter = logging.getLogger("torch.onnx")
+    level = chatter.level
     with warnings.catch_warnings():  # the exporter's own deprecation chatter
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        chatter.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
                 dense, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False,
@@ -94,6 +96,8 @@ def _export(dense: torch.nn.Module, inputs: tuple, dynamic: tuple, names=None):
         except Exception as exc:  # the exporter raises many types; keep its message
             raise ExportError(f"torch.onnx.export failed on {type(dense).__name__}: "
                               f"{type(exc).__name__}: {str(exc)[:800]}") from exc
+        finally:
+            chatter.setLevel(level)  # the caller's logging as it was
     proto = program.model_proto
     if proto.ByteSize() > _LIMIT:
         raise ExportError(f"the model needs {proto.ByteSize() / 2**30:.1f} GiB, over the 2 "
