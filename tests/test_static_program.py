@@ -14,6 +14,7 @@ from zoo import ZOO, sample_inputs
 import flextron_fx
 from flextron_fx import InputShapeError
 from flextron_fx.elastic.ops import ElasticRegion, WeightSlice
+from flextron_fx.elastic.static import causal_or_none
 
 BATCH, SEQ = 2, 5
 
@@ -159,3 +160,54 @@ def test_copies_and_pickles_leave_programs_behind():
     state = pickle.loads(pickle.dumps(em.graph_module.flextron_mlp_1))
     assert isinstance(state, ElasticRegion) and not state._programs
     assert any(isinstance(m, WeightSlice) for m in state.modules())
+
+
+def test_programs_run_attention_as_the_eager_model_does():
+    em = _convert("llama")  # 4 query heads over 2 KV groups
+    ids = _ids()
+    em(ids)
+    em(ids)
+    (program,) = em._programs.values()
+    src = _source(program)
+    assert "_assert_tensor_metadata" not in src  # export's dtype checks are gone
+    calls = [line for line in src.splitlines() if "static__attention(" in line]
+    assert len(calls) == 2 and all("enable_gqa = True" in c for c in calls)  # not repeated
+    assert "scaled_dot_product_attention" not in src and src.count("causal_or_none(") == 1
+    graph = em.graph_module.code
+    assert "_assert_tensor_metadata" in graph and "enable_gqa" not in graph  # graph unchanged
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_padded_attention_mask_is_kept_and_a_causal_one_becomes_is_causal(padded):
+    model = ZOO["llama"]()
+    ids = _ids()
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    em = flextron_fx.flextronize(model, (ids, mask), None, progress=False)
+    if padded:
+        mask[1, :2] = 0  # left padding on the second row
+    em.set_widths(0.5)
+    with torch.no_grad():
+        graph = em.graph_module(ids, mask)
+        em(ids, mask)
+        em(ids, mask)  # builds the program
+        program = em._programs[tuple(em.widths.values())]
+        scope = program.__globals__
+        name, check = next((k, f) for k, f in scope.items() if f is causal_or_none)
+        seen = []
+        scope[name] = lambda m: seen.append(check(m) is None) or check(m)
+        try:
+            out = em(ids, mask)
+        finally:
+            scope[name] = check
+    assert seen == [not padded]
+    torch.testing.assert_close(out, graph, rtol=0, atol=0)
+
+
+def test_only_a_lower_triangle_counts_as_causal():
+    tril = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert causal_or_none(tril[None, None].expand(3, 1, 6, 6)) is None
+    for mask in (tril[:, :5], tril.T, torch.ones(6, 6, dtype=torch.bool), tril[:1, :1]):
+        assert causal_or_none(mask) is mask
+    padded = tril[None, None].repeat(2, 1, 1, 1)
+    padded[1, 0, :, 0] = False
+    assert causal_or_none(padded) is padded

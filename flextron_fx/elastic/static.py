@@ -12,6 +12,12 @@ The elastic graph itself is not changed; a static program is a derived artifact,
 compiled kernel, and runs with the original module as `self`, so it reads the current
 parameters on every call. At small batches it saves the Python cost of a few hundred tiny
 module calls per forward pass (docs/RESULTS.md, "Forward speed").
+
+A program is also streamlined where torch.export left work that the eager model does not
+do, with results that stay equal bit for bit (`streamline`): the export's dtype assertions
+are dropped, key/value heads repeated for grouped-query attention go to
+`scaled_dot_product_attention` unrepeated with `enable_gqa`, and a boolean attention mask
+that turns out to be purely causal at run time becomes `is_causal`.
 """
 
 from __future__ import annotations
@@ -69,7 +75,111 @@ def specialise(gm: fx.GraphModule, constants: dict[str, int] | None = None
                 env[node] = graph.call_function(torch.narrow, (weight, mod.axis, 0, plan))
                 continue
         env[node] = graph.node_copy(node, arg)
+    streamline(graph)
     return _compile(graph, type(gm).__name__)
+
+
+_aten = torch.ops.aten
+_SDPA = _aten.scaled_dot_product_attention.default
+
+
+def streamline(graph: fx.Graph) -> None:
+    """Remove what torch.export added to a graph that the eager model does not compute.
+
+    - `_assert_tensor_metadata` checks (one per dtype conversion) are dropped;
+    - attention over keys and values repeated per query group (`repeat_kv`: unsqueeze at
+      dim 2, expand, reshape) reads the unrepeated tensors with `enable_gqa=True`, which
+      maps query head i to key/value head i // n exactly as the repeat does;
+    - a boolean attention mask feeding attention is checked once per forward: when it is
+      the lower triangle (no padding, no cache), attention runs with `is_causal=True`.
+    The result is unchanged bit for bit (tests/test_static_program.py).
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+    causal: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA or len(node.args) < 3:
+            continue
+        kwargs = dict(node.kwargs)
+        if kwargs.get("enable_gqa") or kwargs.get("is_causal"):
+            continue
+        q, k, v, *rest = node.args
+        k0, v0 = _unrepeated(k), _unrepeated(v)
+        if k0 is not None and v0 is not None:
+            k, v, kwargs["enable_gqa"] = k0, v0, True
+        mask = rest[0] if rest else kwargs.pop("attn_mask", None)
+        if (isinstance(mask, fx.Node) and _is_bool(mask) and len(rest) <= 1
+                and not kwargs.get("dropout_p")):
+            if mask not in causal:
+                with graph.inserting_after(mask):
+                    causal[mask] = graph.call_function(causal_or_none, (mask,))
+            with graph.inserting_before(node):
+                new = graph.call_function(_attention, (q, k, v, causal[mask]), kwargs)
+        else:
+            with graph.inserting_before(node):
+                new = graph.call_function(_SDPA, (q, k, v, *rest), kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    _drop_unused(graph)
+
+
+def _unrepeated(node) -> fx.Node | None:
+    """x when `node` is reshape(expand(unsqueeze(x, 2), [b, h, n, s, d]), [b, h*n, s, d])."""
+    if not (isinstance(node, fx.Node) and node.target in (_aten.reshape.default,
+                                                          _aten.view.default)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target is _aten.expand.default):
+        return None
+    unsq = expand.args[0]
+    if not (isinstance(unsq, fx.Node) and unsq.target is _aten.unsqueeze.default
+            and unsq.args[1] == 2 and len(expand.args[1]) == 5 and len(node.args[1]) == 4):
+        return None
+    before, after = _shape(unsq), _shape(expand)
+    if before is None or after is None or len(before) != 5:
+        return None
+    # only the inserted dim may broadcast; every other dim keeps its size
+    if any(str(a) != str(b) for i, (a, b) in enumerate(zip(before, after)) if i != 2):
+        return None
+    return unsq.args[0]
+
+
+def _shape(node: fx.Node):
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_bool(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
+
+
+def causal_or_none(mask: torch.Tensor) -> torch.Tensor | None:
+    """`mask` when it is anything but a plain causal mask; None when it is one."""
+    q, k = mask.shape[-2], mask.shape[-1]
+    if q != k or q < 2:
+        return mask
+    causal = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_()
+    return None if torch.equal(mask, causal.expand_as(mask)) else mask
+
+
+def _attention(q, k, v, mask, **kwargs):
+    if mask is None:
+        return _SDPA(q, k, v, is_causal=True, **kwargs)
+    return _SDPA(q, k, v, mask, **kwargs)
+
+
+_VIEWS = {_aten.reshape.default, _aten.view.default, _aten.expand.default,
+          _aten.unsqueeze.default}
+
+
+def _drop_unused(graph: fx.Graph) -> None:
+    """Erase the repeats' views and reshapes that lost their last user."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in _VIEWS and not node.users:
+            graph.erase_node(node)
 
 
 def _compile(graph: fx.Graph, name: str) -> Callable:
