@@ -108,12 +108,13 @@ def streamline(graph: fx.Graph) -> None:
         k0, v0 = _unrepeated(k), _unrepeated(v)
         if k0 is not None and v0 is not None:
             k, v, kwargs["enable_gqa"] = k0, v0, True
-        mask = rest[0] if rest else kwargs.pop("attn_mask", None)
+        mask = rest[0] if rest else kwargs.get("attn_mask")
         if (isinstance(mask, fx.Node) and _is_bool(mask) and len(rest) <= 1
                 and not kwargs.get("dropout_p")):
             if mask not in causal:
                 with graph.inserting_after(mask):
                     causal[mask] = graph.call_function(causal_or_none, (mask,))
+            kwargs.pop("attn_mask", None)
             with graph.inserting_before(node):
                 new = graph.call_function(_attention, (q, k, v, causal[mask]), kwargs)
         else:
