@@ -351,6 +351,7 @@ def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode
         assert set(fixed) == {"embedding", "norms", "head"}
 
 
+@pytest.mark.slow  # 19 ONNX exports (~60 s); one exported network is timed above by default
 def test_onnxruntime_profile_then_check_on_a_tiny_llama(zoo_converted, tmp_path):
     from flextron_fx.profiler.validate import check
 
@@ -388,6 +389,7 @@ def test_spearman_matches_scipy_with_ties():
     assert spearman(a, [1.0] * 7) is None
 
 
+@pytest.mark.slow  # ~35 s; resuming is checked on the torch backend by default
 def test_an_interrupted_onnxruntime_profile_keeps_its_finished_networks(zoo_converted,
                                                                         tmp_path, monkeypatch,
                                                                         capsys):

@@ -297,7 +297,7 @@ def _torchrun(run, steps, parallel):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_match_one(tmp_path, parallel):
     single = tmp_path / "single"
     ref = _script(single, 6)
