@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
@@ -284,18 +282,9 @@ class ElasticModel(nn.Module):
         The result holds no flextron modules: its parameters have the smaller shapes and
         its shape constants the smaller values.
         """
-        from ..passes.elasticize import freeze
+        from ..export.dense import materialize  # export builds on this module
 
-        chosen = self.static_widths(widths)
-        with warnings.catch_warnings():  # torch's own pytree deprecation, nothing to act on
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            gm = copy.deepcopy(self.graph_module)
-        for name, src in _sources(gm, self.ops).items():
-            src.value = chosen[name]
-        frozen = freeze(gm)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        return frozen
+        return materialize(self, widths)
 
     def num_params(self, widths=None, *, non_embedding: bool = False) -> int:
         """Parameters of the sub-network at `widths` (default: current), counted exactly.

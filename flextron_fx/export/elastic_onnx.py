@@ -7,7 +7,7 @@ e.g. the fractions 1.0, 0.75, 0.5, or per-op widths a router picked for a budget
 slice becomes a `Slice` of the weight with a data-dependent end, so a smaller setting runs
 smaller matmuls in onnxruntime: no masks, no second copy of any weight.
 
-The graph is the elastic graph with its regions inlined (`freeze` without the folding),
+The graph is the elastic graph with its regions inlined (`dense.freeze` without the folding),
 so every architecture flextronize supports exports the same way.
 """
 
@@ -28,6 +28,7 @@ from ..elastic import layout as L
 from ..elastic.model import ElasticModel
 from ..elastic.ops import ShapeSize, WeightSlice, WidthSource, WidthSpan
 from ..errors import ExportError, OutputError, WidthError
+from .dense import inline_regions
 from .onnx import _export, _outputs, example_inputs, mismatch
 
 
@@ -52,10 +53,9 @@ def budget_graph(em: ElasticModel, settings: list) -> fx.GraphModule:
     chosen = [em.static_widths(s) for s in settings]
     if not chosen:
         raise WidthError("give at least one setting (a fraction or {op: width})")
-    from ..passes.elasticize import _inline_regions
 
     gm = copy.deepcopy(em.graph_module)
-    _inline_regions(gm)
+    inline_regions(gm)
     graph = gm.graph
     graph.set_codegen(fx.graph.CodeGen())  # plain arguments: one more input, `setting`
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]

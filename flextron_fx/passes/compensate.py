@@ -11,7 +11,7 @@ candidate below the full width, all computed from one calibration pass.
 
 `compensation_tables` computes them (after `permute`, before `elasticize`);
 `compensate` inserts one `Compensation` node after each block's output that reads the
-block's width (static or per token); `fold` (called by `freeze`) turns each of those into
+block's width (static or per token); `export.dense.fold` (part of `freeze`) turns each of those into
 a constant add at a fixed width, so a materialized model equals the elastic one.
 
 Requires: `compensation_tables`: stats from `rank.measure` on the unpermuted model, the
@@ -34,7 +34,6 @@ from ..elastic.compensation import Compensation
 from ..elastic.model import width_nodes
 from ..elastic.ops import ElasticRegion
 from ..elastic.widths import candidates, width_rule
-from ..errors import WidthError
 from .scores import Stats
 
 COMP_PREFIX = "flextron_comp_"
@@ -108,29 +107,3 @@ def compensate(gm: fx.GraphModule, blocks: list[Block], tables: dict[str, torch.
 def compensation_modules(gm: fx.GraphModule) -> dict[str, Compensation]:
     """Module name -> Compensation, for every compensation node of `gm`."""
     return {n: m for n, m in gm.named_children() if isinstance(m, Compensation)}
-
-
-def fold(gm: fx.GraphModule) -> None:
-    """Replace every compensation node, whose width is an int by now, by a constant add
-    (or by its input at full width). Called by `freeze` once widths are constants."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
-                                                      Compensation):
-            continue
-        mod = gm.get_submodule(node.target)
-        y, width = node.args
-        if isinstance(width, (fx.Node, torch.Tensor)):
-            raise WidthError(f"{mod.block} holds per-token widths; a dense model needs one "
-                             "width per op")
-        row = mod.row(width)
-        if row is None:
-            node.replace_all_uses_with(y)
-        else:
-            const = f"{node.target}_bias"
-            gm.register_buffer(const, row.detach().clone())
-            with graph.inserting_before(node):
-                add = graph.call_function(torch.ops.aten.add.Tensor, (y, graph.get_attr(const)))
-            add.meta = dict(node.meta)
-            node.replace_all_uses_with(add)
-        graph.erase_node(node)

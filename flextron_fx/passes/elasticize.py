@@ -10,7 +10,7 @@ Ensures:
   attention output projection one `ElasticRegion` node, so per-token widths can run there;
 - at full width the graph computes exactly what it did before; the graph lints.
 
-`freeze` undoes all of it at fixed widths: a plain dense graph with sliced weights.
+`export.dense.freeze` undoes all of it at fixed widths: a plain dense graph with sliced weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from operator import attrgetter
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_map
 
 from ..analyze import Analysis, Block
 from ..analyze.dataflow import between, dataflow
@@ -28,7 +27,6 @@ from ..config import FlextronConfig
 from ..elastic import layout as L
 from ..elastic.ops import ElasticRegion, ShapeSize, WeightSlice, WidthSource, WidthSpan
 from ..elastic.widths import candidates, width_rule
-from ..errors import WidthError
 
 log = logging.getLogger(__name__)
 
@@ -308,90 +306,4 @@ def _token_free_view(n: fx.Node, x: fx.Node, region: set, env: dict, token_dim):
     return (src, [1] * (len(shape) - 2) + [-1, last])
 
 
-def freeze(gm: fx.GraphModule) -> fx.GraphModule:
-    """Inline every region and replace widths by their (static) values, slices by sliced
-    parameter copies and sizes by ints, in place.
-
-    Ensures: no flextron module remains; the graph is a plain dense model.
-    """
-    graph = gm.graph
-    _inline_regions(gm)
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not node.target.startswith(
-                (WIDTH_PREFIX, SPAN_PREFIX, SIZE_PREFIX)):
-            continue
-        args = tree_map(lambda a: a, node.args)
-        value = gm.get_submodule(node.target)(*args)
-        if isinstance(value, torch.Tensor):
-            raise WidthError(f"{node.target} holds per-token widths; a dense model needs "
-                             "one width per op")
-        for user in list(node.users):
-            user.args = tree_map(lambda a, n=node, v=value: v if a is n else a, user.args)
-        graph.erase_node(node)
-    from .compensate import fold  # compensation rows become constant adds
-
-    fold(gm)
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not node.target.startswith(SLICE_PREFIX):
-            continue
-        mod = gm.get_submodule(node.target)
-        src, width = node.args
-        with torch.no_grad():
-            value = mod(attrgetter(src.target)(gm), width).detach().clone().contiguous()
-        param = torch.nn.Parameter(value, requires_grad=False)
-        if len(src.users) == 1:  # the usual case: the weight now has its sliced shape
-            _assign(gm, src.target, param)
-            node.replace_all_uses_with(src)
-        else:
-            new_name = f"{src.target.replace('.', '_')}__{node.target}"
-            gm.register_parameter(new_name, param)
-            with graph.inserting_before(node):
-                node.replace_all_uses_with(graph.get_attr(new_name))
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    for name, _ in list(gm.named_children()):
-        if name.startswith((SLICE_PREFIX, SIZE_PREFIX, WIDTH_PREFIX, SPAN_PREFIX, MLP_PREFIX,
-                            OUT_PREFIX)):
-            delattr(gm, name)
-    gm.delete_all_unused_submodules()
-    graph.lint()
-    gm.recompile()
-    return gm
-
-
-def _inline_regions(gm: fx.GraphModule) -> None:
-    """Put each region's reference subgraph back in place of its node."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not node.target.startswith((MLP_PREFIX, OUT_PREFIX)):
-            continue
-        ref = gm.get_submodule(node.target).ref
-        placeholders = [n for n in ref.graph.nodes if n.op == "placeholder"]
-        env = dict(zip(placeholders, node.args))
-        with graph.inserting_before(node):
-            for n in ref.graph.nodes:
-                if n.op == "placeholder":
-                    continue
-                if n.op == "output":
-                    node.replace_all_uses_with(env[n.args[0]])
-                    break
-                target = n.target
-                if n.op == "call_module":
-                    target = f"{n.target}_in_{node.target}"
-                    gm.add_submodule(target, ref.get_submodule(n.target))
-                env[n] = graph.create_node(n.op, target,
-                                           fx.node.map_arg(n.args, env.__getitem__),
-                                           fx.node.map_arg(n.kwargs, env.__getitem__))
-                env[n].meta = dict(n.meta)
-        graph.erase_node(node)
-
-
-def _assign(gm, target: str, value) -> None:
-    *path, leaf = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    setattr(owner, leaf, value)
-
-
-__all__ = ["block_layouts", "elasticize", "freeze"]
+__all__ = ["block_layouts", "elasticize"]
