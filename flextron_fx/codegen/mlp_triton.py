@@ -1,0 +1,289 @@
+"""Triton kernels for the elastic MLP: one width for all tokens, and per-token routed widths.
+
+References: `mlp.py` (same stem), `elastic_mlp_ref` and `routed_mlp_ref`.
+
+Fixed width (`elastic_mlp_triton`), two launches:
+  1. `_mlp_up_kernel`: a [BM, BN] tile of h = act(x @ gate[:w].T + b) * (x @ up[:w].T + b);
+     both GEMMs share the loaded x tile, the activation and the gate multiply happen in
+     registers, only h is written. WIDTH is a constexpr, so each width is its own compiled
+     kernel (Triton caches one binary per constexpr value): the tile loop bounds and masks
+     are constants and nothing past the prefix is read.
+  2. `_mlp_down_kernel`: y = h @ down[:, :w].T + b_down, its K loop running to WIDTH.
+
+Routed (`routed_mlp_triton`): tokens are sorted by candidate index (stable), a tile table
+lists, for every BM rows of every group, the rows and the group's width; one launch of
+`_routed_up_kernel` covers all groups (x rows are gathered through the sort order inside
+the kernel, tiles past a group's width exit at once), one launch of `_routed_down_kernel`
+runs each tile's K loop to its group's width and stores rows back at their original
+positions (the scatter is the store). The widths are runtime values there (one binary for
+all groups); tile sizes are constexprs.
+
+Backward of the routed op (training): the torch reference, recomputed per group (see
+`flextron_fx/codegen/ops.py`); no Triton backward kernel yet.
+
+Import this module with TRITON_INTERPRET=1 in the environment to run it on CPU tensors
+(Triton's interpreter, about 1000x slower than torch: tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import CodegenError
+from .mlp import ACTIVATIONS
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_ACT = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        out = z * tl.sigmoid(z)
+    elif ACT == 1:  # gelu (erf)
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        out = 0.5 * z * (2.0 * tl.sigmoid(2.0 * u))
+    else:  # relu
+        out = tl.maximum(z, 0.0)
+    return out
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, rows, row_ok, g_ptr, u_ptr, bg_ptr, bu_ptr, cols, col_ok, D,
+                  sxm, sxd, sgf, sgd, suf, sud,
+                  GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                  ACT: tl.constexpr, PRECISION: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """act(gate) * up (or act(up)) for rows x cols, in fp32."""
+    rk = tl.arange(0, BK)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        kk = k + rk
+        k_ok = kk < D
+        xt = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxd,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        ut = tl.load(u_ptr + cols[None, :] * suf + kk[:, None] * sud,
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc_u = tl.dot(xt, ut, acc_u, input_precision=PRECISION)
+        if GATED:
+            gt = tl.load(g_ptr + cols[None, :] * sgf + kk[:, None] * sgd,
+                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_g = tl.dot(xt, gt, acc_g, input_precision=PRECISION)
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h = _act(acc_g, ACT) * acc_u
+    else:
+        h = _act(acc_u, ACT)
+    return h
+
+
+@triton.jit
+def _mlp_up_kernel(x_ptr, g_ptr, u_ptr, bg_ptr, bu_ptr, h_ptr, M, D,
+                   sxm, sxd, sgf, sgd, suf, sud, shm,
+                   WIDTH: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr,
+                   HAS_BU: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, col_ok = rows < M, cols < WIDTH
+    h = _gate_up_tile(x_ptr, rows, row_ok, g_ptr, u_ptr, bg_ptr, bu_ptr, cols, col_ok, D,
+                      sxm, sxd, sgf, sgd, suf, sud, GATED, HAS_BG, HAS_BU, ACT, PRECISION,
+                      BM, BN, BK)
+    tl.store(h_ptr + rows[:, None] * shm + cols[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_tile(h_ptr, hrows, row_ok, d_ptr, cols, col_ok, width, shm, sdd, sdf,
+               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, width, BK):
+        kk = k + rk
+        k_ok = kk < width
+        ht = tl.load(h_ptr + hrows[:, None] * shm + kk[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        dt = tl.load(d_ptr + cols[None, :] * sdd + kk[:, None] * sdf,
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(ht, dt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _mlp_down_kernel(h_ptr, d_ptr, bd_ptr, y_ptr, M, D, shm, sdd, sdf, sym,
+                     WIDTH: tl.constexpr, HAS_BD: tl.constexpr, PRECISION: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, col_ok = rows < M, cols < D
+    acc = _down_tile(h_ptr, rows, row_ok, d_ptr, cols, col_ok, WIDTH, shm, sdd, sdf,
+                     PRECISION, BM, BN, BK)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _routed_up_kernel(x_ptr, order_ptr, t_start_ptr, t_end_ptr, t_width_ptr,
+                      g_ptr, u_ptr, bg_ptr, bu_ptr, h_ptr, D,
+                      sxm, sxd, sgf, sgd, suf, sud, shm,
+                      GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                      ACT: tl.constexpr, PRECISION: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    tile = tl.program_id(0)
+    width = tl.load(t_width_ptr + tile)
+    if tl.program_id(1) * BN < width:  # columns past this group's prefix: nothing to do
+        start, end = tl.load(t_start_ptr + tile), tl.load(t_end_ptr + tile)
+        srows = start + tl.arange(0, BM)  # rows in sorted order (h's rows)
+        row_ok = srows < end
+        rows = tl.load(order_ptr + srows, mask=row_ok, other=0)  # original token rows
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        col_ok = cols < width
+        h = _gate_up_tile(x_ptr, rows, row_ok, g_ptr, u_ptr, bg_ptr, bu_ptr, cols, col_ok,
+                          D, sxm, sxd, sgf, sgd, suf, sud, GATED, HAS_BG, HAS_BU, ACT,
+                          PRECISION, BM, BN, BK)
+        tl.store(h_ptr + srows[:, None] * shm + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _routed_down_kernel(h_ptr, order_ptr, t_start_ptr, t_end_ptr, t_width_ptr,
+                        d_ptr, bd_ptr, y_ptr, D, shm, sdd, sdf, sym,
+                        HAS_BD: tl.constexpr, PRECISION: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    tile = tl.program_id(0)
+    width = tl.load(t_width_ptr + tile)
+    start, end = tl.load(t_start_ptr + tile), tl.load(t_end_ptr + tile)
+    srows = start + tl.arange(0, BM)
+    row_ok = srows < end
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < D
+    acc = _down_tile(h_ptr, srows, row_ok, d_ptr, cols, col_ok, width, shm, sdd, sdf,
+                     PRECISION, BM, BN, BK)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    rows = tl.load(order_ptr + srows, mask=row_ok, other=0)  # scatter back to token order
+    tl.store(y_ptr + rows[:, None] * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---- launchers ---------------------------------------------------------------------------
+
+def _check(x: torch.Tensor, tensors: list, act: str) -> None:
+    if act not in _ACT:
+        raise CodegenError(f"activation {act!r} has no Triton kernel; supported: "
+                           f"{list(ACTIVATIONS)}")
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise CodegenError("the Triton MLP kernels got CPU tensors; they run on a GPU, or on "
+                           "the CPU only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "flextron_fx.codegen.mlp_triton is first imported (tests only: "
+                           "it is ~1000x slower than torch), or lower with backend 'torch' or "
+                           "'inductor'")
+    for t in tensors:
+        if t is not None and (t.device != x.device or t.dtype != x.dtype):
+            raise CodegenError(f"the Triton MLP kernels need every operand on {x.device} in "
+                               f"{x.dtype}; got one on {t.device} in {t.dtype} (cast the "
+                               "model or the input)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CodegenError(f"the Triton MLP kernels run fp32, fp16 or bf16, got {x.dtype}")
+
+
+def _tiles(tokens: int) -> tuple[int, int, int]:
+    """(BM, BN, BK): tl.dot wants every side >= 16; few tokens (decode) get a short BM."""
+    bm = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    return bm, 64, 32
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32 inputs: exact fp32 products like torch's default matmul (no tf32 rounding)
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def elastic_mlp_triton(x: torch.Tensor, width: int, gate: torch.Tensor | None, up: torch.Tensor,
+                       down: torch.Tensor, b_gate: torch.Tensor | None,
+                       b_up: torch.Tensor | None, b_down: torch.Tensor | None,
+                       act: str) -> torch.Tensor:
+    """`elastic_mlp_ref` as two Triton launches specialised for `width` (see the module doc)."""
+    _check(x, [gate, up, down, b_gate, b_up, b_down], act)
+    flat = x.reshape(-1, x.shape[-1])
+    m, d = flat.shape
+    d_out = down.shape[0]
+    h = torch.empty(m, width, device=x.device, dtype=x.dtype)
+    y = torch.empty(m, d_out, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], d_out)
+    bm, bn, bk = _tiles(m)
+    g = gate if gate is not None else up
+    _mlp_up_kernel[(triton.cdiv(m, bm), triton.cdiv(width, bn))](
+        flat, g, up, b_gate if b_gate is not None else up, b_up if b_up is not None else up, h,
+        m, d, flat.stride(0), flat.stride(1), g.stride(0), g.stride(1), up.stride(0),
+        up.stride(1), h.stride(0), WIDTH=width, GATED=gate is not None,
+        HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=_ACT[act],
+        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+    _mlp_down_kernel[(triton.cdiv(m, bm), triton.cdiv(d_out, bn))](
+        h, down, b_down if b_down is not None else down, y, m, d_out, h.stride(0),
+        down.stride(0), down.stride(1), y.stride(0), WIDTH=width, HAS_BD=b_down is not None,
+        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def tile_table(index: torch.Tensor, candidates: list[int], bm: int):
+    """(order, tile starts, tile ends, tile widths): tokens sorted by candidate, and one
+    tile per `bm` rows of each group (rows in sorted order)."""
+    idx = index.reshape(-1)
+    order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=len(candidates)).tolist()
+    starts, ends, widths, offset = [], [], [], 0
+    for c, n in enumerate(counts):
+        for s in range(offset, offset + n, bm):
+            starts.append(s)
+            ends.append(min(s + bm, offset + n))
+            widths.append(candidates[c])
+        offset += n
+    make = lambda v: torch.tensor(v, dtype=torch.int32, device=index.device)
+    return order.to(torch.int32), make(starts), make(ends), make(widths)
+
+
+def routed_mlp_triton(x: torch.Tensor, index: torch.Tensor, candidates: list[int],
+                      gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor,
+                      b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
+                      b_down: torch.Tensor | None, act: str) -> torch.Tensor:
+    """`routed_mlp_ref` as one grouped launch per GEMM over all width groups."""
+    _check(x, [gate, up, down, b_gate, b_up, b_down], act)
+    flat = x.reshape(-1, x.shape[-1])
+    m, d = flat.shape
+    d_out = down.shape[0]
+    y = torch.empty(m, d_out, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], d_out)
+    bm, bn, bk = _tiles(m)
+    order, starts, ends, widths = tile_table(index, candidates, bm)
+    widest = max(candidates[i] for i in set(index.reshape(-1).tolist()))
+    h = torch.empty(m, widest, device=x.device, dtype=x.dtype)
+    g = gate if gate is not None else up
+    tiles = len(starts)
+    _routed_up_kernel[(tiles, triton.cdiv(widest, bn))](
+        flat, order, starts, ends, widths, g, up, b_gate if b_gate is not None else up,
+        b_up if b_up is not None else up, h, d, flat.stride(0), flat.stride(1), g.stride(0),
+        g.stride(1), up.stride(0), up.stride(1), h.stride(0), GATED=gate is not None,
+        HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=_ACT[act],
+        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+    _routed_down_kernel[(tiles, triton.cdiv(d_out, bn))](
+        h, order, starts, ends, widths, down, b_down if b_down is not None else down, y, d_out,
+        h.stride(0), down.stride(0), down.stride(1), y.stride(0), HAS_BD=b_down is not None,
+        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+__all__ = ["INTERPRETED", "elastic_mlp_triton", "routed_mlp_triton", "tile_table"]
