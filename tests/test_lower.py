@@ -145,3 +145,32 @@ def test_lower_refuses_unknown_backends(zoo_converted):
         lower(em, "torch", widths=0.0)
     assert all(type(m) is ElasticRegion for m in em.graph_module.modules()
                if isinstance(m, ElasticRegion))
+
+
+@pytest.mark.slow
+def test_smollm2_lowered_equals_elastic():
+    """The real SmolLM2 (calibrated, so neurons are sorted): torch and inductor lowerings
+    give the elastic model's logits at three budgets and with per-token widths."""
+    import flextron_fx
+    from flextron_fx import models
+    from flextron_fx.data import calibration_and_heldout
+
+    model, tok = models.load("smollm2-135m")
+    calib, held, _ = calibration_and_heldout(tok, seq_len=64, n_calib=8, n_heldout_tokens=128)
+    em = flextron_fx.flextronize(model, (calib[:2, :16],), calib, progress=False)
+    ids = held.reshape(-1)[:128].reshape(2, 64)
+    g = torch.Generator().manual_seed(0)
+    widths = {n: torch.randint(0, len(op.candidates), (2, 64), generator=g)
+              for n, op in em.ops.items() if op.kind == "mlp"}
+    for backend in ("torch", "inductor"):
+        lo = lower(em, backend)
+        assert len(_lowered(lo)) == sum(op.kind == "mlp" for op in em.ops.values())
+        for w in (1.0, 0.75, 0.5, widths):
+            em.set_full()
+            lo.set_full()
+            em.set_widths(w)
+            lo.set_widths(w)
+            expected = output(em, ids)
+            err = float((output(lo, ids) - expected).abs().max())
+            assert err <= 1e-5 * float(expected.abs().max()), (backend, w, err)
+    em.set_full()

@@ -41,14 +41,22 @@ _ACT = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 
 @triton.jit
+def _sigmoid(z):
+    # written out, not tl.sigmoid (nor tl.zeros): triton.language's @jit helpers are bound
+    # when triton is first imported (torch.compile imports it), so under the interpreter they
+    # can be compiled-mode functions; kernels here call builtins and their own helpers only
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 0:  # silu
-        out = z * tl.sigmoid(z)
+        out = z * _sigmoid(z)
     elif ACT == 1:  # gelu (erf)
         out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        out = 0.5 * z * (2.0 * tl.sigmoid(2.0 * u))
+        out = 0.5 * z * (2.0 * _sigmoid(2.0 * u))
     else:  # relu
         out = tl.maximum(z, 0.0)
     return out
@@ -62,8 +70,8 @@ def _gate_up_tile(x_ptr, rows, row_ok, g_ptr, u_ptr, bg_ptr, bu_ptr, cols, col_o
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """act(gate) * up (or act(up)) for rows x cols, in fp32."""
     rk = tl.arange(0, BK)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.full((BM, BN), 0.0, tl.float32)
+    acc_g = tl.full((BM, BN), 0.0, tl.float32)
     for k in range(0, D, BK):
         kk = k + rk
         k_ok = kk < D
@@ -107,7 +115,7 @@ def _mlp_up_kernel(x_ptr, g_ptr, u_ptr, bg_ptr, bu_ptr, h_ptr, M, D,
 def _down_tile(h_ptr, hrows, row_ok, d_ptr, cols, col_ok, width, shm, sdd, sdf,
                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for k in range(0, width, BK):
         kk = k + rk
         k_ok = kk < width
@@ -199,10 +207,23 @@ def _check(x: torch.Tensor, tensors: list, act: str) -> None:
         raise CodegenError(f"the Triton MLP kernels run fp32, fp16 or bf16, got {x.dtype}")
 
 
-def _tiles(tokens: int) -> tuple[int, int, int]:
-    """(BM, BN, BK): tl.dot wants every side >= 16; few tokens (decode) get a short BM."""
+def _tiles(x: torch.Tensor, tokens: int) -> tuple[dict, dict]:
+    """Launch settings of the (gate/up, down) kernels: tile sizes, warps, pipeline stages.
+
+    tl.dot wants every side >= 16; few tokens (decode) get a short BM. On a GPU, large token
+    counts get 128-row tiles; the gate/up kernel holds two fp32 accumulators, so its BN is
+    half the down kernel's. Starting points, not tuned on a GPU yet (codegen_gpu.py).
+    """
     bm = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
-    return bm, 64, 32
+    if x.device.type == "cpu" or tokens <= 64:  # the interpreter, or decode-sized batches
+        small = {"BM": bm, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 2}
+        return small, small
+    stages = 2 if x.dtype == torch.float32 else 3
+    bm = 64 if tokens <= 256 else 128
+    up = {"BM": bm, "BN": 64, "BK": 64, "num_warps": 8 if bm == 128 else 4, "num_stages": stages}
+    down = {"BM": bm, "BN": 128, "BK": 64, "num_warps": 8 if bm == 128 else 4,
+            "num_stages": stages}
+    return up, down
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -223,18 +244,18 @@ def elastic_mlp_triton(x: torch.Tensor, width: int, gate: torch.Tensor | None, u
     y = torch.empty(m, d_out, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], d_out)
-    bm, bn, bk = _tiles(m)
+    tu, td = _tiles(x, m)
     g = gate if gate is not None else up
-    _mlp_up_kernel[(triton.cdiv(m, bm), triton.cdiv(width, bn))](
+    _mlp_up_kernel[(triton.cdiv(m, tu["BM"]), triton.cdiv(width, tu["BN"]))](
         flat, g, up, b_gate if b_gate is not None else up, b_up if b_up is not None else up, h,
         m, d, flat.stride(0), flat.stride(1), g.stride(0), g.stride(1), up.stride(0),
         up.stride(1), h.stride(0), WIDTH=width, GATED=gate is not None,
         HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=_ACT[act],
-        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
-    _mlp_down_kernel[(triton.cdiv(m, bm), triton.cdiv(d_out, bn))](
+        PRECISION=_precision(x), **tu)
+    _mlp_down_kernel[(triton.cdiv(m, td["BM"]), triton.cdiv(d_out, td["BN"]))](
         h, down, b_down if b_down is not None else down, y, m, d_out, h.stride(0),
         down.stride(0), down.stride(1), y.stride(0), WIDTH=width, HAS_BD=b_down is not None,
-        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+        PRECISION=_precision(x), **td)
     return y.reshape(*x.shape[:-1], d_out)
 
 
@@ -267,22 +288,22 @@ def routed_mlp_triton(x: torch.Tensor, index: torch.Tensor, candidates: list[int
     y = torch.empty(m, d_out, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], d_out)
-    bm, bn, bk = _tiles(m)
-    order, starts, ends, widths = tile_table(index, candidates, bm)
+    tu, td = _tiles(x, m)  # both kernels walk the same tile table: one BM
+    order, starts, ends, widths = tile_table(index, candidates, tu["BM"])
     widest = max(candidates[i] for i in set(index.reshape(-1).tolist()))
     h = torch.empty(m, widest, device=x.device, dtype=x.dtype)
     g = gate if gate is not None else up
     tiles = len(starts)
-    _routed_up_kernel[(tiles, triton.cdiv(widest, bn))](
+    _routed_up_kernel[(tiles, triton.cdiv(widest, tu["BN"]))](
         flat, order, starts, ends, widths, g, up, b_gate if b_gate is not None else up,
         b_up if b_up is not None else up, h, d, flat.stride(0), flat.stride(1), g.stride(0),
         g.stride(1), up.stride(0), up.stride(1), h.stride(0), GATED=gate is not None,
         HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=_ACT[act],
-        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
-    _routed_down_kernel[(tiles, triton.cdiv(d_out, bn))](
+        PRECISION=_precision(x), **tu)
+    _routed_down_kernel[(tiles, triton.cdiv(d_out, td["BN"]))](
         h, order, starts, ends, widths, down, b_down if b_down is not None else down, y, d_out,
         h.stride(0), down.stride(0), down.stride(1), y.stride(0), HAS_BD=b_down is not None,
-        PRECISION=_precision(x), BM=bm, BN=bn, BK=bk)
+        PRECISION=_precision(x), **td)
     return y.reshape(*x.shape[:-1], d_out)
 
 
