@@ -1,6 +1,7 @@
 """Lowered MLPs (inductor, torch backends) against the eager elastic and materialized models.
 
-    python benchmarks/codegen_cpu.py [--reps 7] [--budgets 1.0,0.75,0.5] [--json out.json]
+    python benchmarks/codegen_cpu.py [--reps 7] [--budgets 1.0,0.75,0.5] [--threads N]
+                                     [--shapes "prefill 1x256,decode-sized 1x2"] [--json out.json]
 
 SmolLM2-135M, flextronized, at each budget (every op at that fraction of its width):
 
@@ -41,8 +42,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--budgets", default="1.0,0.75,0.5")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 gives steadier numbers on a busy machine)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {list(SHAPES)}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     budgets = [float(b) for b in args.budgets.split(",")]
 
     torch.manual_seed(0)
@@ -62,7 +69,7 @@ def main() -> None:
     rows = []
     print(f"{args.model}, {args.reps} interleaved rounds, {torch.get_num_threads()} threads")
     with torch.inference_mode():
-        for shape, (batch, seq) in SHAPES.items():
+        for shape, (batch, seq) in shapes.items():
             ids = torch.randint(0, model.config.vocab_size, (batch, seq))
             flat = {(b, name): cfg for b, cs in configs.items() for name, cfg in cs.items()}
             for b in budgets:  # compile, build programs, and check outputs
