@@ -138,24 +138,29 @@ def test_routed_reference_is_each_token_at_its_width(case):
     _close(got, _token_by_token(case), torch.float32)
 
 
-@settings(max_examples=12, deadline=None)
-@given(mlps(), st.sampled_from(["triton", "torch"]))
-def test_routed_op_gradients_match_reference(case, backend):
-    """Gradients through the custom op (forward by `backend`, backward the recomputed torch
-    reference) equal those of the token-by-token computation; rows and columns of the
-    weights past the widest width used get exactly zero."""
+@settings(max_examples=16, deadline=None)
+@given(mlps(), st.sampled_from(["triton", "torch"]), st.sampled_from(["routed", "elastic"]))
+def test_op_gradients_match_reference(case, backend, op):
+    """Gradients through the custom ops (backend "triton": the Triton backward; "torch": the
+    recomputed reference) equal those of the token-by-token computation; rows and columns
+    of the weights past the widest width used get exactly zero."""
     if case["x"].numel() == 0:
         return
+    if op == "elastic":  # one width for every token
+        case = dict(case, index=torch.full_like(case["index"], case["cands"].index(case["width"])))
     leaves = [t.clone().requires_grad_() if t is not None else None
               for t in [case["x"], *_operands(case)]]
     ctx = _quiet()
     try:
-        out = ops.routed_mlp(leaves[0], case["index"], *leaves[1:], case["cands"], case["act"],
-                             backend)
+        if op == "routed":
+            out = ops.routed_mlp(leaves[0], case["index"], *leaves[1:], case["cands"],
+                                 case["act"], backend)
+        else:
+            out = ops.elastic_mlp(*leaves, case["width"], case["act"], backend)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        got = torch.autograd.grad((out * probe).sum(), [t for t in leaves if t is not None])
     finally:
         ctx.__exit__(None, None, None)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad((out * probe).sum(), [t for t in leaves if t is not None])
 
     ref_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
     ref_case = dict(case, x=ref_leaves[0], **dict(zip(
@@ -167,6 +172,29 @@ def test_routed_op_gradients_match_reference(case, backend):
     widest = max(case["cands"][int(i)] for i in case["index"].reshape(-1))
     up_grad = got[2 if case["gate"] is not None else 1]
     assert not up_grad[widest:].any()
+
+
+def test_triton_backward_in_fp16():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 24, generator=g).half()
+    gate, up = (torch.randn(40, 24, generator=g) * 0.2).half(), \
+        (torch.randn(40, 24, generator=g) * 0.2).half()
+    down = (torch.randn(24, 40, generator=g) * 0.15).half()
+    index = torch.randint(0, 3, (2, 7), generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, gate, up, down)]
+    ctx = _quiet()
+    try:
+        out = ops.routed_mlp(leaves[0], index, *leaves[1:], None, None, None, [8, 20, 40],
+                             "silu", "triton")
+        got = torch.autograd.grad(out.float().sum(), leaves)
+    finally:
+        ctx.__exit__(None, None, None)
+    ref = [t.float().requires_grad_() for t in (x, gate, up, down)]
+    expected = torch.autograd.grad(
+        routed_mlp_ref(ref[0], index, [8, 20, 40], *ref[1:], None, None, None, "silu").sum(),
+        ref)
+    for a, e in zip(got, expected):
+        _close(a, e, torch.float16)
 
 
 def test_kernels_refuse_bad_inputs_with_clear_errors():

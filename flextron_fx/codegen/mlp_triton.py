@@ -18,8 +18,13 @@ runs each tile's K loop to its group's width and stores rows back at their origi
 positions (the scatter is the store). The widths are runtime values there (one binary for
 all groups); tile sizes are constexprs.
 
-Backward of the routed op (training): the torch reference, recomputed per group (see
-`flextron_fx/codegen/ops.py`); no Triton backward kernel yet.
+Backward (`routed_mlp_backward_triton`, also the fixed width's: one group): the same two
+kernels with an identity activation recompute the pre-activations and give dh = dy @ down
+and dx = dg @ gate + du @ up, each one grouped launch reading only the prefixes; the
+activation's derivative is torch pointwise code; the weight and bias gradients use that
+tokens sorted by width make "every token at least this wide" a suffix of the sorted rows:
+the rows of neurons cand[c-1]..cand[c] get du[suffix].T @ x[suffix], one dense GEMM per
+candidate (cuBLAS on a GPU), exactly zero past the widest width used.
 
 Import this module with TRITON_INTERPRET=1 in the environment to run it on CPU tensors
 (Triton's interpreter, about 1000x slower than torch: tests only).
@@ -38,6 +43,7 @@ from .mlp import ACTIVATIONS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _ACT = {name: i for i, name in enumerate(ACTIVATIONS)}
+_IDENTITY = len(ACTIVATIONS)
 
 
 @triton.jit
@@ -57,8 +63,10 @@ def _act(z, ACT: tl.constexpr):
     elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         out = 0.5 * z * (2.0 * _sigmoid(2.0 * u))
-    else:  # relu
+    elif ACT == 3:  # relu
         out = tl.maximum(z, 0.0)
+    else:  # identity: pre-activations and plain GEMMs (the backward pass)
+        out = z
     return out
 
 
@@ -307,4 +315,86 @@ def routed_mlp_triton(x: torch.Tensor, index: torch.Tensor, candidates: list[int
     return y.reshape(*x.shape[:-1], d_out)
 
 
-__all__ = ["INTERPRETED", "elastic_mlp_triton", "routed_mlp_triton", "tile_table"]
+def _grouped_up(a, table, tu, w, b, widest, act, precision):
+    """Sorted [n, widest] = act(a[order] @ w[:width].T + b) per tile (one launch)."""
+    order, starts, ends, widths = table
+    out = torch.empty(a.shape[0], widest, device=a.device, dtype=a.dtype)
+    _routed_up_kernel[(len(starts), triton.cdiv(widest, tu["BN"]))](
+        a, order, starts, ends, widths, w, w, w, b if b is not None else w, out, a.shape[1],
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(0), w.stride(1),
+        out.stride(0), GATED=False, HAS_BG=False, HAS_BU=b is not None, ACT=act,
+        PRECISION=precision, **tu)
+    return out
+
+
+def _grouped_down(h, table, td, w, out, precision):
+    """out[order] = h @ w[:, :width].T per tile (one launch), rows back in token order."""
+    order, starts, ends, widths = table
+    _routed_down_kernel[(len(starts), triton.cdiv(w.shape[0], td["BN"]))](
+        h, order, starts, ends, widths, w, w, out, w.shape[0], h.stride(0), w.stride(0),
+        w.stride(1), out.stride(0), HAS_BD=False, PRECISION=precision, **td)
+    return out
+
+
+def routed_mlp_backward_triton(grad: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
+                               candidates: list[int], gate, up, down, b_gate, b_up, b_down,
+                               act: str) -> list:
+    """Gradients of `routed_mlp_ref` w.r.t. (x, gate, up, down, b_gate, b_up, b_down);
+    None for absent operands. See the module doc."""
+    from .mlp import activation
+
+    _check(x, [gate, up, down, b_gate, b_up, b_down], act)
+    flat, dy = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+    m = flat.shape[0]
+    zeros = lambda t: None if t is None else torch.zeros_like(t)
+    if m == 0:
+        return [torch.zeros_like(x), *(zeros(t) for t in (gate, up, down, b_gate, b_up, b_down))]
+    tu, td = _tiles(x, m)
+    table = tile_table(index, candidates, tu["BM"])
+    idx = index.reshape(-1)
+    counts = torch.bincount(idx, minlength=len(candidates)).tolist()
+    widest = candidates[max(i for i, n in enumerate(counts) if n)]
+    prec = _precision(x)
+    a_u = _grouped_up(flat, table, tu, up, b_up, widest, _IDENTITY, prec)
+    a_g = None if gate is None else _grouped_up(flat, table, tu, gate, b_gate, widest,
+                                                _IDENTITY, prec)
+    dh = _grouped_up(dy, table, tu, down.t(), None, widest, _IDENTITY, prec)
+    with torch.enable_grad():  # the activation's derivative, pointwise
+        z = (a_g if gate is not None else a_u).float().requires_grad_()
+        s = activation(act, z)
+        if gate is not None:
+            dz, = torch.autograd.grad(s, z, dh.float() * a_u.float())
+            du, dg, h = (dh.float() * s.detach()).to(x.dtype), dz.to(x.dtype), \
+                (s.detach() * a_u.float()).to(x.dtype)
+        else:
+            dz, = torch.autograd.grad(s, z, dh.float())
+            du, dg, h = dz.to(x.dtype), None, s.detach().to(x.dtype)
+    dx = torch.zeros_like(flat)
+    if gate is not None:
+        dx += _grouped_down(dg, table, td, gate.t(), torch.empty_like(flat), prec)
+    dx += _grouped_down(du, table, td, up.t(), torch.empty_like(flat), prec)
+    order = table[0].long()
+    xs, dys = flat.index_select(0, order), dy.index_select(0, order)
+    g_gate, g_up, g_down = zeros(gate), torch.zeros_like(up), torch.zeros_like(down)
+    g_bg, g_bu = zeros(b_gate), zeros(b_up)
+    lo, off = 0, 0
+    for c, width in enumerate(candidates):  # neurons lo..width: tokens of groups c.. (a suffix)
+        if off < m and width > lo:
+            rows = slice(off, m)
+            g_up[lo:width] = du[rows, lo:width].t() @ xs[rows]
+            g_down[:, lo:width] = dys[rows].t() @ h[rows, lo:width]
+            if g_bu is not None:
+                g_bu[lo:width] = du[rows, lo:width].sum(0)
+            if gate is not None:
+                g_gate[lo:width] = dg[rows, lo:width].t() @ xs[rows]
+                if g_bg is not None:
+                    g_bg[lo:width] = dg[rows, lo:width].sum(0)
+        lo, off = max(lo, width), off + counts[c]
+        if width >= widest:
+            break
+    g_bd = None if b_down is None else dy.sum(0).to(b_down.dtype)
+    return [dx.reshape(x.shape), g_gate, g_up, g_down, g_bg, g_bu, g_bd]
+
+
+__all__ = ["INTERPRETED", "elastic_mlp_triton", "routed_mlp_backward_triton",
+           "routed_mlp_triton", "tile_table"]

@@ -11,9 +11,11 @@ changes): "torch" (the references of mlp.py, every device), "inductor" (the MLP 
 width compiled by torch.compile, cached per width; per group when routed) and "triton"
 (mlp_triton.py; GPU, or CPU under TRITON_INTERPRET=1).
 
-Backward (both ops, every backend): the torch reference recomputed with autograd, so
-gradients reach x and every weight and bias exactly as the reference's do (the weight rows
-and columns past a width get zeros). No Triton backward kernel yet.
+Backward: backend "triton" runs `routed_mlp_backward_triton` (grouped Triton launches for
+the recomputed pre-activations, dh and dx; one GEMM per candidate for the weight gradients;
+a fixed width is one group); "torch" and "inductor" recompute the torch reference under
+autograd. Either way gradients reach x and every weight and bias as the reference's do, and
+the weight rows and columns past the widest width used get zeros.
 """
 
 from __future__ import annotations
@@ -156,17 +158,31 @@ def _grads(reference: Callable, tensors: list, call: Callable, grad: torch.Tenso
     return [next(got) if t is not None and t.requires_grad else None for t in leaves]
 
 
+def _triton_grads(grad, x, index, candidates, operands, act) -> list:
+    from .mlp_triton import routed_mlp_backward_triton
+    return routed_mlp_backward_triton(grad, x, index, list(candidates), *operands, act)
+
+
 def _elastic_backward(ctx, grad):
-    x, gate, up, down, b_gate, b_up, b_down, width, act, _ = ctx.inputs
-    g = _grads(elastic_mlp_ref, [x, gate, up, down, b_gate, b_up, b_down],
-               lambda *t: elastic_mlp_ref(t[0], width, *t[1:], act), grad)
+    x, gate, up, down, b_gate, b_up, b_down, width, act, backend = ctx.inputs
+    operands = [gate, up, down, b_gate, b_up, b_down]
+    if backend == "triton":  # one group: every token at `width`
+        index = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+        g = _triton_grads(grad, x, index, [width], operands, act)
+    else:
+        g = _grads(elastic_mlp_ref, [x, *operands],
+                   lambda *t: elastic_mlp_ref(t[0], width, *t[1:], act), grad)
     return (*g, None, None, None)
 
 
 def _routed_backward(ctx, grad):
-    x, index, gate, up, down, b_gate, b_up, b_down, candidates, act, _ = ctx.inputs
-    g = _grads(routed_mlp_ref, [x, gate, up, down, b_gate, b_up, b_down],
-               lambda *t: routed_mlp_ref(t[0], index, list(candidates), *t[1:], act), grad)
+    x, index, gate, up, down, b_gate, b_up, b_down, candidates, act, backend = ctx.inputs
+    operands = [gate, up, down, b_gate, b_up, b_down]
+    if backend == "triton" and list(candidates) == sorted(set(candidates)):
+        g = _triton_grads(grad, x, index, candidates, operands, act)
+    else:  # the reference, recomputed (its suffix trick needs ascending candidates)
+        g = _grads(routed_mlp_ref, [x, *operands],
+                   lambda *t: routed_mlp_ref(t[0], index, list(candidates), *t[1:], act), grad)
     return (g[0], None, *g[1:], None, None, None)
 
 
