@@ -35,6 +35,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ SHAPES = {"smollm2": (576, 1536), "llama2-7b": (4096, 11008)}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 SHARES = (0.4, 0.3, 0.2, 0.1)  # tokens per candidate (25/50/75/100 %): mean width 50 %
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = torch.device("cuda")
 
 
 def _time(fns: dict, reps: int) -> dict[str, float]:
@@ -51,6 +53,8 @@ def _time(fns: dict, reps: int) -> dict[str, float]:
     for fn in fns.values():  # warm-up (and Triton's compile per width)
         fn()
         fn()
+    if DEVICE.type == "cpu":  # --interpret: a check of this script, not a measurement
+        return {k: _cpu_ms(fn) for k, fn in fns.items()}
     torch.cuda.synchronize()
     times = {k: [] for k in fns}
     order = random.Random(0)
@@ -65,6 +69,12 @@ def _time(fns: dict, reps: int) -> dict[str, float]:
             end.synchronize()
             times[k].append(start.elapsed_time(end))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _cpu_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _check(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -87,7 +97,7 @@ def bench(shape: str, tokens: int, dtype_name: str, reps: int) -> list[dict]:
     from flextron_fx.codegen.mlp_triton import elastic_mlp_triton, routed_mlp_triton
 
     d, f = SHAPES[shape]
-    dt, dev = DTYPES[dtype_name], torch.device("cuda")
+    dt, dev = DTYPES[dtype_name], DEVICE
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, d, device=dev, generator=g).to(dt)
     gate = (torch.randn(f, d, device=dev, generator=g) * d ** -0.5).to(dt)
@@ -130,7 +140,7 @@ def bench(shape: str, tokens: int, dtype_name: str, reps: int) -> list[dict]:
     # training step of the routed op: forward + backward (Triton backward vs the reference's)
     from flextron_fx.codegen import ops
     leaves = [t.detach().requires_grad_() for t in (x, gate, up, down)]
-    dy = torch.randn_like(x)
+    index, dy = index.clone(), torch.randn_like(x)  # out of inference mode
 
     def step(backend):
         out = ops.routed_mlp(leaves[0], index, *leaves[1:], None, None, None, cands, "silu",
@@ -151,21 +161,34 @@ def main() -> None:
     ap.add_argument("--shapes", default="smollm2,llama2-7b")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default="runs/codegen_gpu.json")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check this script on the CPU: tiny shapes, fp16, Triton's interpreter "
+                         "(times mean nothing)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.interpret:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+        DEVICE = torch.device("cpu")
+        SHAPES["tiny"] = (32, 48)
+        args.shapes, args.tokens, args.dtypes, args.reps = "tiny", "16,40", "fp16", 2
+    elif not torch.cuda.is_available():
         sys.exit("benchmarks/codegen_gpu.py needs a CUDA GPU (torch.cuda.is_available() is "
                  "False here). The CPU comparison is benchmarks/codegen_cpu.py; kernel "
-                 "correctness on the CPU is tests/test_codegen_kernels.py (Triton interpreter).")
+                 "correctness on the CPU is tests/test_codegen_kernels.py (Triton interpreter); "
+                 "--interpret checks this script on tiny shapes.")
     try:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("benchmarks/codegen_gpu.py needs Triton: pip install 'flextron_fx[triton]'")
+    device_name = "CPU (Triton interpreter)" if args.interpret else torch.cuda.get_device_name()
     rows = []
     for shape in args.shapes.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
             for dtype_name in args.dtypes.split(","):
                 rows.extend(bench(shape, tokens, dtype_name, args.reps))
-    print(f"{torch.cuda.get_device_name()}, {args.reps} interleaved rounds, median ms")
+    print(f"{device_name}, {args.reps} interleaved rounds, median ms")
     print(f"{'shape':<10}{'tokens':>7}{'dtype':>6}  {'case':<16}{'triton':>9}{'cuBLAS/dense':>13}"
           f"{'torch':>9}{'ratio':>8}")
     for r in rows:
@@ -186,7 +209,7 @@ def main() -> None:
               f"{other:>13.3f}{tor:>9.3f}{ratio:>8}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "reps": args.reps,
+    out.write_text(json.dumps({"device": device_name, "reps": args.reps,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
 
