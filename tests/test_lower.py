@@ -77,6 +77,25 @@ def test_baked_widths_and_routed_gradients(zoo_converted):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
 
 
+def test_inductor_with_baked_widths_compiles_the_whole_subnetwork(zoo_converted):
+    _, em = zoo_converted("llama")
+    ids = token_ids(2, 8)
+    lo = lower(em, "inductor", widths=0.5)
+    net = lo.__dict__["_subnetwork"]
+    assert net is not None and not any(p is q for p in net.parameters()
+                                       for q in em.parameters())
+    with em.at(0.5):
+        expected = output(em, ids)
+    calls = []
+    net.register_forward_pre_hook(lambda *a: calls.append(1))
+    assert_close(output(lo, ids), expected)
+    assert calls  # the compiled sub-network ran
+    # other attention widths: the lowered graph runs (MLPs still at their baked width)
+    with em.at(0.5), em.at(1.0, kind="attention"), lo.at(1.0, kind="attention"):
+        assert_close(output(lo, ids), output(em, ids))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "phi3"])
 def test_other_patterns_lower_or_keep_their_reference(zoo_converted, arch):
     """GPT-2: Conv1D weights, biases and the written-out tanh GELU are lowered; Phi-3's fused

@@ -13,7 +13,11 @@ forward calls `torch.ops.flextron.elastic_mlp` for an int width and
 recognised region is checked numerically against its reference at lowering time; a region
 that is not recognised, or does not match, keeps its reference and the log says why.
 With `widths`, the copy is set to them and each lowered MLP accepts only its baked width
-(another raises WidthError: lower again).
+(another raises WidthError: lower again). Backend "inductor" with `widths` also compiles the
+whole specialised sub-network (`em.materialize(widths)`, attention included) with
+torch.compile; the copy's forward runs it while its widths are the baked ones. That compiled
+sub-network holds sliced copies of the weights, taken at lowering time (like `materialize`):
+lower again after changing the weights.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..elastic.model import ElasticModel, _check_call
 from ..elastic.ops import ElasticRegion, WeightSlice, check_routed
 from ..errors import CodegenError, WidthError
 
@@ -66,6 +71,20 @@ class MLPSpec:
         b = lambda i: None if i is None else params[i]
         return [w(self.gate), w(self.up), w(self.down), b(self.b_gate), b(self.b_up),
                 b(self.b_down)]
+
+
+class LoweredModel(ElasticModel):
+    """An ElasticModel whose MLPs are lowered (made by `lower`, which sets the fields)."""
+
+    def forward(self, *inputs):
+        net = self.__dict__.get("_subnetwork")  # not a submodule: its weights are copies
+        if net is not None and not torch.compiler.is_compiling():
+            baked = self.__dict__["_baked_widths"]
+            now = self.widths
+            if all(isinstance(now[n], int) and now[n] == w for n, w in baked.items()):
+                _check_call(inputs, self.sample_shape)
+                return net(*inputs)
+        return super().forward(*inputs)
 
 
 class LoweredMLP(ElasticRegion):
@@ -133,6 +152,12 @@ def lower(em, backend: str, widths=None):
         width = None if chosen is None else chosen[region.block]
         baked = width if isinstance(width, int) else None
         gm.add_submodule(node.target, LoweredMLP(region, spec, backend, baked))
+    out.__class__ = LoweredModel
+    out.__dict__["_subnetwork"] = None
+    if backend == "inductor" and chosen is not None and \
+            all(isinstance(w, int) for w in chosen.values()):
+        out.__dict__["_baked_widths"] = dict(chosen)
+        out.__dict__["_subnetwork"] = torch.compile(em.materialize(chosen), backend="inductor")
     return out
 
 
@@ -279,4 +304,4 @@ def _verify(region: ElasticRegion, spec: MLPSpec, params: list, rank: int) -> st
     return None
 
 
-__all__ = ["LoweredMLP", "MLPSpec", "lower", "match_mlp"]
+__all__ = ["LoweredMLP", "LoweredModel", "MLPSpec", "lower", "match_mlp"]
