@@ -2,8 +2,10 @@
 
 Triton reads TRITON_INTERPRET when a kernel is decorated (module import) and again in some
 lazy imports of the first launches, so the variable is set around the import, a warm-up
-launch, and (fixture `interpreted`) each test that launches kernels, and restored after:
-other tests (torch.compile on the CPU, for one) never see it.
+launch, and (`interpreter()`) each test that launches kernels, and restored after: other
+tests never see it. Triton itself is imported first, outside that window, so its own
+library functions stay compiled-mode ones for anything else in the process (inductor's GPU
+kernels); our kernels call only builtins and their own helpers, so they do not mind.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def interpreter():
 
 
 def load():
+    import triton.language  # noqa: F401  (outside the interpreter window, see above)
+
     with interpreter():
         module = sys.modules.get(_NAME) or importlib.import_module(_NAME)
         assert module.INTERPRETED, f"{_NAME} was imported before without TRITON_INTERPRET=1"

@@ -86,6 +86,9 @@ class LoweredModel(ElasticModel):
                 return net(*inputs)
         return super().forward(*inputs)
 
+    def __getstate__(self):  # compiled code is not copied or pickled; lower again for it
+        return {**super().__getstate__(), "_subnetwork": None}
+
 
 class LoweredMLP(ElasticRegion):
     """An MLP region whose forward runs a lowered kernel; `ref` stays the reference."""
