@@ -59,3 +59,7 @@ class OutputError(FlextronError):
 
 class ExportError(FlextronError):
     """An export that failed, or whose result does not match the model it came from."""
+
+
+class CodegenError(FlextronError):
+    """A lowering or a kernel launch got a backend, device, dtype or block it cannot run."""
