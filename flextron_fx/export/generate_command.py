@@ -72,9 +72,11 @@ def generate_command(args: argparse.Namespace) -> int:
                         top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
     if not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    given = _prompt_ids(args.prompt_ids)  # cheap checks before the model is built
     model = _model(folder, args)
-    tokenizer = None if args.prompt_ids is not None else _tokenizer(folder, model, args)
-    ids = _prompt(args, tokenizer, int(model.config.vocab_size))
+    tokenizer = None if given is not None else _tokenizer(folder, model, args)
+    ids = _prompt(given if given is not None else tokenizer(args.prompt)["input_ids"],
+                  int(model.config.vocab_size))
     if args.runtime == "torch":
         decoder = TorchDecoder(model)
     else:
@@ -154,19 +156,23 @@ def _tokenizer(folder: Path, model, args: argparse.Namespace):
     return tok
 
 
-def _prompt(args: argparse.Namespace, tokenizer, vocab: int):
+def _prompt_ids(text: str | None) -> list[int] | None:
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise InputError(f"--prompt-ids takes integers separated by spaces, got "
+                         f"{text!r}") from exc
+
+
+def _prompt(ids: list[int], vocab: int):
     import torch
 
     from ..errors import InputError
 
-    if args.prompt_ids is not None:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError as exc:
-            raise InputError(f"--prompt-ids takes integers separated by spaces, got "
-                             f"{args.prompt_ids!r}") from exc
-    else:
-        ids = tokenizer(args.prompt)["input_ids"]
     if not ids:
         raise InputError("the prompt is empty; give at least one token")
     bad = [t for t in ids if not 0 <= t < vocab]
