@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 import flextron_fx
 from flextron_fx import cli
 from flextron_fx.errors import InputError, UnsupportedModelError
-from flextron_fx.export.decoder_onnx import to_onnx_decoder
 from flextron_fx.export.generate import OrtDecoder, Sampling, TorchDecoder, generate
 from flextron_fx.export.generate_command import _prompt
 from flextron_fx.export.hf import to_hf
@@ -130,9 +129,13 @@ def onnx_decoder(tmp_path_factory, zoo_converted):
     _, em = zoo_converted("llama", head_mode="group")
     attn = [n for n, op in em.ops.items() if op.kind == "attention"]
     widths = {**_alternating(em), attn[0]: 2, attn[1]: 4}
-    small = sliced_hf(em, widths)
-    path = to_onnx_decoder(small, tmp_path_factory.mktemp("decoder") / "decoder.onnx")
-    return em, widths, small, path
+    folder = tmp_path_factory.mktemp("decoder")
+    flextron_fx.save(em, folder / "elastic")
+    (folder / "widths.json").write_text(json.dumps(widths))
+    path = folder / "decoder.onnx"  # `flextron export` runs to_onnx_decoder(sliced_hf(...))
+    assert cli.main(["export", str(folder / "elastic"), "--widths", str(folder / "widths.json"),
+                     "--format", "onnx-decoder", "--out", str(path)]) == 0
+    return em, widths, sliced_hf(em, widths), path
 
 
 def test_the_onnx_decoder_steps_like_pytorch(onnx_decoder):
