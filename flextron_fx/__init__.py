@@ -21,7 +21,10 @@ from .errors import (
     WidthError,
 )
 from .export.checkpoint import load, save
+from .export.sliced import install as _install_auto_classes
 from .pipeline import flextronize
+
+_install_auto_classes()  # per-layer-width Hugging Face exports load with AutoModelForCausalLM
 
 __all__ = [
     "CalibrationDataError", "CheckpointError", "ElasticModel", "ExportError", "FlextronConfig",

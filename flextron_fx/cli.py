@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     from .export.commands import add_parser as add_export
 
     add_export(sub)
+    from .export.generate_command import add_parser as add_generate
+
+    add_generate(sub)
     from .route.commands import add_parser as add_route
 
     add_route(sub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import assert_close, output, param_count, token_ids
 
-from flextron_fx.errors import UnsupportedModelError, WidthError
+from flextron_fx.errors import UnsupportedModelError
 from flextron_fx.eval.harness import _task_model
 from flextron_fx.eval.scoring import score
 from flextron_fx.export.hf import to_hf
@@ -55,12 +55,18 @@ def test_the_key_value_cache_of_the_rebuilt_model_scores_like_the_graph(zoo_conv
     em.set_full()
 
 
-def test_widths_that_differ_across_layers_are_refused(zoo_converted):
+def test_widths_that_differ_across_layers_give_the_per_layer_class(zoo_converted):
+    """A config of the source class cannot hold per-layer sizes: export/sliced.py's
+    Flextron<Class> does (tests/test_generate.py covers it in depth)."""
     _, em = zoo_converted("llama", head_mode="group")
     mlp = [n for n, op in em.ops.items() if op.kind == "mlp"]
     widths = {mlp[0]: em.ops[mlp[0]].candidates[0]}
-    with pytest.raises(WidthError, match="differ across layers"):
-        to_hf(em, widths)
+    small = to_hf(em, widths)
+    assert type(small).__name__ == "FlextronLlamaForCausalLM"
+    assert small.get_parameter(em.block(mlp[0]).out_proj.weight[len(em.param_prefix):]
+                               ).shape[1] == em.ops[mlp[0]].candidates[0]
+    with em.at(widths):
+        assert_close(output(small, token_ids(2, 7)), output(em, token_ids(2, 7)))
 
 
 def test_query_mode_heads_that_keep_every_group_export_too(zoo_converted):

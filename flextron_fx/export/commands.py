@@ -2,6 +2,7 @@
 
     flextron export DIR --fraction 0.5 --format onnx --out small.onnx
     flextron export DIR --widths widths.json --format hf --out small-hf/
+    flextron export DIR --fraction 0.5 --format onnx-decoder --out decoder.onnx
     flextron export DIR --budget params=0.6 --format onnx --out small.onnx
     flextron select ROUTERS --budget latency=0.6 --json sel.json   # trained static routers
     flextron export DIR --widths sel.json --format onnx --out small.onnx
@@ -33,7 +34,9 @@ def add_parser(sub) -> None:
                                         "largest uniform widths within it")
     p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
                                                "latency budgets")
-    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "onnx-decoder", "hf"], default="onnx",
+                   help="onnx: logits only; onnx-decoder: with past/present keys and values "
+                        "per layer, for generating in onnxruntime; hf: a Hugging Face folder")
     p.add_argument("--out", required=True, help="an .onnx file, or a folder for --format hf")
     p.add_argument("--tokenizer", default=None,
                    help="bundled model whose tokenizer is saved beside a Hugging Face export")
@@ -56,6 +59,14 @@ def export_command(args: argparse.Namespace) -> int:
 
         path = to_onnx(em, args.out, widths, overwrite=args.overwrite)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), checked in onnxruntime")
+        return 0
+    if args.format == "onnx-decoder":
+        from .decoder_onnx import to_onnx_decoder
+        from .sliced import sliced_hf
+
+        path = to_onnx_decoder(sliced_hf(em, widths), args.out, overwrite=args.overwrite)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), a decoder with a "
+              "key/value cache, checked in onnxruntime")
         return 0
     return _save_hf(em, widths, args)
 

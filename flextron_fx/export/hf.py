@@ -5,7 +5,8 @@ source class (say `LlamaForCausalLM`) with a config whose sizes are the sub-netw
 everything the class offers works on the sub-network: a key/value cache, `generate`,
 `save_pretrained`. A config holds one size per kind for all layers, so this needs the
 same width in every layer (uniform widths, as `set_widths(f)` gives) and a config with
-Llama-style size fields. Compensation biases (passes/compensate.py) of the chosen widths
+Llama-style size fields; widths that differ across layers give a `Flextron<Class>` instead
+(export/sliced.py), which loads with `AutoModelForCausalLM` once `flextron_fx` is imported. Compensation biases (passes/compensate.py) of the chosen widths
 go to the output projections' biases; a Llama without biases gets `attention_bias` /
 `mlp_bias` switched on (the other projections' biases then hold zeros). The result is
 checked against the elastic graph on a short input before it is returned.
@@ -29,7 +30,8 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     """The sub-network at `widths` (default: the current ones) as a Hugging Face model.
 
     Raises `UnsupportedModelError` for a model that did not come from a Hugging Face class
-    with Llama-style config fields, and `WidthError` when layers have different widths.
+    with Llama-style config fields. Widths that differ across layers give the model of
+    `export.sliced.sliced_hf` (per-layer sizes in its config).
 
     Example:
         >>> small = to_hf(em, 0.5)                                   # doctest: +SKIP
@@ -46,11 +48,10 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     chosen = em.static_widths(widths)
     mlp = {chosen[o.name] for o in em.ops.values() if o.kind == "mlp"}
     heads = {chosen[o.name] for o in em.ops.values() if o.kind == "attention"}
-    if len(mlp) > 1 or len(heads) > 1:
-        raise WidthError(
-            "a Hugging Face config has one MLP width and one head count for all layers, but "
-            f"these widths differ across layers (MLP {sorted(mlp)}, heads {sorted(heads)}); "
-            "pick uniform widths (em.set_widths(f)) or use em.materialize()")
+    if len(mlp) > 1 or len(heads) > 1:  # a config of the source class cannot say this
+        from .sliced import sliced_hf
+
+        return sliced_hf(em, chosen, check=check)
     rows = {m.block: m.row(chosen[m.block]) for m in compensation_modules(em.graph_module).values()
             if m.row(chosen[m.block]) is not None}
     flags = _bias_flags(em, rows, config)

@@ -1,0 +1,153 @@
+"""Token-by-token generation with a key/value cache, in PyTorch or onnxruntime.
+
+Both runtimes go through the same loop (`generate`): a decoder's `step(ids)` takes the new
+tokens, appends their keys and values to its cache and returns the last position's logits;
+`Sampling` picks the next token from them (greedy, or temperature and top-p with a seed).
+
+- `TorchDecoder(model)`: a Hugging Face causal LM (as `sliced_hf` / `to_hf` build) with a
+  `DynamicCache`, whose tensors have the key/value heads each layer keeps.
+- `OrtDecoder(path)`: an ONNX decoder written by `to_onnx_decoder` (past keys and values in,
+  present ones out).
+
+Example:
+    >>> model = sliced_hf(em, 0.5)                                    # doctest: +SKIP
+    >>> out = generate(TorchDecoder(model), ids, 32, Sampling(greedy=True))  # doctest: +SKIP
+    >>> out.tokens, out.tokens_per_s                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: the most likely one (`greedy`), or a draw from the
+    softmax at `temperature` restricted to the smallest set of tokens whose probability
+    reaches `top_p` (nucleus sampling), reproducible through `seed`."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and math.isfinite(self.temperature)):
+            raise InputError(f"temperature must be a positive number, got {self.temperature!r}"
+                             "; use greedy decoding for the most likely tokens")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[batch, vocab] logits -> [batch, 1] token ids."""
+        if self.greedy:
+            return logits.argmax(-1, keepdim=True)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
+        ranked, order = probs.sort(-1, descending=True)
+        # keep a token while the mass before it is below top_p (the first one always stays)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= self.top_p, 0.0)
+        choice = torch.multinomial(ranked, 1, generator=generator)
+        return order.gather(-1, choice)
+
+
+@dataclass
+class Generated:
+    """Generated token ids (prompt excluded) and the time spent on them."""
+
+    tokens: torch.Tensor  # [batch, new tokens]
+    prefill_s: float  # the prompt's forward pass, giving the first new token
+    decode_s: float  # every later step
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second, prompt processing included (as users wait for them)."""
+        return self.tokens.shape[1] / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+def generate(decoder, ids: torch.Tensor, max_new_tokens: int,
+             sampling: Sampling | None = None, *, eos: int | None = None) -> Generated:
+    """Run `decoder` on the prompt `ids` ([batch, seq] token ids) and then once per new
+    token, for `max_new_tokens` tokens or until every row has produced `eos`."""
+    sampling = sampling or Sampling()
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1:
+        raise InputError(f"the prompt must be a [batch, seq] tensor of token ids with seq >= 1, "
+                         f"got {getattr(ids, 'shape', type(ids).__name__)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    generator = torch.Generator().manual_seed(sampling.seed)
+    decoder.reset()
+    out, done = [], torch.zeros(ids.shape[0], dtype=torch.bool)
+    t0 = time.perf_counter()
+    nxt = sampling.pick(decoder.step(ids), generator)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        out.append(nxt)
+        if eos is not None:
+            done |= nxt[:, 0] == eos
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            nxt = sampling.pick(decoder.step(nxt), generator)
+    return Generated(torch.cat(out, 1), prefill, time.perf_counter() - t0)
+
+
+class TorchDecoder:
+    """`step` for a Hugging Face causal LM, with a `DynamicCache`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        params = inspect.signature(model.forward).parameters  # newer transformers: `cache`
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache = None
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: self.cache})
+        return out.logits[:, -1]
+
+
+class OrtDecoder:
+    """`step` for an ONNX decoder of `to_onnx_decoder`, in onnxruntime on the CPU."""
+
+    def __init__(self, path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+        self.past = [i for i in self.session.get_inputs() if i.name != "input_ids"]
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.cache: list[np.ndarray] = []
+
+    def reset(self) -> None:
+        self.cache = []
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        batch = ids.shape[0]
+        if not self.cache:  # no past yet: length 0, heads and head size as exported
+            self.cache = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+                          for i in self.past]
+        feed = {"input_ids": ids.numpy().astype(np.int64)}
+        feed.update({i.name: c for i, c in zip(self.past, self.cache)})
+        logits, *self.cache = self.session.run(self.names, feed)
+        return torch.from_numpy(logits[:, -1])
+
+
+__all__ = ["Generated", "OrtDecoder", "Sampling", "TorchDecoder", "generate"]

@@ -1,0 +1,208 @@
+"""Generation: sub-networks at per-layer widths in their Hugging Face class (`sliced_hf`),
+a key/value cache that holds the kept heads, the ONNX decoder, and `flextron generate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, output, token_ids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flextron_fx
+from flextron_fx import cli
+from flextron_fx.errors import InputError, UnsupportedModelError
+from flextron_fx.export.generate import OrtDecoder, Sampling, TorchDecoder, generate
+from flextron_fx.export.generate_command import _prompt
+from flextron_fx.export.hf import to_hf
+from flextron_fx.export.sliced import sliced_hf
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+def _mixed(em, pick):
+    """Per-op widths: `pick(i, candidates)` for op i (layers differ)."""
+    return {op.name: pick(i, op.candidates) for i, op in enumerate(em.ops.values())}
+
+
+def _alternating(em):
+    return _mixed(em, lambda i, c: c[0] if (i // 2) % 2 == 0 else c[-1])
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sliced_model_equals_the_elastic_model_at_per_layer_widths(name, data, zoo_converted):
+    _, em = zoo_converted(name)
+    widths = {op.name: data.draw(st.sampled_from(op.candidates), label=op.name)
+              for op in em.ops.values()}
+    small = sliced_hf(em, widths, check=False)  # compared here, not by its own check
+    ids = token_ids(2, 7)
+    with em.at(widths):
+        assert_close(output(small, ids), output(em, ids))
+    assert sum(p.numel() for p in small.parameters()) == em.num_params(widths)
+
+
+def _recompute(em, widths, ids, n):
+    """Greedy decoding without a cache: the elastic graph on the whole sequence each step."""
+    seq = ids
+    with em.at(widths):
+        for _ in range(n):
+            nxt = output(em, seq)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_greedy_with_the_cache_equals_recomputing_the_sequence(name, zoo_converted):
+    _, em = zoo_converted(name)
+    widths = _alternating(em)
+    ids = token_ids(2, 5)
+    got = generate(TorchDecoder(sliced_hf(em, widths)), ids, 12).tokens
+    assert torch.equal(got, _recompute(em, widths, ids, 12))
+
+
+def test_the_cache_holds_the_key_value_heads_each_layer_keeps(zoo_converted):
+    _, em = zoo_converted("llama", head_mode="group")  # 4 over 2 KV heads
+    attn = [n for n, op in em.ops.items() if op.kind == "attention"]
+    widths = {attn[0]: 2, attn[1]: 4}
+    decoder = TorchDecoder(sliced_hf(em, widths))
+    generate(decoder, token_ids(1, 4), 3)
+    shapes = [tuple(layer.keys.shape) for layer in decoder.cache.layers]
+    assert shapes == [(1, 1, 6, 16), (1, 2, 6, 16)]  # 4 + 3 - 1 positions cached
+    assert [em.kv_heads(n, widths[n]) for n in attn] == [1, 2]
+
+
+def test_nucleus_sampling_with_a_tiny_top_p_is_greedy_and_a_seed_repeats(zoo_converted):
+    _, em = zoo_converted("llama")
+    decoder = TorchDecoder(sliced_hf(em, 0.5))
+    ids = token_ids(1, 4)
+    greedy = generate(decoder, ids, 8).tokens
+    assert torch.equal(generate(decoder, ids, 8, Sampling(False, 0.7, 1e-6)).tokens, greedy)
+    hot = Sampling(greedy=False, temperature=5.0, seed=4)
+    first = generate(decoder, ids, 8, hot).tokens
+    assert torch.equal(first, generate(decoder, ids, 8, hot).tokens)
+    assert not torch.equal(first, greedy)  # a flat distribution over 128 tokens
+    with pytest.raises(InputError, match="temperature"):
+        Sampling(greedy=False, temperature=0)
+    with pytest.raises(InputError, match="top_p"):
+        Sampling(top_p=1.5)
+
+
+def test_a_class_that_reads_head_counts_from_its_config_is_refused(zoo_converted):
+    _, em = zoo_converted("phi3", head_mode="group")  # fused qkv split by config.num_attention_heads
+    with pytest.raises(UnsupportedModelError, match="per-layer sizes"):
+        sliced_hf(em, _alternating(em))
+
+
+def test_a_mixed_width_export_reloads_with_the_auto_class(zoo_converted, tmp_path):
+    _, em = zoo_converted("qwen2", head_mode="group")
+    widths = _alternating(em)
+    small = to_hf(em, widths)
+    assert type(small).__name__ == "FlextronQwen2ForCausalLM"
+    small.save_pretrained(tmp_path)
+    ids = token_ids(1, 6)
+    np.save(tmp_path / "want.npy", output(small, ids).numpy())
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    code = (  # a fresh process: transformers imported after flextron_fx
+        "import flextron_fx, numpy as np, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()\n"
+        f"ids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r}))\n"
+        "with torch.no_grad(): got = m(ids).logits.numpy()\n"
+        f"print(type(m).__name__, float(abs(got - np.load({str(tmp_path / 'want.npy')!r})).max()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cls, err = done.stdout.split()[-2:]
+    assert cls == "FlextronQwen2ForCausalLM" and float(err) <= 1e-5
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "flextron_qwen2"
+
+
+@pytest.fixture(scope="module")
+def onnx_decoder(tmp_path_factory, zoo_converted):
+    _, em = zoo_converted("llama", head_mode="group")
+    attn = [n for n, op in em.ops.items() if op.kind == "attention"]
+    widths = {**_alternating(em), attn[0]: 2, attn[1]: 4}
+    folder = tmp_path_factory.mktemp("decoder")
+    flextron_fx.save(em, folder / "elastic")
+    (folder / "widths.json").write_text(json.dumps(widths))
+    path = folder / "decoder.onnx"  # `flextron export` runs to_onnx_decoder(sliced_hf(...))
+    assert cli.main(["export", str(folder / "elastic"), "--widths", str(folder / "widths.json"),
+                     "--format", "onnx-decoder", "--out", str(path)]) == 0
+    return em, widths, sliced_hf(em, widths), path
+
+
+def test_the_onnx_decoder_steps_like_pytorch(onnx_decoder):
+    em, widths, small, path = onnx_decoder
+    ort_decoder, torch_decoder = OrtDecoder(path), TorchDecoder(small)
+    assert [i.shape[1] for i in ort_decoder.past] == [1, 1, 2, 2]  # KV heads per layer
+    ids = token_ids(2, 5)
+    for decoder in (ort_decoder, torch_decoder):
+        decoder.reset()
+    for step in (ids, ids[:, :1], ids[:, 1:3]):  # a prompt, then one and two tokens
+        want, got = torch_decoder.step(step), ort_decoder.step(step)
+        assert_close(got, want)
+    presents = [t for layer in torch_decoder.cache.layers for t in (layer.keys, layer.values)]
+    for got, want in zip(ort_decoder.cache, presents):
+        assert_close(torch.from_numpy(got), want)
+    greedy = generate(ort_decoder, ids, 10).tokens
+    assert torch.equal(greedy, _recompute(em, widths, ids, 10))
+    hot = Sampling(greedy=False, temperature=0.9, top_p=0.8, seed=2)
+    assert torch.equal(generate(ort_decoder, ids, 10, hot).tokens,
+                       generate(torch_decoder, ids, 10, hot).tokens)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, zoo_converted):
+    _, em = zoo_converted("llama")
+    path = tmp_path_factory.mktemp("elastic") / "llama"
+    flextron_fx.save(em, path)
+    return em, path
+
+
+def test_generate_from_the_command_line(saved, capsys):
+    em, path = saved
+    argv = ["generate", str(path), "--fraction", "0.5", "--prompt-ids", "1 2 3",
+            "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    tokens = [int(t) for t in out.split("tokens:")[1].splitlines()[0].split()]
+    want = _recompute(em, em.static_widths(0.5), torch.tensor([[1, 2, 3]]), 6)
+    assert tokens == want[0].tolist()
+    assert "tokens/s, torch" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "params=0.01"], "smallest costs"),
+    (["--widths", "WRONG"], "no elastic op named"),
+    (["--fraction", "0.5", "--prompt-ids", "1 x"], "integers"),  # these three: before loading
+    (["--fraction", "0.5", "--max-new-tokens", "0"], "at least 1"),
+    (["--top-p", "0.9", "--greedy"], "cannot go with --greedy"),
+])
+def test_generate_refuses_bad_input_clearly(saved, tmp_path, capsys, args, message):
+    _, path = saved
+    if "WRONG" in args:  # widths of another model
+        (tmp_path / "w.json").write_text(json.dumps({"transformer.h.0.mlp#1": 64}))
+        args = ["--widths", str(tmp_path / "w.json")]
+    if "--prompt-ids" not in args:
+        args = [*args, "--prompt-ids", "1 2"]
+    assert cli.main(["generate", str(path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(InputError, match=r"\[500\] are outside the model's vocabulary"):
+        _prompt([1, 500], 128)
+
+
+def test_generate_refuses_folders_that_hold_no_model(saved, tmp_path, capsys):
+    assert cli.main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "neither flextron.json" in capsys.readouterr().err
