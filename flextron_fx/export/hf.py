@@ -21,6 +21,7 @@ import torch
 from ..elastic.model import ElasticModel
 from ..errors import UnsupportedModelError, WidthError
 from ..passes.compensate import compensation_modules
+from .sliced import fill_tied
 
 # config fields of the Llama family (Llama, Mistral, Qwen2, Gemma, SmolLM, ...)
 _FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -78,14 +79,7 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
         for block, row in rows.items():
             key = em.block(block).out_proj.weight[len(prefix):].removesuffix("weight") + "bias"
             state[key] = state[key] + row.detach().to(state[key].dtype)
-    aliases: dict[int, list[str]] = {}  # tied tables are stored once in the graph
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    for names in aliases.values():
-        have = [n for n in names if n in state]
-        for n in names:
-            if have and n not in state:
-                state[n] = state[have[0]]
+    fill_tied(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that the config does not describe

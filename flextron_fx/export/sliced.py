@@ -122,8 +122,10 @@ def sliced_hf(em: ElasticModel, widths=None, *, check: bool = True):
     return model
 
 
-def _load(model: nn.Module, state: dict) -> None:
-    aliases: dict[int, list[str]] = {}  # tied tables are stored once in the graph
+def fill_tied(model: nn.Module, state: dict) -> None:
+    """Give every name of a tied parameter the tensor stored under one of its names (the
+    graph stores tied tables once)."""
+    aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     for names in aliases.values():
@@ -131,6 +133,10 @@ def _load(model: nn.Module, state: dict) -> None:
         for n in names:
             if have and n not in state:
                 state[n] = state[have[0]]
+
+
+def _load(model: nn.Module, state: dict) -> None:
+    fill_tied(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
