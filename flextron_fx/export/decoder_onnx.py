@@ -26,7 +26,7 @@ from torch import nn
 
 from .._atomic import write_atomic
 from ..errors import ExportError, OutputError
-from .onnx import _export, mismatch
+from .onnx import _export, compare
 
 
 class _Step(nn.Module):
@@ -130,18 +130,7 @@ def _check(step, blob: bytes, model, shapes, tol: float) -> None:
         with torch.inference_mode():
             want = step(ids, cache)
         got = session.run(None, dict(zip(names, [t.numpy() for t in (ids, *cache)])))
-        for i, (g, w) in enumerate(zip(got, want)):
-            w = w.numpy()
-            if g.shape != w.shape:
-                raise ExportError(f"decoder output {i} has shape {g.shape} in onnxruntime but "
-                                  f"{w.shape} in PyTorch (batch {batch}, seq {seq}, past "
-                                  f"{past}); the file was not written")
-            err, allowed = mismatch(g, w, tol)
-            if err > allowed:
-                raise ExportError(
-                    f"the decoder differs from PyTorch by {err:.2e} in output {i} (allowed "
-                    f"{allowed:.1e}) at batch {batch}, seq {seq}, past {past}; the file was "
-                    "not written")
+        compare(got, want, tol, f"(decoder at batch {batch}, seq {seq}, past {past})")
     if np.isnan(got[0]).any():
         raise ExportError("the decoder gives NaN logits in onnxruntime; the file was not written")
 

@@ -121,6 +121,21 @@ def mismatch(got: np.ndarray, want: np.ndarray, tol: float) -> tuple[float, floa
     return float(np.max(np.abs(got - want))), tol * max(1.0, float(np.max(np.abs(want))))
 
 
+def compare(got: list[np.ndarray], want: list[torch.Tensor], tol: float, where: str) -> None:
+    """Raise ExportError unless each onnxruntime output has PyTorch's shape and is within
+    `tol` of its scale; `where` names the inputs in the message."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        w = w.detach().numpy()
+        if g.shape != w.shape:
+            raise ExportError(f"output {i} has shape {g.shape} in onnxruntime but {w.shape} in "
+                              f"PyTorch {where}; the file was not written")
+        err, allowed = mismatch(g, w, tol)
+        if err > allowed:
+            raise ExportError(
+                f"onnxruntime differs from PyTorch by {err:.2e} in output {i} (allowed "
+                f"{allowed:.1e}: {tol:g} of its scale) {where}; the file was not written")
+
+
 def _check(dense, blob: bytes, em: ElasticModel, tol: float) -> None:
     """onnxruntime against PyTorch on the traced shape and on one more (other batch/seq)."""
     import onnxruntime as ort
@@ -135,17 +150,7 @@ def _check(dense, blob: bytes, em: ElasticModel, tol: float) -> None:
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
         if len(got) != len(want):
             raise ExportError(f"onnxruntime gives {len(got)} outputs, PyTorch {len(want)}")
-        for i, (g, w) in enumerate(zip(got, want)):
-            w = w.detach().numpy()
-            if g.shape != w.shape:
-                raise ExportError(f"output {i} has shape {g.shape} in onnxruntime but "
-                                  f"{w.shape} in PyTorch (inputs {[tuple(t.shape) for t in inputs]})")
-            err, allowed = mismatch(g, w, tol)
-            if err > allowed:
-                raise ExportError(
-                    f"onnxruntime differs from PyTorch by {err:.2e} in output {i} (allowed "
-                    f"{allowed:.1e}: {tol:g} of its scale) on inputs "
-                    f"{[tuple(t.shape) for t in inputs]}; the file was not written")
+        compare(got, want, tol, f"on inputs {[tuple(t.shape) for t in inputs]}")
     log.info("onnxruntime matches PyTorch on %d outputs", len(names))
 
 
