@@ -193,3 +193,18 @@ def test_smollm2_lowered_equals_elastic():
             err = float((output(lo, ids) - expected).abs().max())
             assert err <= 1e-5 * float(expected.abs().max()), (backend, w, err)
     em.set_full()
+
+
+def test_the_original_keeps_its_graph_and_can_still_be_rewritten(zoo_converted):
+    from flextron_fx.passes.inject_routers import inject_routers, remove_routers
+
+    _, em = zoo_converted("llama")
+    ids = token_ids(2, 6)
+    before = output(em, ids)
+    lowered = lower(em, "torch")
+    assert em.graph_module.graph.owning_module is em.graph_module
+    inject_routers(em, "static")  # adds submodules and nodes to em's graph, then lints it
+    remove_routers(em)
+    em.set_full()
+    assert_close(output(em, ids), before)
+    assert_close(output(lowered, ids), before)

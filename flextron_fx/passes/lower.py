@@ -170,6 +170,7 @@ def _share(em):
     from ..elastic.ops import WidthSource
 
     gm = copy.copy(em.graph_module)  # same generated class, same graph, same forward
+    em.graph_module.graph.owning_module = em.graph_module  # copying took the graph over
     gm._modules = dict(gm._modules)
     for name, mod in list(gm._modules.items()):
         if isinstance(mod, (WidthSource, ElasticRegion)):
