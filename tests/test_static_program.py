@@ -14,7 +14,7 @@ from zoo import ZOO, sample_inputs
 import flextron_fx
 from flextron_fx import InputShapeError
 from flextron_fx.elastic.ops import ElasticRegion, WeightSlice
-from flextron_fx.elastic.static import causal_or_none
+from flextron_fx.elastic.static import causal_or_none, compact_locals
 
 BATCH, SEQ = 2, 5
 
@@ -171,7 +171,7 @@ def test_programs_run_attention_as_the_eager_model_does():
     src = _source(program)
     assert "_assert_tensor_metadata" not in src  # export's dtype checks are gone
     calls = [line for line in src.splitlines() if "static__attention(" in line]
-    assert len(calls) == 2 and all("enable_gqa = True" in c for c in calls)  # not repeated
+    assert len(calls) == 2 and all("enable_gqa=True" in c for c in calls)  # not repeated
     assert "scaled_dot_product_attention" not in src and src.count("causal_or_none(") == 1
     graph = em.graph_module.code
     assert "_assert_tensor_metadata" in graph and "enable_gqa" not in graph  # graph unchanged
@@ -211,3 +211,30 @@ def test_only_a_lower_triangle_counts_as_causal():
     padded = tril[None, None].repeat(2, 1, 1, 1)
     padded[1, 0, :, 0] = False
     assert causal_or_none(padded) is padded
+
+
+def test_programs_keep_only_live_values_as_locals():
+    # One local per graph node made a whole model's frame ~15 KB, so op calls from it
+    # crossed CPython's 16 KB frame-stack chunks at some call depths (page faults per call).
+    em = _convert("llama")
+    ids = _ids()
+    em(ids)
+    em(ids)
+    (program,) = em._programs.values()
+    nodes = len(em.graph_module.graph.nodes)
+    assert nodes > 150 and program.__code__.co_nlocals < 40
+
+
+def test_compact_locals_reuses_only_dead_names():
+    src = ("def forward(self, x):\n"
+           "    a = x + 1\n    b = a * 2;  a = None\n    c = b - x;  b = None\n"
+           "    d = c * c;  c = None\n    e = d + x\n    return (d, e)\n")
+    new = compact_locals(src)
+    run = {}
+    exec(compile(src, "<old>", "exec"), run)  # noqa: S102
+    old_fn = run["forward"]
+    exec(compile(new, "<new>", "exec"), run)  # noqa: S102
+    assert run["forward"](None, 3) == old_fn(None, 3) == (25, 28)
+    assert run["forward"].__code__.co_nlocals < old_fn.__code__.co_nlocals
+    looped = "def forward(self, x):\n    for i in x:\n        y = i\n    return y\n"
+    assert compact_locals(looped) == looped  # control flow: left as it is
