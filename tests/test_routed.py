@@ -246,3 +246,31 @@ def test_a_weight_changed_through_data_is_not_read_stale(zoo_converted):
             assert_close(output(em, ids), output(em.materialize(), ids))
         finally:
             q.data.copy_(old)
+
+
+def test_widths_first_seen_under_inference_mode_still_train():
+    """Slice indices are cached per width; ones first built under `torch.inference_mode`
+    (an evaluation before training) must still be usable by autograd afterwards."""
+    em = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), calibration(),
+                                 config=flextron_fx.FlextronConfig(head_mode="query"),
+                                 progress=False)
+    for p in em.parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    widths = [{n: op.candidates[min(k, len(op.candidates) - 1)] for n, op in em.ops.items()}
+              for k in range(3)]
+    widths.append({n: torch.randint(0, len(op.candidates), (BATCH, SEQ), generator=gen)
+                   for n, op in em.ops.items()})
+    ids = _ids()
+    gathers = 0
+    for w in widths:
+        with em.at(w):
+            with torch.inference_mode():
+                em(ids)
+            em.zero_grad()
+            em(ids).pow(2).mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
+        gathers += sum(isinstance(s._plans.get(v), torch.Tensor)
+                       for s in em.modules() if isinstance(s, WeightSlice)
+                       for v in list(s._plans))
+    assert gathers > 0  # some width kept query heads inside groups: a cached index tensor

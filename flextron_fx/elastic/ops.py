@@ -83,15 +83,17 @@ class WeightSlice(nn.Module):
     def plan(self, width: int):
         """None (everything kept), an int (a prefix length) or the kept indices."""
         if width not in self._plans:
-            classes = self.rule.classes(width)
-            if not classes.keys() & L.classes(self.layout):
-                self._plans[width] = None
-            else:
-                sel = {c: torch.arange(k) for c, k in classes.items()}
-                idx = L.index(self.layout, sel, self.groups)
-                self._plans[width] = len(idx) if torch.equal(idx, torch.arange(len(idx))) \
-                    else idx
+            with torch.inference_mode(False):  # cached: usable with autograd later
+                self._plans[width] = self._plan(width)
         return self._plans[width]
+
+    def _plan(self, width: int):
+        classes = self.rule.classes(width)
+        if not classes.keys() & L.classes(self.layout):
+            return None
+        idx = L.index(self.layout, {c: torch.arange(k) for c, k in classes.items()},
+                      self.groups)
+        return len(idx) if torch.equal(idx, torch.arange(len(idx))) else idx
 
     def forward(self, w: torch.Tensor, width: int) -> torch.Tensor:
         plan = self.plan(width)
@@ -203,19 +205,22 @@ class ElasticRegion(nn.Module):
             return part
         key = (width, widest)
         if key not in self._columns:
-            def kept(w):
-                sel = {c: torch.arange(k) for c, k in self.rule.classes(w).items()}
-                return L.index(self.in_layout, sel, self.groups)
-            big, small = kept(widest), kept(width)
-            where = torch.full((int(big.max()) + 1,), -1, dtype=torch.long)
-            where[big] = torch.arange(len(big))
-            cols = where[small]
-            self._columns[key] = len(cols) if torch.equal(cols, torch.arange(len(cols))) \
-                else cols
+            with torch.inference_mode(False):  # cached: usable with autograd later
+                self._columns[key] = self._kept_columns(width, widest)
         cols = self._columns[key]
         if isinstance(cols, int):
             return part.narrow(-1, 0, cols)
         return part.index_select(-1, cols.to(part.device))
+
+    def _kept_columns(self, width: int, widest: int):
+        def kept(w):
+            sel = {c: torch.arange(k) for c, k in self.rule.classes(w).items()}
+            return L.index(self.in_layout, sel, self.groups)
+        big, small = kept(widest), kept(width)
+        where = torch.full((int(big.max()) + 1,), -1, dtype=torch.long)
+        where[big] = torch.arange(len(big))
+        cols = where[small]
+        return len(cols) if torch.equal(cols, torch.arange(len(cols))) else cols
 
 
 def check_indices(index: torch.Tensor, candidates: tuple[int, ...], block: str) -> None:
