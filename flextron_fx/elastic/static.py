@@ -192,6 +192,11 @@ def _sink_attributes(graph: fx.Graph) -> None:
             min(node.users, key=order.__getitem__).prepend(node)
 
 
+_COMPACT_FROM = 100  # lines; smaller frames are far from a chunk boundary
+_SCOPES = (ast.Lambda, ast.FunctionDef, ast.comprehension, ast.NamedExpr, ast.Global,
+           ast.Nonlocal)
+
+
 def compact_locals(src: str) -> str:
     """`src` with the straight-line `forward`'s local names reused once they are dead.
 
@@ -207,32 +212,28 @@ def compact_locals(src: str) -> str:
     if fn is None or not all(isinstance(s, (ast.Assign, ast.Expr, ast.Return, ast.Pass))
                              for s in fn.body):
         return src
-    if any(isinstance(n, (ast.Lambda, ast.FunctionDef, ast.comprehension, ast.NamedExpr))
-           for s in fn.body for n in ast.walk(s)):
+    walked = [list(ast.walk(s)) for s in fn.body]  # one walk: the slow part
+    if any(isinstance(n, _SCOPES) for nodes in walked for n in nodes):
         return src
+    names = [[n for n in nodes if isinstance(n, ast.Name)] for nodes in walked]
     params = {a.arg for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs)}
     params |= {a.arg for a in (fn.args.vararg, fn.args.kwarg) if a is not None}
-    stored = {n.id for s in fn.body for n in ast.walk(s)
-              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - params
-    last: dict[str, int] = {}
-    for i, s in enumerate(fn.body):
-        for n in ast.walk(s):
-            if isinstance(n, ast.Name) and n.id in stored:
-                last[n.id] = i
+    stored = {n.id for ns in names for n in ns if isinstance(n.ctx, ast.Store)} - params
     dying: dict[int, list[str]] = {}
-    for name, i in last.items():
+    for name, i in {n.id: i for i, ns in enumerate(names) for n in ns
+                    if n.id in stored}.items():
         dying.setdefault(i, []).append(name)
-    taken = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    taken = params | {n.id for ns in names for n in ns}
     fresh = (f"_v{i}" for i in count() if f"_v{i}" not in taken)
     free: list[str] = []
     rename: dict[str, str] = {}
-    for i, s in enumerate(fn.body):
-        names = [n for n in ast.walk(s) if isinstance(n, ast.Name) and n.id in stored]
-        for n in names:  # new names take a free register before this statement's dead ones free theirs
+    for i, ns in enumerate(names):
+        ns = [n for n in ns if n.id in stored]
+        for n in ns:  # new names take a free one before this statement's dead ones free theirs
             if n.id not in rename:
                 rename[n.id] = free.pop() if free else next(fresh)
-        for n in names:
-            n.id = rename.get(n.id, n.id)
+        for n in ns:
+            n.id = rename[n.id]
         free.extend(rename[k] for k in dying.get(i, ()))
     return ast.unparse(tree) + "\n"
 
@@ -240,7 +241,7 @@ def compact_locals(src: str) -> str:
 def _compile(graph: fx.Graph, name: str) -> Callable:
     _sink_attributes(graph)
     code = graph.python_code(root_module="self")
-    src = compact_locals(code.src)
+    src = compact_locals(code.src) if code.src.count("\n") > _COMPACT_FROM else code.src
     filename = f"<flextron static {name} {next(_serial)}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     scope = dict(code.globals)
