@@ -235,7 +235,7 @@ class ElasticModel(nn.Module):
 
     # ---- running and exporting ----------------------------------------------------------
     def forward(self, *inputs):
-        _check_call(inputs, self.sample_shape)
+        check_call(inputs, self.sample_shape)
         gm = self.graph_module
         program = self._static_program()
         if program is None:
@@ -336,7 +336,7 @@ class ElasticModel(nn.Module):
         return self._blocks[name]
 
 
-def _check_call(inputs: tuple, sample_shape: tuple) -> None:
+def check_call(inputs: tuple, sample_shape: tuple) -> None:
     """A clear error for an input without the batch axis the graph was traced with."""
     first = inputs[0] if inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == len(sample_shape):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..elastic.model import ElasticModel, _check_call
+from ..elastic.model import ElasticModel, check_call
 from ..elastic.ops import ElasticRegion, WeightSlice, check_routed
 from ..errors import CodegenError, WidthError
 
@@ -82,7 +82,7 @@ class LoweredModel(ElasticModel):
             baked = self.__dict__["_baked_widths"]
             now = self.widths
             if all(isinstance(now[n], int) and now[n] == w for n, w in baked.items()):
-                _check_call(inputs, self.sample_shape)
+                check_call(inputs, self.sample_shape)
                 return net(*inputs)
         return super().forward(*inputs)
 

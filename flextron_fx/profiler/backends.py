@@ -119,7 +119,8 @@ def ort_machine(threads: int) -> dict:
 
 # named in the issue, not measured yet: said in the error so users know they are planned
 PLANNED = {
-    "triton": "the Triton kernels of the codegen stage (planned)",
+    "triton": "a model lowered to the Triton kernels (flextron_fx.passes.lower) is not "
+              "profiled yet; benchmarks/codegen_gpu.py times the kernels",
 }
 
 
