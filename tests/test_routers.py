@@ -27,7 +27,7 @@ from flextron_fx.passes.inject_routers import (
 )
 from flextron_fx.profiler import Budget, CostModel
 from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
-from flextron_fx.route.routers import assign_by_preference, capacity_counts
+from flextron_fx.route.routers import StaticRouter, assign_by_preference, capacity_counts
 from flextron_fx.route.train import (
     RouterTraining,
     chosen_cost,
@@ -530,3 +530,19 @@ def test_cli_train_routers_then_select(tmp_path, capsys):
     assert main(["train-routers", str(tmp_path / "r2"), "--elastic", str(tmp_path / "elastic"),
                  "--steps", "1"]) == 2
     assert "--lut" in capsys.readouterr().err
+
+
+def test_a_static_router_learns_a_different_choice_per_budget_range():
+    # The budget enters as one scalar in (0, 1]; with PyTorch's default init the hidden
+    # units hardly change over 0.5-1, and SmolLM2's trained routers ignored the budget.
+    torch.manual_seed(0)
+    router = StaticRouter("block", (1, 2, 3, 4))
+    budgets = torch.linspace(0.52, 1.0, 64)
+    want = torch.where(budgets > 0.76, 3, torch.where(budgets > 0.64, 1, 0))
+    opt = torch.optim.Adam(router.parameters(), lr=1e-3)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(router.logits(budgets), want)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (router.logits(budgets).argmax(-1) == want).float().mean() > 0.9

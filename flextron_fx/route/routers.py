@@ -83,6 +83,17 @@ class Router(nn.Module):
         return logits.argmax(-1)
 
 
+def _budget_steps(layer: nn.Linear, sharpness: float = 12.0) -> None:
+    """Hidden unit j = sigmoid(sharpness * (T - c_j)) with thresholds c_j spread over
+    [0, 1]: a basis of soft steps in the budget, so the output layer can make a different
+    candidate win in every budget range. PyTorch's default init gives units that barely
+    change between T = 0.5 and 1: on SmolLM2, 420 steps of training left every op's
+    choice the same for every budget (docs/ROUTERS.md)."""
+    with torch.no_grad():
+        layer.weight.fill_(sharpness)
+        layer.bias.copy_(-sharpness * torch.linspace(0, 1, layer.out_features))
+
+
 def _uniform_start(layer: nn.Linear) -> None:
     """Zero output layer: every candidate equally likely at first, so the first proposals
     cover the whole space the surrogate has to learn."""
@@ -114,6 +125,7 @@ class StaticRouter(Router):
         super().__init__(block, candidates)
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.Sigmoid(),
                                  nn.Linear(hidden, len(candidates)))
+        _budget_steps(self.net[0])
         _uniform_start(self.net[-1])
 
     def logits(self, budget: torch.Tensor) -> torch.Tensor:
