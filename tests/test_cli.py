@@ -12,27 +12,19 @@ SMALL = ["--calib-samples", "8", "--seq-len", "64", "--heldout-tokens", "1024",
          "--batch-size", "4"]
 
 
-def test_convert_then_ablate_from_the_saved_model(tmp_path, capsys):
-    out = tmp_path / "smol"
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "smol"
     assert cli.main(["convert", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_convert_then_train_from_the_saved_model(converted, tmp_path):
+    out = converted
     assert (out / "model.safetensors").is_file() and (out / "flextron.json").is_file()
-    assert not (tmp_path / "smol.partial").exists(), "calibration progress is cleaned up"
+    assert not out.with_name("smol.partial").exists(), "calibration progress is cleaned up"
     meta = json.loads((out / "flextron.json").read_text())
     assert len(meta["ops"]) == 60 and meta["skipped"] == []
-
-    report = tmp_path / "ablate.json"
-    assert cli.main(["ablate-sorting", "--elastic", str(out), "--json", str(report),
-                     *SMALL]) == 0
-    r = json.loads(report.read_text())
-    for key in ("full_ppl", "mlp50_unsorted_ppl", "mlp50_sorted_ppl", "heads50_unsorted_ppl",
-                "heads50_sorted_ppl", "eval_tokens", "eval_source"):
-        assert key in r, key
-    assert r["eval_tokens"] == 16 * 63
-    assert r["mlp_fraction_kept"] == 0.5 and r["heads_fraction_kept"] == pytest.approx(2 / 3)
-    # even with 8 calibration sequences, sorting beats the stored order by far
-    assert r["mlp50_sorted_ppl"] < r["mlp50_unsorted_ppl"] / 10
-    assert r["full_ppl"] < r["mlp50_sorted_ppl"]
-    assert "with sorting" in capsys.readouterr().out
 
     run = tmp_path / "train"
     assert cli.main(["train-elastic", str(run), "--elastic", str(out), "--steps", "2",
@@ -44,6 +36,23 @@ def test_convert_then_ablate_from_the_saved_model(tmp_path, capsys):
     assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and all("val" in r for r in rows)
+
+
+@pytest.mark.slow  # about a minute: a second conversion (unsorted) and four evaluations
+def test_ablate_from_the_saved_model(converted, tmp_path, capsys):
+    report = tmp_path / "ablate.json"
+    assert cli.main(["ablate-sorting", "--elastic", str(converted), "--json", str(report),
+                     *SMALL]) == 0
+    r = json.loads(report.read_text())
+    for key in ("full_ppl", "mlp50_unsorted_ppl", "mlp50_sorted_ppl", "heads50_unsorted_ppl",
+                "heads50_sorted_ppl", "eval_tokens", "eval_source"):
+        assert key in r, key
+    assert r["eval_tokens"] == 16 * 63
+    assert r["mlp_fraction_kept"] == 0.5 and r["heads_fraction_kept"] == pytest.approx(2 / 3)
+    # even with 8 calibration sequences, sorting beats the stored order by far
+    assert r["mlp50_sorted_ppl"] < r["mlp50_unsorted_ppl"] / 10
+    assert r["full_ppl"] < r["mlp50_sorted_ppl"]
+    assert "with sorting" in capsys.readouterr().out
 
 
 def test_train_elastic_needs_a_model(tmp_path, capsys):

@@ -138,8 +138,8 @@ def check_architecture(arch, head_mode: str, mix_seed: int) -> None:
     em.set_full()
 
 
-# 25 drawn models in `make test` (about 1-2 s each), 500 under `make test-slow`
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 15 drawn models in `make test` (about 1-2 s each), 500 under `make test-slow`
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), head_mode=st.sampled_from(["group", "query"]),
        mix_seed=st.integers(0, 2**16))
 def test_generated_architectures(arch, head_mode, mix_seed):

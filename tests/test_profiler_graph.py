@@ -182,7 +182,7 @@ def test_a_uniformly_slower_machine_keeps_the_ratios_exact(zoo_converted):
     assert r["random"]["median_abs_rel_error"] == pytest.approx(1 - 1 / 1.5)
 
 
-@pytest.mark.parametrize("warmup", [0, 1])
+@pytest.mark.parametrize("warmup", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_drift_during_the_check_cancels_in_the_ratio(warmup, zoo_converted):
     """The machine slows by 1 % of its speed at every forward: absolute errors grow to
     tens of percent, but every network sits midway between the two full forwards beside

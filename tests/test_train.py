@@ -297,7 +297,9 @@ def _torchrun(run, steps, parallel):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+# both slow (41 s and 20 s of torchrun): the default suite's 20 minutes
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, parallel):
     single = tmp_path / "single"
     ref = _script(single, 6)
