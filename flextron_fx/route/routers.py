@@ -83,15 +83,18 @@ class Router(nn.Module):
         return logits.argmax(-1)
 
 
-def _budget_steps(layer: nn.Linear, sharpness: float = 12.0) -> None:
-    """Hidden unit j = sigmoid(sharpness * (T - c_j)) with thresholds c_j spread over
+SHARPNESS = 12.0
+
+
+def _budget_steps(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Hidden unit j = sigmoid(SHARPNESS * (T - c_j)) with thresholds c_j spread over
     [0, 1]: a basis of soft steps in the budget, so the output layer can make a different
     candidate win in every budget range. PyTorch's default init gives units that barely
     change between T = 0.5 and 1: on SmolLM2, 420 steps of training left every op's
     choice the same for every budget (docs/ROUTERS.md)."""
     with torch.no_grad():
-        layer.weight.fill_(sharpness)
-        layer.bias.copy_(-sharpness * torch.linspace(0, 1, layer.out_features))
+        weight.fill_(SHARPNESS)
+        bias.copy_(-SHARPNESS * torch.linspace(0, 1, bias.numel()))
 
 
 def _uniform_start(layer: nn.Linear) -> None:
@@ -125,7 +128,7 @@ class StaticRouter(Router):
         super().__init__(block, candidates)
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.Sigmoid(),
                                  nn.Linear(hidden, len(candidates)))
-        _budget_steps(self.net[0])
+        _budget_steps(self.net[0].weight, self.net[0].bias)
         _uniform_start(self.net[-1])
 
     def logits(self, budget: torch.Tensor) -> torch.Tensor:
@@ -148,8 +151,12 @@ class StaticRouter(Router):
 
 
 class DynamicRouter(Router):
-    """Eq. 11: R(T, h) = sigma(T * W + h W_H^T) W_R per token, h the block's input
-    (detached), U hidden units; the width of a token is the argmax.
+    """Eq. 11: R(T, h) = sigma(T * W + h W_H^T + b) W_R per token, h the block's input
+    (detached), U hidden units; the width of a token is the argmax. The bias b (not in
+    the paper's equation) and W start as the static router's soft steps in T, so the
+    budget decides from the first step and the token term h W_H^T (PyTorch's default
+    init, a perturbation of about +-0.6 on SmolLM2) learns where tokens differ; with the
+    paper's W ~ N(0, 1/U) and no b, T moved each unit by about 0.05 over budgets 0.5-1.
 
     `capacity` (Mixture-of-Nested-Experts style): every batch gets a fixed number of
     tokens per candidate, chosen so that the block's mean cost per token is at most its
@@ -164,7 +171,9 @@ class DynamicRouter(Router):
     def __init__(self, block: str, candidates: tuple[int, ...], dim: int, units: int = 128,
                  capacity: bool = False):
         super().__init__(block, candidates)
-        self.w_budget = nn.Parameter(torch.randn(units) / math.sqrt(units))
+        self.w_budget = nn.Parameter(torch.empty(units))
+        self.b_budget = nn.Parameter(torch.empty(units))
+        _budget_steps(self.w_budget, self.b_budget)
         self.w_hidden = nn.Linear(dim, units, bias=False)
         self.w_out = nn.Linear(units, len(candidates))
         _uniform_start(self.w_out)
@@ -176,7 +185,8 @@ class DynamicRouter(Router):
 
     def logits(self, budget: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[batch] budgets, [batch, seq, dim] hidden states -> [batch, seq, K] logits."""
-        z = budget[:, None, None] * self.w_budget + self.w_hidden(h.to(self.w_out.weight.dtype))
+        z = (budget[:, None, None] * self.w_budget + self.b_budget
+             + self.w_hidden(h.to(self.w_out.weight.dtype)))
         return self.w_out(torch.sigmoid(z))
 
     def forward(self, budget, h: torch.Tensor, ids: torch.Tensor):
