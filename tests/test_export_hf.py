@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import torch
 from conftest import assert_close, output, param_count, token_ids
 
 from flextron_fx.errors import UnsupportedModelError
@@ -82,12 +86,61 @@ def test_query_mode_heads_that_keep_every_group_export_too(zoo_converted):
     em.set_full()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "nanogpt"])
-def test_models_without_a_llama_style_class_are_refused_and_tasks_use_the_graph(
-        name, zoo_converted):
-    _, em = zoo_converted(name)
+def test_a_model_not_from_hugging_face_is_refused_and_tasks_use_the_graph(zoo_converted):
+    _, em = zoo_converted("nanogpt")
     with pytest.raises(UnsupportedModelError, match="materialize"):
         to_hf(em)
     said = []
     assert _task_model(em, True, echo=said.append) is em
     assert "without a key/value cache" in said[0]
+
+
+# the config field of the MLP width; these configs tie the head size to hidden / heads
+_MLP_FIELD = {"gpt2": "n_inner", "gpt_neox": "intermediate_size", "opt": "ffn_dim"}
+
+
+def test_gpt2_neox_and_opt_reload_in_a_fresh_process(zoo_converted, tmp_path):
+    """An MLP cut is a standard checkpoint that plain transformers loads (the process never
+    imports flextron_fx); a head cut, which these configs cannot hold, is a Flextron class
+    that AutoModelForCausalLM loads once flextron_fx is imported. Both give the elastic
+    graph's logits."""
+    ids = token_ids(2, 7)
+    torch.save(ids, tmp_path / "ids.pt")
+    cases = []
+    for name, field in _MLP_FIELD.items():
+        _, em = zoo_converted(name, head_mode="group")
+        mlp_half = {n: op.candidates[1] if op.kind == "mlp" else op.candidates[-1]
+                    for n, op in em.ops.items()}
+        for cut, widths in (("mlp", mlp_half), ("both", em.resolve(0.5))):
+            small = to_hf(em, widths)
+            plain = cut == "mlp"
+            assert type(small).__name__.startswith("Flextron") is not plain
+            if plain:
+                assert getattr(small.config, field) == \
+                    next(w for n, w in widths.items() if em.ops[n].kind == "mlp")
+            folder = tmp_path / f"{name}-{cut}"
+            small.save_pretrained(folder)
+            with em.at(widths):
+                torch.save(output(em, ids), folder / "want.pt")
+            cases.append((str(folder), plain))
+    script = "\n".join([
+        "import sys, torch",
+        f"cases = {cases!r}",
+        "for folder, plain in sorted(cases, key=lambda c: not c[1]):",
+        "    if not plain: import flextron_fx",
+        "    from transformers import AutoModelForCausalLM",
+        "    m = AutoModelForCausalLM.from_pretrained(folder).eval()",
+        f"    ids = torch.load({str(tmp_path / 'ids.pt')!r})",
+        "    with torch.no_grad(): got = m(ids).logits",
+        "    err = float((got - torch.load(folder + '/want.pt')).abs().max())",
+        "    print(folder, type(m).__name__, 'flextron_fx' in sys.modules, err)"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(rows) == len(cases)
+    for folder, cls, imported, err in rows:
+        plain = dict(cases)[folder]
+        assert cls.startswith("Flextron") is not plain
+        assert imported == str(not plain)  # the plain ones loaded before flextron_fx
+        assert float(err) <= 1e-5, (folder, err)

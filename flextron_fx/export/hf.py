@@ -4,9 +4,12 @@
 source class (say `LlamaForCausalLM`) with a config whose sizes are the sub-network's, so
 everything the class offers works on the sub-network: a key/value cache, `generate`,
 `save_pretrained`. A config holds one size per kind for all layers, so this needs the
-same width in every layer (uniform widths, as `set_widths(f)` gives) and a config with
-Llama-style size fields; widths that differ across layers give a `Flextron<Class>` instead
-(export/sliced.py), which loads with `AutoModelForCausalLM` once `flextron_fx` is imported. Compensation biases (passes/compensate.py) of the chosen widths
+same width in every layer (uniform widths, as `set_widths(f)` gives) and a config whose
+size fields it knows: Llama-style ones, or GPT-2's, GPT-NeoX's and OPT's, whose head size
+is hidden / heads so that only the MLP width can shrink in them. Anything else a config
+cannot hold (widths that differ across layers, fewer heads in those three) gives a
+`Flextron<Class>` instead (export/sliced.py), which loads with `AutoModelForCausalLM`
+once `flextron_fx` is imported. Compensation biases (passes/compensate.py) of the chosen widths
 go to the output projections' biases; a Llama without biases gets `attention_bias` /
 `mlp_bias` switched on (the other projections' biases then hold zeros). The result is
 checked against the elastic graph on a short input before it is returned.
@@ -15,6 +18,7 @@ checked against the elastic graph on a short input before it is returned.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -23,16 +27,30 @@ from ..errors import UnsupportedModelError, WidthError
 from ..passes.compensate import compensation_modules
 from .sliced import fill_tied
 
-# config fields of the Llama family (Llama, Mistral, Qwen2, Gemma, SmolLM, ...)
-_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+@dataclass(frozen=True)
+class _Fields:
+    """The config fields that hold a family's MLP width and head counts. `heads` None:
+    the head size is hidden size / heads (GPT-2, GPT-NeoX, OPT), so a config of the
+    class cannot hold fewer heads; only the MLP width can shrink in it."""
+
+    mlp: str
+    heads: str | None = None
+    kv: str | None = None
+
+
+# the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma, SmolLM, ...) and the others
+_LLAMA = _Fields("intermediate_size", "num_attention_heads", "num_key_value_heads")
+_FAMILY_FIELDS = {"gpt2": _Fields("n_inner"), "gpt_neox": _Fields("intermediate_size"),
+                  "opt": _Fields("ffn_dim")}
 
 
 def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     """The sub-network at `widths` (default: the current ones) as a Hugging Face model.
 
     Raises `UnsupportedModelError` for a model that did not come from a Hugging Face class
-    with Llama-style config fields. Widths that differ across layers give the model of
-    `export.sliced.sliced_hf` (per-layer sizes in its config).
+    whose config fields it knows. Widths that the source config cannot hold give the model
+    of `export.sliced.sliced_hf` (per-layer sizes in its config).
 
     Example:
         >>> small = to_hf(em, 0.5)                                   # doctest: +SKIP
@@ -45,30 +63,35 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
             "to_hf needs a model converted from a Hugging Face class; this one came from "
             f"{em.source.get('kind', 'a plain module')!r}. Use em.materialize() instead")
     cls = getattr(transformers, em.source["class"], None)
-    config = _config(cls, em.source)
+    config, fields = _config(cls, em.source)
     chosen = em.static_widths(widths)
     mlp = {chosen[o.name] for o in em.ops.values() if o.kind == "mlp"}
     heads = {chosen[o.name] for o in em.ops.values() if o.kind == "attention"}
-    if len(mlp) > 1 or len(heads) > 1:  # a config of the source class cannot say this
+    full_heads = {o.candidates[-1] for o in em.ops.values() if o.kind == "attention"}
+    if len(mlp) > 1 or len(heads) > 1 or (fields.heads is None and heads != full_heads):
+        # a config of the source class cannot say this
         from .sliced import sliced_hf
 
         return sliced_hf(em, chosen, check=check)
     rows = {m.block: m.row(chosen[m.block]) for m in compensation_modules(em.graph_module).values()
             if m.row(chosen[m.block]) is not None}
     flags = _bias_flags(em, rows, config)
-    config.head_dim = getattr(config, "head_dim", None) or \
-        config.hidden_size // config.num_attention_heads
+    if fields.heads:
+        config.head_dim = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
     sub = em.materialize(chosen)
-    if heads:
+    if heads and fields.heads:
         (h,) = heads
         kv = em.kv_heads(next(o.name for o in em.ops.values() if o.kind == "attention"), h)
         if h % kv:
             raise WidthError(f"{h} query heads over {kv} key/value heads is not a grouped "
                              "attention a Hugging Face class can express; convert with "
                              "head_mode='group' to export to one")
-        config.num_attention_heads, config.num_key_value_heads = h, kv
+        setattr(config, fields.heads, h)
+        setattr(config, fields.kv, kv)
     if mlp:
-        (config.intermediate_size,) = mlp
+        (width,) = mlp
+        setattr(config, fields.mlp, width)
     prefix = em.param_prefix
     state = {k[len(prefix):]: v for k, v in sub.state_dict().items() if k.startswith(prefix)}
     model = cls(config).eval()
@@ -124,12 +147,15 @@ def _config(cls, source: dict):
         raise UnsupportedModelError(f"transformers has no class {source['class']!r}; the "
                                     "model was converted with another transformers version")
     config = cls.config_class.from_dict(copy.deepcopy(source["config"]))
-    missing = [f for f in _FIELDS if not hasattr(config, f)]
+    fields = _FAMILY_FIELDS.get(config.model_type, _LLAMA)
+    wanted = [f for f in (fields.mlp, fields.heads, fields.kv) if f]
+    missing = [f for f in wanted if not hasattr(config, f)]
     if missing:
         raise UnsupportedModelError(
-            f"{source['class']}'s config has no {missing}: to_hf knows Llama-style configs "
-            f"({', '.join(_FIELDS)}); use em.materialize() or an ONNX export instead")
-    return config
+            f"{source['class']}'s config has no {missing}: to_hf knows the size fields of "
+            f"Llama-style configs ({', '.join(wanted)}) and of "
+            f"{', '.join(_FAMILY_FIELDS)}; use em.materialize() or an ONNX export instead")
+    return config, fields
 
 
 def _check_same(em: ElasticModel, widths: dict, model, tokens: int = 8) -> None:

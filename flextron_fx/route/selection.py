@@ -154,5 +154,10 @@ def load_routers(em: ElasticModel, path: str | Path) -> tuple[dict, CostTable | 
     tensors = load_file(str(path / WEIGHTS))
     for i, r in enumerate(routers.values()):
         sd = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
-        r.load_state_dict(sd)
+        try:
+            r.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CheckpointError(f"the routers in {path} do not fit this version's "
+                                  f"{type(r).__name__} (dynamic routers gained a budget bias "
+                                  f"on 2026-12-01): train them again. {e}") from None
     return routers, table, meta
