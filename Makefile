@@ -21,8 +21,10 @@ demo: venv
 lint: venv
 	.venv/bin/ruff check flextron_fx tests benchmarks examples
 
+# Two workers (pytest-xdist), one test file each at a time: most of the suite is
+# single-threaded Python (tracing, export), so the second core was idle.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

@@ -152,32 +152,86 @@ def _table(r: dict) -> str:
 
 
 def demo(args) -> None:
-    """Convert SmolLM2, save it, print the sorting ablation (paper Table 5), then a short
-    elastic training run (a few steps; `flextron train-elastic` runs long ones) and a short
-    router training run with the widths it selects for a budget."""
+    """Convert SmolLM2, save it, print the sorting ablation (paper Table 5), train it
+    elastically and its static routers for a few steps (`flextron train-elastic` and
+    `train-routers` run long ones), then what a user deploys: a table of budgets, a
+    sub-network exported to ONNX and run in onnxruntime, and text generated at two budgets.
+    `--paper` calibrates and evaluates at the paper's sizes (512 sequences, 32k tokens)."""
+    if args.paper:
+        args.calib_samples, args.heldout_tokens = 512, 32768
     args.out = args.out or "runs/smollm2-135m"
     convert(args)
     args.elastic = args.out
     ablate_sorting(args)
-    rc = main(["train-elastic", f"{args.out}-train", "--elastic", args.out, "--model", args.model,
-               "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
-               "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), "--resume"]
-              + (["--overwrite"] if args.overwrite else []))
-    if rc:
-        raise SystemExit(rc)
-    # a short router stage: static routers for a parameter budget (no latency table
-    # needed), then the widths they pick for 60 % of the parameters
+    trained = f"{args.out}-train"
+    again = ["--resume"] + (["--overwrite"] if args.overwrite else [])
+    _run(["train-elastic", trained, "--elastic", args.out, "--model", args.model,
+          "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
+          "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), *again])
+    # static routers for a parameter budget (no latency table needed), then the widths
+    # they pick for 60 % of the parameters
     routers = f"{args.out}-routers"
-    rc = main(["train-routers", routers, "--elastic", f"{args.out}-train/final", "--model",
-               args.model, "--mode", "static", "--metric", "params", "--steps", "4",
-               "--batch", "2", "--seq", "128", "--eval-tokens", "512", "--surrogate-warmup",
-               "2", "--seed", str(args.seed), "--resume"]
-              + (["--overwrite"] if args.overwrite else []))
+    _run(["train-routers", routers, "--elastic", f"{trained}/final", "--model", args.model,
+          "--mode", "static", "--metric", "params", "--steps", "4", "--batch", "2", "--seq",
+          "128", "--eval-tokens", "512", "--surrogate-warmup", "2", "--seed", str(args.seed),
+          *again])
+    _run(["select", routers, "--budget", "params=0.6"])
+    _deploy(args, f"{trained}/final")
+
+
+def _run(argv: list[str]) -> None:
+    rc = main(argv)
     if rc:
         raise SystemExit(rc)
-    rc = main(["select", routers, "--budget", "params=0.6"])
-    if rc:
-        raise SystemExit(rc)
+
+
+def _deploy(args, folder: str) -> None:
+    """The demo's ending: budgets table, ONNX in onnxruntime, generation at two budgets."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from . import load as load_elastic
+    from .eval import perplexity
+    from .models import load
+
+    em = load_elastic(folder)
+    _, tok = load(args.model)
+    _, held, _ = _data(tok, args)
+    held = held[:8]
+    ids = held[:1]
+    full_params = em.num_params(em.static_widths(1.0))
+    print(f"\nBudgets of {folder} (uniform widths; held-out {held.numel()} tokens, "
+          f"prefill 1 x {ids.shape[1]} timed on this CPU)")
+    print(f"{'fraction':>8} {'parameters':>12} {'perplexity':>11} {'prefill ms':>11}")
+    for f in (1.0, 0.75, 0.5):
+        widths = em.static_widths(f)
+        small = em.materialize(widths)
+        with torch.inference_mode():
+            small(ids)
+            t0 = time.perf_counter()
+            small(ids)
+            ms = (time.perf_counter() - t0) * 1e3
+        ppl = perplexity(small, held, batch_size=args.batch_size, desc=f"ppl {f}")["ppl"]
+        print(f"{f:>8.2f} {em.num_params(widths) / full_params:>11.0%} {ppl:>11.2f} "
+              f"{ms:>11.0f}")
+    onnx_path = f"{args.out}-half.onnx"
+    _run(["export", folder, "--fraction", "0.5", "--format", "onnx", "--out", onnx_path,
+          "--overwrite"])
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: ids.numpy()}
+    t0 = time.perf_counter()
+    got = session.run(None, feed)[0]
+    ms = (time.perf_counter() - t0) * 1e3
+    with torch.inference_mode(), em.at(0.5):
+        want = em(ids)
+    want = getattr(want, "logits", want).numpy()
+    print(f"onnxruntime ran {onnx_path} (1 x {ids.shape[1]}) in {ms:.0f} ms; largest logit "
+          f"difference from PyTorch {float(np.abs(got - want).max()):.2g}")
+    for f in (1.0, 0.5):
+        print(f"\ngenerated at width fraction {f}:")
+        _run(["generate", folder, "--fraction", str(f), "--prompt",
+              "The history of the city", "--max-new-tokens", "16"])
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -217,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.add_argument("--json", default="runs/ablate-sorting.json")
-    p.set_defaults(func=demo)
+    p.add_argument("--paper", action="store_true",
+                   help="calibrate on 512 sequences and evaluate on 32k tokens (the "
+                        "paper's sizes, about 10 more minutes on a 2-core CPU)")
+    p.set_defaults(func=demo, calib_samples=128, heldout_tokens=8192)
     p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
     _common(p)
     p.add_argument("--out", required=True,
