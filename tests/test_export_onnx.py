@@ -123,3 +123,14 @@ def test_elastic_onnx_refuses_per_token_widths(tmp_path):
     with pytest.raises(WidthError, match="at least one"):
         to_elastic_onnx(em, tmp_path / "a.onnx", [])
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_the_export_check_feeds_ids_from_the_whole_vocabulary(zoo_converted):
+    # ids 0 and 1 alone are special tokens in real tokenizers; a check on nothing else
+    # refused a correct SmolLM2 export (2e-4 of the logits' scale apart)
+    from flextron_fx.export.onnx import example_inputs
+
+    _, em = zoo_converted("llama")
+    (ids,), _ = example_inputs(em, 4, 16)
+    assert ids.shape == (4, 16)
+    assert 1 < int(ids.max()) < 128 and ids.unique().numel() > 16  # the zoo's vocabulary: 128

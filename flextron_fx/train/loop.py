@@ -185,7 +185,7 @@ def evaluate(model, em: ElasticModel, heldout: torch.Tensor, settings: dict[str,
     out = {}
     for name, widths in settings.items():
         total, count = 0.0, 0
-        with em.at(widths):
+        with em.at(widths), torch.no_grad():
             for i in range(0, heldout.shape[0], batch):
                 ids = heldout[i:i + batch].to(_device(em))
                 logits = _logits(model(ids))
