@@ -429,6 +429,11 @@ def test_select_meets_the_budget_and_refuses_an_impossible_one(routed):
     for b in (0.5, 0.7, 1.0):
         sel = select(em, b, table, cost_model=cm)
         assert sel.fraction <= b + 1e-9
+        # and the budget is spent: no op can step up one candidate and still fit
+        choice = {n: em.ops[n].candidates.index(w) for n, w in sel.widths.items()}
+        for n, k in choice.items():
+            if k + 1 < len(em.ops[n].candidates):
+                assert table.fraction({**choice, n: k + 1}) > b + 1e-9, (b, n)
         assert all(w in em.ops[n].candidates for n, w in sel.widths.items())
         assert sel.predicted["params"] == em.num_params(sel.widths)
         assert f"{b:.4g}" in str(sel)

@@ -50,9 +50,32 @@ class Selection:
 
 
 @torch.no_grad()
+def _fill(choice: dict[str, int], logits: dict, table: CostTable, limit: float) -> None:
+    """Step ops up one candidate at a time while the total stays within `limit`, always
+    the step with the most logit gained (least lost) per cost added. A router's argmax can
+    fall short of its budget (on SmolLM2 at T = 0.7 it chose 0.662); a nested model is
+    better with every width it is given, so the rest of the budget is spent."""
+    while True:
+        best = None
+        spare = limit - table.total(choice)
+        for name, k in choice.items():
+            c = table.costs[name]
+            dearer = [j for j in range(len(c)) if c[k] < c[j] <= c[k] + spare]
+            if not dearer:
+                continue
+            j = min(dearer, key=lambda i: c[i])
+            score = (logits[name][j] - logits[name][k]) / (c[j] - c[k])
+            if best is None or score > best[0]:
+                best = (score, name, j)
+        if best is None:
+            return
+        choice[best[1]] = best[2]
+
+
 def select(em: ElasticModel, budget, table: CostTable, *, cost_model=None) -> Selection:
     """Per-op widths of the static routers for `budget` (a fraction of the full cost or a
-    profiler `Budget` of the table's metric), kept within it; with a profiler `CostModel`,
+    profiler `Budget` of the table's metric): their argmax, stepped down until it is within
+    the budget, then up while it stays within (`_fill`); with a profiler `CostModel`,
     also its predicted latency (if it has a table), parameters and memory.
 
     Example:
@@ -90,6 +113,7 @@ def select(em: ElasticModel, budget, table: CostTable, *, cost_model=None) -> Se
             table.refuse_below_minimum(frac)
             break
         choice[best[1]] = best[2]
+    _fill(choice, logits, table, limit)
     widths = {n: em.ops[n].candidates[k] for n, k in choice.items()}
     predicted = {}
     if cost_model is not None:
