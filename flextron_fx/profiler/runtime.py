@@ -214,7 +214,10 @@ def decode_unavailable(em: ElasticModel) -> str | None:
     try:
         import transformers
 
-        hf._config(getattr(transformers, em.source["class"], None), em.source)
+        _, fields = hf._config(getattr(transformers, em.source["class"], None), em.source)
     except UnsupportedModelError as exc:
         return str(exc)
+    if fields.heads is None:  # GPT-2, GPT-NeoX, OPT: head size = hidden size / heads
+        return (f"{em.source['class']}'s attention derives its head size from the hidden "
+                "size and head count of its config, so a copy of it cannot run fewer heads")
     return None
