@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import flextron_fx
 from flextron_fx.data import calibration_and_heldout
 from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
-from flextron_fx.route import load_routers, remove_routers, select
-from flextron_fx.route.commands import router_folder
-from flextron_fx.route.selection import read_router_meta
+from flextron_fx.route import remove_routers, select
+from flextron_fx.route.commands import load_router_run, router_folder
 
 
 def near_budget(table, ops: dict, target: float, tol: float, rng: random.Random,
@@ -109,9 +107,8 @@ def main() -> None:
     args = ap.parse_args()
 
     folder = router_folder(args.routers)
-    elastic = read_router_meta(folder).get("extra", {}).get("elastic")
-    em = flextron_fx.load(elastic)
-    _, table, meta = load_routers(em, folder)
+    em, table, meta = load_router_run(folder)
+    elastic = meta.get("extra", {}).get("elastic")
     if meta["mode"] != "static" or table is None:
         raise SystemExit(f"{folder} holds {meta['mode']} routers without a cost table or not "
                          "static; train static routers (flextron train-routers --mode static)")

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import flextron_fx
 from flextron_fx.data.domains import resolve_domains
 from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
-from flextron_fx.route import load_routers, routers_of, set_budget
-from flextron_fx.route.commands import router_folder
-from flextron_fx.route.selection import read_router_meta
+from flextron_fx.route import routers_of, set_budget
+from flextron_fx.route.commands import load_router_run, router_folder
 
 
 def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
@@ -78,9 +76,8 @@ def main() -> None:
     args = ap.parse_args()
 
     folder = router_folder(args.routers)
-    elastic = read_router_meta(folder).get("extra", {}).get("elastic")
-    em = flextron_fx.load(elastic)
-    _, table, meta = load_routers(em, folder)
+    em, table, meta = load_router_run(folder)
+    elastic = meta.get("extra", {}).get("elastic")
     if meta["mode"] not in ("dynamic", "capacity") or table is None:
         raise SystemExit(f"{folder} holds {meta['mode']} routers; per-token shares need "
                          "dynamic or capacity routers trained with a cost table")

@@ -28,7 +28,11 @@ from flextron_fx.passes.inject_routers import (
 from flextron_fx.profiler import Budget, CostModel
 from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
 from flextron_fx.route.routers import (
-    DynamicRouter, StaticRouter, assign_by_preference, capacity_counts)
+    DynamicRouter,
+    StaticRouter,
+    assign_by_preference,
+    capacity_counts,
+)
 from flextron_fx.route.train import (
     RouterTraining,
     chosen_cost,

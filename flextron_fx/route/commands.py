@@ -124,22 +124,31 @@ def router_folder(path: str | Path) -> Path:
                           "train them with flextron train-routers")
 
 
-def run_select(args) -> dict:
+def load_router_run(path: str | Path):
+    """(elastic model with the routers of `path` injected, their cost table, their saved
+    metadata) for a `train-routers` run, its `final/`, or a router folder."""
     from .. import load
-    from ..profiler import Budget
-    from .selection import load_routers, read_router_meta, select
+    from .selection import load_routers, read_router_meta
 
-    folder = router_folder(args.run_dir)
+    folder = router_folder(path)
     meta = read_router_meta(folder)
     elastic = meta.get("extra", {}).get("elastic")
     if not elastic:
         raise CheckpointError(f"{folder} does not say which elastic model its routers belong "
                               "to (extra.elastic in routers.json)")
-    budget = Budget.parse(args.budget)
     em = load(elastic)
-    _, table, _ = load_routers(em, folder)
+    _, table, meta = load_routers(em, folder)
     if table is None:
         raise CheckpointError(f"{folder} holds no cost table; retrain the routers")
+    return em, table, meta
+
+
+def run_select(args) -> dict:
+    from ..profiler import Budget
+    from .selection import select
+
+    budget = Budget.parse(args.budget)
+    em, table, meta = load_router_run(args.run_dir)
     lut = args.lut or meta.get("extra", {}).get("lut")
     from ..profiler import CostModel, LatencyTable
 
