@@ -231,7 +231,8 @@ def _deploy(args, folder: str) -> None:
     with torch.inference_mode(), em.at(0.5):
         want = em(ids)
     want = getattr(want, "logits", want).numpy()
-    print(f"onnxruntime ran {onnx_path} (1 x {ids.shape[1]}) in {ms:.0f} ms; largest logit "
+    print(f"onnxruntime ran {onnx_path} (1 x {ids.shape[1]}, first run) in {ms:.0f} ms; "
+          "largest logit "
           f"difference from PyTorch {float(np.abs(got - want).max()):.2g}")
     for f in (1.0, 0.5):
         print(f"\ngenerated at width fraction {f}:")
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="runs/ablate-sorting.json")
     p.add_argument("--paper", action="store_true",
                    help="calibrate on 512 sequences and evaluate on 32k tokens (the "
-                        "paper's sizes, about 10 more minutes on a 2-core CPU)")
+                        "paper's sizes; four times the default's calibration and evaluation "
+                        "work)")
     p.set_defaults(func=demo, calib_samples=128, heldout_tokens=8192)
     p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
     _common(p)
