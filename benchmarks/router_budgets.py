@@ -37,7 +37,8 @@ from flextron_fx.data import calibration_and_heldout
 from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
 from flextron_fx.route import remove_routers, select
-from flextron_fx.route.commands import load_router_run, router_folder
+from flextron_fx.route.commands import load_router_run
+from flextron_fx.route.selection import router_folder
 
 
 def near_budget(table, ops: dict, target: float, tol: float, rng: random.Random,

@@ -26,7 +26,8 @@ from flextron_fx.data.domains import resolve_domains
 from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
 from flextron_fx.route import routers_of, set_budget
-from flextron_fx.route.commands import load_router_run, router_folder
+from flextron_fx.route.commands import load_router_run
+from flextron_fx.route.selection import router_folder
 
 
 def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:

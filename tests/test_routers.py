@@ -288,6 +288,28 @@ def test_capacity_mode_keeps_every_batch_within_budget(zoo_converted, arch, seed
         remove_routers(em)
 
 
+def test_capacity_within_its_share_keeps_the_dynamic_counts(zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, _width_cost(em))
+    routers = inject_routers(em, "capacity", cost=table, seed=2)
+    _perturb(routers, 2)
+    ids = _ids(4, batch=3, seq=7)
+    try:
+        set_budget(em, 1.0)  # every op's share is its widest cost: nothing has to move
+        output(em, ids)
+        capacity = {n: torch.bincount(r.last_index.flatten(), minlength=len(r.candidates))
+                    for n, r in routers.items()}
+        for r in routers.values():
+            r.capacity = False
+        output(em, ids)
+        for n, r in routers.items():
+            want = torch.bincount(r.last_index.flatten(), minlength=len(r.candidates))
+            assert torch.equal(capacity[n], want), n
+        assert any(int((c > 0).sum()) > 1 for c in capacity.values())  # really mixed
+    finally:
+        remove_routers(em)
+
+
 def test_capacity_refuses_a_budget_below_the_cheapest(routed):
     em = routed("llama", "capacity")
     table = CostTable.coerce(em, _width_cost(em))
@@ -576,3 +598,63 @@ def test_a_dynamic_router_learns_a_different_choice_per_budget_range():
         opt.step()
     chosen = router.logits(budgets, torch.randn(64, 1, 32))[:, 0].argmax(-1)
     assert (chosen == want).float().mean() > 0.9
+
+
+def test_a_dynamic_router_started_from_a_static_one_makes_its_choices_and_can_learn():
+    torch.manual_seed(0)
+    static = StaticRouter("block", (1, 2, 3, 4))
+    _perturb({"block": static}, seed=2)
+    dynamic = DynamicRouter("block", (1, 2, 3, 4), dim=32)
+    _perturb({"block": dynamic}, seed=3)
+    dynamic.start_from(static)
+    budgets = torch.linspace(0.3, 1.0, 16)
+    h = 10 * torch.randn(16, 5, 32)  # whatever the tokens, the static router's logits
+    want = static.logits(budgets)[:, None, :].expand(16, 5, 4)
+    torch.testing.assert_close(dynamic.logits(budgets, h), want, atol=1e-5, rtol=0)
+    # and the token term learns: its gradient is not zero
+    dynamic.logits(budgets, h)[..., 0].sum().backward()
+    assert dynamic.w_hidden.weight.grad.abs().sum() > 0
+    with pytest.raises(WidthError, match="chooses among"):
+        DynamicRouter("block", (1, 2, 4), dim=32).start_from(static)
+    with pytest.raises(WidthError, match="units >= 64"):
+        DynamicRouter("block", (1, 2, 3, 4), dim=32, units=16).start_from(static)
+
+
+def test_a_dynamic_run_starts_from_a_saved_static_run(tmp_path, zoo_converted):
+    _, em = zoo_converted("llama")
+    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    table = CostTable.coerce(em, _width_cost(em))
+    _perturb(inject_routers(em, "static", cost=table, seed=5), seed=5)
+    try:
+        save_routers(em, tmp_path / "static" / "final", table)
+        ids = _ids(3)
+        wanted = {}
+        for b in (0.5, 0.8):
+            set_budget(em, b)
+            output(em, ids)
+            wanted[b] = _choices(em)
+    finally:
+        remove_routers(em)
+    config = _config(steps=1, mode="dynamic", batch=3, lr=1e-12, surrogate_warmup=1,
+                     init_from=str(tmp_path / "static"))
+    try:
+        train_routers(em, tokens, tmp_path / "dynamic", config, table, progress=False)
+        for b in (0.5, 0.8):  # every token gets the static router's width
+            set_budget(em, b)
+            output(em, ids)
+            for name, k in _choices(em).items():
+                assert torch.equal(k, torch.full((BATCH, SEQ), wanted[b][name])), (b, name)
+    finally:
+        remove_routers(em)
+    with pytest.raises(flextron_fx.CheckpointError, match="holds dynamic routers"):
+        save_dir = tmp_path / "dynamic-saved"
+        _perturb(inject_routers(em, "dynamic", seed=1))
+        try:
+            save_routers(em, save_dir, table)
+        finally:
+            remove_routers(em)
+        bad = _config(steps=1, mode="dynamic", batch=3, init_from=str(save_dir))
+        train_routers(em, tokens, tmp_path / "bad", bad, table, progress=False)
+    assert not routers_of(em)
+    with pytest.raises(flextron_fx.FlextronError, match="starts from scratch"):
+        _config(init_from=str(tmp_path / "static")).validate()

@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--target", choices=["loss", "excess"], default="loss",
                    help="what the surrogate predicts: the loss, or the loss above the full "
                         "model's on the same sequence (less noisy, one more forward)")
+    p.add_argument("--init-from", default=None, metavar="STATIC_RUN",
+                   help="dynamic/capacity: start every router as this static router run's "
+                        "(a train-routers run or its final/), trained on the same elastic "
+                        "model")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--max-minutes", type=float, default=None)
@@ -89,6 +93,7 @@ def run_train(args) -> dict:
         budget_range=tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         target=args.target, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        init_from=args.init_from,
         extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
                "domains": domains})
     config.validate()
@@ -112,23 +117,12 @@ def run_train(args) -> dict:
     return summary
 
 
-def router_folder(path: str | Path) -> Path:
-    from .selection import META
-
-    path = Path(path)
-    if (path / META).is_file():
-        return path
-    if (path / "final" / META).is_file():
-        return path / "final"
-    raise CheckpointError(f"{path} holds no trained routers ({META}, or final/{META}); "
-                          "train them with flextron train-routers")
-
-
-def load_router_run(path: str | Path):
+def load_router_run(path: str | Path, mode: str | None = None):
     """(elastic model with the routers of `path` injected, their cost table, their saved
-    metadata) for a `train-routers` run, its `final/`, or a router folder."""
+    metadata) for a `train-routers` run, its `final/`, or a router folder; `mode` as in
+    `load_routers`."""
     from .. import load
-    from .selection import load_routers, read_router_meta
+    from .selection import load_routers, read_router_meta, router_folder
 
     folder = router_folder(path)
     meta = read_router_meta(folder)
@@ -137,7 +131,7 @@ def load_router_run(path: str | Path):
         raise CheckpointError(f"{folder} does not say which elastic model its routers belong "
                               "to (extra.elastic in routers.json)")
     em = load(elastic)
-    _, table, meta = load_routers(em, folder)
+    _, table, meta = load_routers(em, folder, mode)
     if table is None:
         raise CheckpointError(f"{folder} holds no cost table; retrain the routers")
     return em, table, meta

@@ -158,10 +158,11 @@ class DynamicRouter(Router):
     init, a perturbation of about +-0.6 on SmolLM2) learns where tokens differ; with the
     paper's W ~ N(0, 1/U) and no b, T moved each unit by about 0.05 over budgets 0.5-1.
 
-    `capacity` (Mixture-of-Nested-Experts style): every batch gets a fixed number of
-    tokens per candidate, chosen so that the block's mean cost per token is at most its
-    share of the budget (`capacity_limit`), and candidates from the widest down take the
-    tokens that prefer them most. Needs `costs` (this block's cost per candidate) and
+    `capacity` (Mixture-of-Nested-Experts style): every batch gets a number of tokens per
+    candidate: as many as choose it by argmax, then tokens moved to cheaper candidates
+    until the block's mean cost per token is at most its share of the budget; candidates
+    from the widest down take the tokens that prefer them most. A batch within its share
+    keeps dynamic mode's number of tokens per candidate. Needs `costs` (this block's cost per candidate) and
     `share` (a function budget -> this block's cost limit per token), set by
     `inject_routers`.
     """
@@ -182,6 +183,31 @@ class DynamicRouter(Router):
         self.share = None
         if capacity:
             self.kind = "capacity"
+
+    def start_from(self, static: StaticRouter) -> None:
+        """Start as `static`: its H budget units become this router's first H units, its
+        output layer reads them, the token term and the other units' outputs start at
+        zero, so every token gets the static router's choice for its budget and training
+        learns only where tokens should differ. (The paper starts dynamic routers from
+        scratch; on SmolLM2, 120 steps from scratch did not reach the static routers'
+        loss, docs/ROUTERS.md.)"""
+        first, last = static.net[0], static.net[-1]
+        hidden = first.out_features
+        if static.candidates != self.candidates:
+            raise WidthError(f"the static router of {static.block} chooses among "
+                             f"{list(static.candidates)}, this one among "
+                             f"{list(self.candidates)}")
+        if hidden > self.w_budget.numel():
+            raise WidthError(f"a static router with {hidden} hidden units does not fit a "
+                             f"dynamic router with {self.w_budget.numel()} units; use "
+                             f"units >= {hidden}")
+        with torch.no_grad():
+            self.w_budget[:hidden] = first.weight[:, 0]
+            self.b_budget[:hidden] = first.bias
+            self.w_hidden.weight.zero_()
+            self.w_out.weight.zero_()
+            self.w_out.weight[:, :hidden] = last.weight
+            self.w_out.bias.copy_(last.bias)
 
     def logits(self, budget: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[batch] budgets, [batch, seq, dim] hidden states -> [batch, seq, K] logits."""
@@ -217,16 +243,17 @@ class DynamicRouter(Router):
                              "routers with mode='capacity' and a cost table")
         self.record = None
         probs = F.softmax(logits.detach().float(), -1).reshape(-1, logits.shape[-1])
-        counts = capacity_counts(probs.mean(0), self.costs.tolist(), probs.shape[0],
-                                 self.share(budget))
+        chosen = torch.bincount(probs.argmax(-1), minlength=probs.shape[-1])
+        counts = capacity_counts(chosen.float() / probs.shape[0], self.costs.tolist(),
+                                 probs.shape[0], self.share(budget))
         return assign_by_preference(probs, counts).reshape(logits.shape[:-1])
 
 
 def capacity_counts(preference: torch.Tensor, costs: list[float], n: int,
                     limit: float) -> list[int]:
-    """Tokens per candidate: the batch's mean preference, rounded down (the rest to the
-    cheapest candidate), then tokens moved to cheaper candidates, most expensive first,
-    until the mean cost per token is at most `limit`."""
+    """Tokens per candidate: the batch's `preference` (shares of its tokens), rounded down
+    (the rest to the cheapest candidate), then tokens moved to cheaper candidates, most
+    expensive first, until the mean cost per token is at most `limit`."""
     counts = [math.floor(float(p) * n) for p in preference]
     cheapest = min(range(len(costs)), key=lambda k: costs[k])
     counts[cheapest] += n - sum(counts)

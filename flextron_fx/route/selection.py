@@ -21,6 +21,7 @@ from ..elastic.model import ElasticModel
 from ..errors import CheckpointError, WidthError
 from ..passes.inject_routers import inject_routers, router_mode, routers_of
 from .costs import CostTable
+from .routers import StaticRouter
 
 FORMAT, VERSION = "flextron-routers", 1
 META, WEIGHTS = "routers.json", "routers.safetensors"
@@ -148,6 +149,17 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
     return path
 
 
+def router_folder(path: str | Path) -> Path:
+    """The folder holding the routers: `path` itself, or a train-routers run's final/."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    if (path / "final" / META).is_file():
+        return path / "final"
+    raise CheckpointError(f"{path} holds no trained routers ({META}, or final/{META}); "
+                          "train them with flextron train-routers")
+
+
 def read_router_meta(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -161,27 +173,65 @@ def read_router_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_routers(em: ElasticModel, path: str | Path) -> tuple[dict, CostTable | None, dict]:
-    """Inject routers saved by `save_routers` into `em`; returns (routers, cost table,
-    the saved metadata)."""
-    path = Path(path)
+def _saved(em: ElasticModel, path: Path) -> tuple[dict, dict[int, dict]]:
+    """(metadata, {router position: state dict}) of a router folder, checked against the
+    ops of `em`."""
     meta = read_router_meta(path)
     mine = {n: list(op.candidates) for n, op in em.ops.items()}
     if meta["ops"] != mine:
         raise CheckpointError(f"the routers in {path} were trained for other elastic ops or "
                               "candidates than this model's; load the elastic model they were "
                               "trained on")
+    states: dict[int, dict] = {}
+    for key, v in load_file(str(path / WEIGHTS)).items():
+        i, name = key.split(".", 1)
+        states.setdefault(int(i), {})[name] = v
+    return meta, states
+
+
+def _load_state(router, state: dict, path: Path) -> None:
+    try:
+        router.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the routers in {path} do not fit this version's "
+                              f"{type(router).__name__} (dynamic routers gained a budget bias "
+                              f"on 2026-12-01): train them again. {e}") from None
+
+
+def load_routers(em: ElasticModel, path: str | Path,
+                 mode: str | None = None) -> tuple[dict, CostTable | None, dict]:
+    """Inject routers saved by `save_routers` into `em`; returns (routers, cost table,
+    the saved metadata). `mode` "capacity" or "dynamic" runs saved dynamic (or capacity)
+    routers the other way: the two share their weights and differ only in how tokens
+    are assigned."""
+    path = Path(path)
+    meta, states = _saved(em, path)
     table = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
-    routers = inject_routers(em, meta["mode"], cost=table,
+    per_token = ("dynamic", "capacity")
+    if mode is not None and mode != meta["mode"] and not (mode in per_token
+                                                          and meta["mode"] in per_token):
+        raise CheckpointError(f"{path} holds {meta['mode']} routers; they cannot run as "
+                              f"{mode} routers (dynamic and capacity routers share weights, "
+                              "static ones do not)")
+    routers = inject_routers(em, mode or meta["mode"], cost=table,
                              metric=table.metric if table else "latency",
                              hidden=meta.get("hidden", 64), units=meta.get("units", 128))
-    tensors = load_file(str(path / WEIGHTS))
     for i, r in enumerate(routers.values()):
-        sd = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
-        try:
-            r.load_state_dict(sd)
-        except RuntimeError as e:
-            raise CheckpointError(f"the routers in {path} do not fit this version's "
-                                  f"{type(r).__name__} (dynamic routers gained a budget bias "
-                                  f"on 2026-12-01): train them again. {e}") from None
+        _load_state(r, states.get(i, {}), path)
     return routers, table, meta
+
+
+def read_static_routers(em: ElasticModel, path: str | Path) -> dict[str, StaticRouter]:
+    """The static routers saved in folder `path` for `em`'s ops, as modules outside any
+    graph ({op name: router}): what a dynamic router run starts from (`init_from`)."""
+    path = Path(path)
+    meta, states = _saved(em, path)
+    if meta["mode"] != "static":
+        raise CheckpointError(f"{path} holds {meta['mode']} routers; a dynamic run starts "
+                              "from static ones (flextron train-routers --mode static)")
+    out = {}
+    for i, (name, op) in enumerate(em.ops.items()):
+        router = StaticRouter(name, op.candidates, meta.get("hidden", 64))
+        _load_state(router, states.get(i, {}), path)
+        out[name] = router
+    return out

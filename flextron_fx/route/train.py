@@ -15,6 +15,9 @@ One step on a batch of B sequences:
    surrogate's error on fresh samples (before it fits them, smoothed) is under
    `surrogate_threshold`, its predicted loss.
 
+Dynamic routers start from scratch (the paper) or, with `init_from`, as a trained static
+router run's routers (`DynamicRouter.start_from`).
+
 Checkpoints, exact resume, SIGTERM safety and the metrics log work as in `train-elastic`
 (the same helpers); `curves.png` shows surrogate MSE, LM loss and latency loss over steps
 (the stages of the paper's Figure 12). Joint tuning of routers and backbone afterwards is
@@ -92,6 +95,7 @@ class RouterConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
+    init_from: str | None = None  # dynamic/capacity: start from this static router run
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -110,6 +114,9 @@ class RouterConfig:
                 raise TrainingError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
+        if self.init_from is not None and self.mode == "static":
+            raise TrainingError("init_from starts dynamic or capacity routers from trained "
+                                "static ones; a static run starts from scratch")
         if self.latency_weight < 0 or self.memory < 1 or self.surrogate_warmup < 0:
             raise TrainingError("latency_weight and surrogate_warmup must be >= 0, memory >= 1")
 
@@ -324,8 +331,16 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         check_resume(run, S.read_state(ckpt), config, data)
     mode = router_mode(em)
     if mode is None:
-        inject_routers(em, config.mode, cost=table, metric=config.metric, hidden=config.hidden,
-                       units=config.units, seed=config.seed)
+        start = None
+        if config.init_from is not None:
+            from .selection import read_static_routers, router_folder
+
+            start = read_static_routers(em, router_folder(config.init_from))
+        injected = inject_routers(em, config.mode, cost=table, metric=config.metric,
+                                  hidden=config.hidden, units=config.units, seed=config.seed)
+        if start is not None:
+            for name, router in injected.items():
+                router.start_from(start[name])
     elif mode != config.mode:
         raise TrainingError(f"the model already has {mode} routers, not {config.mode} ones; "
                             "remove_routers(em) first")

@@ -1,0 +1,180 @@
+"""Dynamic (per-token) and capacity routers against static routers at the same budgets.
+
+    python benchmarks/dynamic_vs_static.py STATIC DYNAMIC [--budgets 0.55,0.6,0.7,0.8] \
+        [--blocks 16] [--batch 4] [--reps 5] [--json runs/x.json] [--plot docs/img/x.png]
+
+STATIC and DYNAMIC are `flextron train-routers` runs (or their `final/` folders) on the same
+elastic model and cost table. For each budget T, on the first `--blocks` x 256 tokens of the
+Wikipedia domain's validation split (never trained on), in batches of `--batch`:
+
+- static: `flextron select`'s sub-network (argmax widths, then fitted to the budget);
+- dynamic: the dynamic routers' argmax per token; its cost is the token mean;
+- capacity: the same routers in capacity mode (a fixed number of tokens per candidate in
+  every batch, so each batch's cost is within the budget).
+
+Loss is the mean next-token loss; cost is the predicted fraction of the full model's cost
+in the runs' table. For dynamic and capacity, every batch's forward is also timed against
+the full model (the same graph with every router giving its widest width), interleaved,
+`--reps` rounds; the table gives the median ratio over batches and the worst batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flextron_fx.data import calibration_and_heldout
+from flextron_fx.eval import perplexity
+from flextron_fx.models import tokenizer
+from flextron_fx.route import remove_routers, routers_of, select, set_budget
+from flextron_fx.route.commands import load_router_run
+from flextron_fx.route.selection import load_routers, router_folder
+from flextron_fx.route.train import evaluate_routers
+
+
+def batch_ratios(em, held: torch.Tensor, batch: int, reps: int) -> list[float]:
+    """Per batch: median over rounds of (routed forward time / full forward time), the two
+    back to back in alternating order, at the budget set on `em`."""
+    routers = list(routers_of(em).values())
+
+    def timed(ids, full: bool) -> float:
+        for r in routers:
+            r.full = full
+        try:
+            t0 = time.perf_counter()
+            em(ids)
+            return time.perf_counter() - t0
+        finally:
+            for r in routers:
+                r.full = False
+
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, held.shape[0], batch), desc="timing", leave=False):
+            ids = held[i:i + batch]
+            timed(ids, True), timed(ids, False)
+            ratios = []
+            for r in range(reps):
+                order = (False, True) if r % 2 else (True, False)
+                t = {full: timed(ids, full) for full in order}
+                ratios.append(t[False] / t[True])
+            out.append(statistics.median(ratios))
+    return out
+
+
+def per_token(em, table, held, budgets, batch: int, reps: int) -> dict[float, dict]:
+    res = evaluate_routers(em, held, table, budgets, batch)
+    out = {}
+    for t in budgets:
+        set_budget(em, t)
+        ratios = batch_ratios(em, held, batch, reps) if reps else []
+        out[t] = {**res[str(t)], "ratios": ratios}
+        print(f"  T={t:.2f}: loss {out[t]['loss']:.4f}, predicted {out[t]['cost']:.3f}"
+              + (f", measured median {statistics.median(ratios):.3f} worst {max(ratios):.3f}"
+                 if ratios else ""), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("static", help="flextron train-routers run (static) or its final/")
+    ap.add_argument("dynamic", help="flextron train-routers run (dynamic) or its final/")
+    ap.add_argument("--budgets", default="0.55,0.6,0.7,0.8")
+    ap.add_argument("--blocks", type=int, default=16, help="held-out blocks of 256 tokens")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
+    ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    _, held, source = calibration_and_heldout(tokenizer(args.model), n_calib=1)
+    held = held[:args.blocks]
+
+    em, table, meta = load_router_run(args.static)
+    if meta["mode"] != "static":
+        raise SystemExit(f"{args.static} holds {meta['mode']} routers, not static ones")
+    chosen = {t: select(em, t, table) for t in budgets}
+    remove_routers(em)
+    static = {}
+    print("static")
+    for t, sel in chosen.items():
+        with em.at(sel.widths):
+            static[t] = {"loss": perplexity(em, held, args.batch, desc="static")["loss"],
+                         "cost": sel.fraction}
+        print(f"  T={t:.2f}: loss {static[t]['loss']:.4f}, predicted {sel.fraction:.3f}",
+              flush=True)
+    del em
+
+    folder = router_folder(args.dynamic)
+    em, table, meta = load_router_run(folder, "dynamic")
+    print("dynamic")
+    dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
+    remove_routers(em)
+    load_routers(em, folder, "capacity")
+    print("capacity")
+    capacity = per_token(em, table, held, budgets, args.batch, args.reps)
+
+    rows = [{"budget": t, "static": static[t], "dynamic": dynamic[t],
+             "capacity": capacity[t]} for t in budgets]
+    print(_table(rows))
+    print(f"dynamic at most static's loss and within budget at "
+          f"{sum(r['dynamic']['loss'] <= r['static']['loss'] and r['dynamic']['cost'] <= r['budget'] for r in rows)}"
+          f" of {len(rows)} budgets")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "static": str(args.static), "dynamic": str(folder), "metric": table.metric,
+            "text": f"validation split of {source}, {held.shape[0]} x {held.shape[1]} tokens",
+            "timing": f"batches of {args.batch}, {args.reps} interleaved rounds vs the full "
+                      "width through the same graph", "rows": rows}, indent=1))
+    if args.plot:
+        _plot(rows, table.metric, args.plot)
+
+
+def _measured(r: dict) -> str:
+    ratios = r["ratios"]
+    return f"{statistics.median(ratios):.3f} / {max(ratios):.3f}" if ratios else "-"
+
+
+def _table(rows: list) -> str:
+    lines = ["| T | static loss (cost) | dynamic loss (cost) | dynamic measured, median / "
+             "worst batch | capacity loss (cost) | capacity measured, median / worst batch |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s, d, c = r["static"], r["dynamic"], r["capacity"]
+        lines.append(f"| {r['budget']:.2f} | {s['loss']:.4f} ({s['cost']:.3f}) | "
+                     f"{d['loss']:.4f} ({d['cost']:.3f}) | {_measured(d)} | "
+                     f"{c['loss']:.4f} ({c['cost']:.3f}) | {_measured(c)} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list, metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("static", "*"), ("dynamic", "o"), ("capacity", "^")):
+        xs = [r[kind]["cost"] for r in rows]
+        ys = [r[kind]["loss"] for r in rows]
+        ax.plot(xs, ys, marker=marker, ms=10 if marker == "*" else 7, label=kind)
+    for r in rows:
+        ax.axvline(r["budget"], color="gray", lw=0.6, ls=":")
+    ax.set_xlabel(f"predicted {metric} (fraction of the full model; dotted: the budgets)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Routers at the same budgets: static, per token, per token with capacity")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
