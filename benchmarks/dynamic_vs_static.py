@@ -143,8 +143,8 @@ def _measured(r: dict) -> str:
 
 
 def _table(rows: list) -> str:
-    lines = ["| T | static loss (cost) | dynamic loss (cost) | dynamic measured, median / "
-             "worst batch | capacity loss (cost) | capacity measured, median / worst batch |",
+    lines = [("| T | static loss (cost) | dynamic loss (cost) | dynamic measured, median / "
+              "worst batch | capacity loss (cost) | capacity measured, median / worst batch |"),
              "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s, d, c = r["static"], r["dynamic"], r["capacity"]
