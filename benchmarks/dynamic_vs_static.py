@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16, help="held-out blocks of 256 tokens")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
+    ap.add_argument("--kinds", default="static,dynamic,capacity",
+                    help="which of static, dynamic, capacity to run")
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -97,12 +99,13 @@ def main() -> None:
     _, held, source = calibration_and_heldout(tokenizer(args.model), n_calib=1)
     held = held[:args.blocks]
 
+    kinds = args.kinds.split(",")
+    static, dynamic, capacity = {}, {}, {}
     em, table, meta = load_router_run(args.static)
     if meta["mode"] != "static":
         raise SystemExit(f"{args.static} holds {meta['mode']} routers, not static ones")
-    chosen = {t: select(em, t, table) for t in budgets}
+    chosen = {t: select(em, t, table) for t in budgets} if "static" in kinds else {}
     remove_routers(em)
-    static = {}
     print("static")
     for t, sel in chosen.items():
         with em.at(sel.widths):
@@ -114,19 +117,23 @@ def main() -> None:
 
     folder = router_folder(args.dynamic)
     em, table, meta = load_router_run(folder, "dynamic")
-    print("dynamic")
-    dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
-    remove_routers(em)
-    load_routers(em, folder, "capacity")
-    print("capacity")
-    capacity = per_token(em, table, held, budgets, args.batch, args.reps)
+    if "dynamic" in kinds:
+        print("dynamic")
+        dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
+    if "capacity" in kinds:
+        remove_routers(em)
+        load_routers(em, folder, "capacity")
+        print("capacity")
+        capacity = per_token(em, table, held, budgets, args.batch, args.reps)
 
-    rows = [{"budget": t, "static": static[t], "dynamic": dynamic[t],
-             "capacity": capacity[t]} for t in budgets]
+    rows = [{"budget": t, "static": static.get(t), "dynamic": dynamic.get(t),
+             "capacity": capacity.get(t)} for t in budgets]
     print(_table(rows))
-    print(f"dynamic at most static's loss and within budget at "
-          f"{sum(r['dynamic']['loss'] <= r['static']['loss'] and r['dynamic']['cost'] <= r['budget'] for r in rows)}"
-          f" of {len(rows)} budgets")
+    if static and dynamic:
+        wins = sum(r["dynamic"]["loss"] <= r["static"]["loss"]
+                   and r["dynamic"]["cost"] <= r["budget"] for r in rows)
+        print(f"dynamic at most static's loss and within budget at {wins} of {len(rows)} "
+              "budgets")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "static": str(args.static), "dynamic": str(folder), "metric": table.metric,
@@ -137,9 +144,13 @@ def main() -> None:
         _plot(rows, table.metric, args.plot)
 
 
-def _measured(r: dict) -> str:
-    ratios = r["ratios"]
+def _measured(r: dict | None) -> str:
+    ratios = r["ratios"] if r else None
     return f"{statistics.median(ratios):.3f} / {max(ratios):.3f}" if ratios else "-"
+
+
+def _scored(r: dict | None) -> str:
+    return f"{r['loss']:.4f} ({r['cost']:.3f})" if r else "-"
 
 
 def _table(rows: list) -> str:
@@ -148,9 +159,8 @@ def _table(rows: list) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s, d, c = r["static"], r["dynamic"], r["capacity"]
-        lines.append(f"| {r['budget']:.2f} | {s['loss']:.4f} ({s['cost']:.3f}) | "
-                     f"{d['loss']:.4f} ({d['cost']:.3f}) | {_measured(d)} | "
-                     f"{c['loss']:.4f} ({c['cost']:.3f}) | {_measured(c)} |")
+        lines.append(f"| {r['budget']:.2f} | {_scored(s)} | {_scored(d)} | {_measured(d)} | "
+                     f"{_scored(c)} | {_measured(c)} |")
     return "\n".join(lines)
 
 
@@ -162,8 +172,8 @@ def _plot(rows: list, metric: str, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("static", "*"), ("dynamic", "o"), ("capacity", "^")):
-        xs = [r[kind]["cost"] for r in rows]
-        ys = [r[kind]["loss"] for r in rows]
+        xs = [r[kind]["cost"] for r in rows if r[kind]]
+        ys = [r[kind]["loss"] for r in rows if r[kind]]
         ax.plot(xs, ys, marker=marker, ms=10 if marker == "*" else 7, label=kind)
     for r in rows:
         ax.axvline(r["budget"], color="gray", lw=0.6, ls=":")

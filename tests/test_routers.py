@@ -101,7 +101,8 @@ def test_each_router_output_is_a_valid_candidate(routed, arch, mode):
         output(em, _ids(1))
         for name, k in _choices(em).items():
             K = len(em.ops[name].candidates)
-            if mode == "static":
+            whole_batch = mode == "capacity" and em.ops[name].kind == "attention"
+            if mode == "static" or whole_batch:
                 assert isinstance(k, int) and 0 <= k < K
             else:
                 assert k.shape == (BATCH, SEQ) and k.dtype == torch.long
@@ -288,26 +289,30 @@ def test_capacity_mode_keeps_every_batch_within_budget(zoo_converted, arch, seed
         remove_routers(em)
 
 
-def test_capacity_within_its_share_keeps_the_dynamic_counts(zoo_converted):
-    _, em = zoo_converted("llama")
-    table = CostTable.coerce(em, _width_cost(em))
-    routers = inject_routers(em, "capacity", cost=table, seed=2)
-    _perturb(routers, 2)
-    ids = _ids(4, batch=3, seq=7)
-    try:
-        set_budget(em, 1.0)  # every op's share is its widest cost: nothing has to move
-        output(em, ids)
-        capacity = {n: torch.bincount(r.last_index.flatten(), minlength=len(r.candidates))
-                    for n, r in routers.items()}
-        for r in routers.values():
-            r.capacity = False
-        output(em, ids)
-        for n, r in routers.items():
-            want = torch.bincount(r.last_index.flatten(), minlength=len(r.candidates))
-            assert torch.equal(capacity[n], want), n
-        assert any(int((c > 0).sum()) > 1 for c in capacity.values())  # really mixed
-    finally:
-        remove_routers(em)
+def test_capacity_within_its_share_keeps_the_dynamic_counts():
+    torch.manual_seed(0)
+    router = DynamicRouter("block", (1, 2, 3, 4), dim=8, capacity=True)
+    _perturb({"block": router}, seed=2)
+    router.costs = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    h, ids = torch.randn(2, 9, 8), torch.zeros(2, 9, dtype=torch.long)
+
+    def run(capacity: bool, whole_batch: bool = False, share: float = 4.0):
+        router.capacity, router.whole_batch = capacity, whole_batch
+        router.share = lambda budget: share
+        return router(1.0, h, ids), router.last_index
+
+    _, dynamic = run(False)
+    want = torch.bincount(dynamic.flatten(), minlength=4)
+    assert int((want > 0).sum()) > 1  # the tokens really differ
+    _, capacity = run(True)  # the share is the widest cost: nothing has to move
+    assert torch.equal(torch.bincount(capacity.flatten(), minlength=4), want)
+    # one width for the batch: the widest whose cost is within the tokens' mean cost
+    mean = float(router.costs[dynamic].mean())
+    width, k = run(True, whole_batch=True)
+    assert isinstance(k, int) and width == router.candidates[k]
+    assert router.costs[k] <= mean and (k == 3 or router.costs[k + 1] > mean)
+    _, k = run(True, whole_batch=True, share=2.5)  # and within a tighter share
+    assert router.costs[k] <= 2.5
 
 
 def test_capacity_refuses_a_budget_below_the_cheapest(routed):

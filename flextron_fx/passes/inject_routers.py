@@ -79,6 +79,7 @@ def inject_routers(em: ElasticModel, mode: str = "static", *, cost=None, metric:
                 h = _block_input(em, name, src)
                 dim = _last_dim(h, op)
                 router = DynamicRouter(name, op.candidates, dim, units, mode == "capacity")
+                router.whole_batch = mode == "capacity" and op.kind == "attention"
                 args, after = (budget, h, ids), h
             router.to(device)
             target = f"{ROUTER}{i}"

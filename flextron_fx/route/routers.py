@@ -162,9 +162,12 @@ class DynamicRouter(Router):
     candidate: as many as choose it by argmax, then tokens moved to cheaper candidates
     until the block's mean cost per token is at most its share of the budget; candidates
     from the widest down take the tokens that prefer them most. A batch within its share
-    keeps dynamic mode's number of tokens per candidate. Needs `costs` (this block's cost per candidate) and
-    `share` (a function budget -> this block's cost limit per token), set by
-    `inject_routers`.
+    keeps dynamic mode's number of tokens per candidate. Needs `costs` (this block's cost
+    per candidate) and `share` (a function budget -> this block's cost limit per token),
+    set by `inject_routers`. With `whole_batch` (capacity attention: routed attention computes
+    queries, keys and values at the widest width any token uses, so per-token widths save
+    little there), the batch gets one width: the widest candidate that costs no more than
+    the mean of those counts.
     """
 
     kind = "dynamic"
@@ -181,6 +184,7 @@ class DynamicRouter(Router):
         self.capacity = capacity
         self.costs: torch.Tensor | None = None
         self.share = None
+        self.whole_batch = False
         if capacity:
             self.kind = "capacity"
 
@@ -227,12 +231,15 @@ class DynamicRouter(Router):
         logits = self.logits(_budget_tensor(budget, batch, h.device), h)
         if self.capacity and not self.sampling:
             index = self._capacity(budget, logits)
+            if isinstance(index, int):  # one width for the batch
+                self.last_index = index
+                return self.candidates[index]
         else:
             index = self._decide(logits)
         self.last_index = index
         return index
 
-    def _capacity(self, budget, logits: torch.Tensor) -> torch.Tensor:
+    def _capacity(self, budget, logits: torch.Tensor) -> torch.Tensor | int:
         if isinstance(budget, torch.Tensor):
             if budget.numel() != 1 and not bool((budget == budget.reshape(-1)[0]).all()):
                 raise WidthError("capacity routing keeps each batch within one budget; "
@@ -244,8 +251,13 @@ class DynamicRouter(Router):
         self.record = None
         probs = F.softmax(logits.detach().float(), -1).reshape(-1, logits.shape[-1])
         chosen = torch.bincount(probs.argmax(-1), minlength=probs.shape[-1])
-        counts = capacity_counts(chosen.float() / probs.shape[0], self.costs.tolist(),
-                                 probs.shape[0], self.share(budget))
+        costs = self.costs.tolist()
+        counts = capacity_counts(chosen.float() / probs.shape[0], costs, probs.shape[0],
+                                 self.share(budget))
+        if self.whole_batch:
+            mean = sum(c * k for c, k in zip(costs, counts)) / probs.shape[0]
+            return max((j for j, c in enumerate(costs) if c <= mean * (1 + 1e-9)),
+                       key=lambda j: (costs[j], j))
         return assign_by_preference(probs, counts).reshape(logits.shape[:-1])
 
 
