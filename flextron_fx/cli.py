@@ -160,23 +160,33 @@ def demo(args) -> None:
     if args.paper:
         args.calib_samples, args.heldout_tokens = 512, 32768
     args.out = args.out or "runs/smollm2-135m"
-    convert(args)
+    stages: dict[str, float] = {}
+
+    def stage(name: str, fn, *a) -> None:
+        t0 = time.perf_counter()
+        fn(*a)
+        stages[name] = time.perf_counter() - t0
+
+    stage("convert", convert, args)
     args.elastic = args.out
-    ablate_sorting(args)
+    stage("sorting ablation", ablate_sorting, args)
     trained = f"{args.out}-train"
     again = ["--resume"] + (["--overwrite"] if args.overwrite else [])
-    _run(["train-elastic", trained, "--elastic", args.out, "--model", args.model,
-          "--steps", "4", "--batch", "2", "--seq", "128", "--eval-every", "2",
-          "--eval-tokens", "1024", "--warmup", "2", "--seed", str(args.seed), *again])
+    stage("train-elastic", _run, [
+        "train-elastic", trained, "--elastic", args.out, "--model", args.model, "--steps",
+        "4", "--batch", "2", "--seq", "128", "--eval-every", "2", "--eval-tokens", "1024",
+        "--warmup", "2", "--seed", str(args.seed), *again])
     # static routers for a parameter budget (no latency table needed), then the widths
     # they pick for 60 % of the parameters
     routers = f"{args.out}-routers"
-    _run(["train-routers", routers, "--elastic", f"{trained}/final", "--model", args.model,
-          "--mode", "static", "--metric", "params", "--steps", "4", "--batch", "2", "--seq",
-          "128", "--eval-tokens", "512", "--surrogate-warmup", "2", "--seed", str(args.seed),
-          *again])
-    _run(["select", routers, "--budget", "params=0.6"])
-    _deploy(args, f"{trained}/final")
+    stage("train-routers + select", lambda: (_run([
+        "train-routers", routers, "--elastic", f"{trained}/final", "--model", args.model,
+        "--mode", "static", "--metric", "params", "--steps", "4", "--batch", "2", "--seq",
+        "128", "--eval-tokens", "512", "--surrogate-warmup", "2", "--seed", str(args.seed),
+        *again]), _run(["select", routers, "--budget", "params=0.6"])))
+    stage("deploy", _deploy, args, f"{trained}/final")
+    print("\ndemo stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+          + f"; total {sum(stages.values()):.0f} s")
 
 
 def _run(argv: list[str]) -> None:

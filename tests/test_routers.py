@@ -18,6 +18,8 @@ from zoo import ZOO, sample_inputs
 import flextron_fx
 from flextron_fx import ProfileError, WidthError
 from flextron_fx.passes.inject_routers import (
+    calibrate_capacity,
+    capacity_shares,
     fix_budget,
     inject_routers,
     remove_routers,
@@ -270,6 +272,68 @@ def test_capacity_counts_meet_the_limit_and_assignment_follows_them(k, n, seed, 
         chosen = probs[index == k - 1, k - 1]
         others = probs[index != k - 1, k - 1]
         assert float(chosen.min()) >= float(others.max())
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=st.integers(1, 6), seed=st.integers(0, 2**16), frac=st.floats(0.0, 1.0),
+       calibrated=st.booleans())
+def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, frac,
+                                                                   calibrated):
+    g = torch.Generator().manual_seed(seed)
+    costs = {f"op{i}": sorted((1 + torch.rand(3, generator=g) * 4).tolist())
+             for i in range(ops)}
+    table = CostTable("params", costs, fixed=2.0)
+    grid = [0.5, 0.75, 1.0]
+    profile = {"grid": grid, "ops": {n: sorted((c[0] + torch.rand(3, generator=g)
+                                                * (c[-1] - c[0])).tolist())
+                                     for n, c in costs.items()}} if calibrated else None
+    shares = capacity_shares(table, list(costs), profile)
+    budget = (table.minimum + frac * (table.full - table.minimum)) / table.full
+    got = shares(budget)
+    for n, c in costs.items():
+        assert c[0] - 1e-9 <= got[n] <= c[-1] + 1e-9
+    assert math.isclose(table.fixed + sum(got.values()), budget * table.full, rel_tol=1e-9)
+    if not calibrated:  # every op the same fraction of its range
+        alphas = {round((got[n] - c[0]) / (c[-1] - c[0]), 9) for n, c in costs.items()
+                  if c[-1] > c[0]}
+        assert len(alphas) <= 1
+
+
+def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, _width_cost(em))
+    tokens = _ids(7, batch=8, seq=6)
+    budget = 0.7
+
+    def spent() -> list[float]:
+        set_budget(em, budget)
+        out = []
+        for i in range(0, 8, 4):
+            output(em, tokens[i:i + 4])
+            out.append(chosen_cost(em, table) / table.full)
+        return out
+
+    _perturb(inject_routers(em, "capacity", cost=table, seed=3), 3)
+    try:
+        before = spent()
+        profile = calibrate_capacity(em, table, tokens)
+        after = spent()
+        assert max(after) <= budget + 1e-6 and max(before) <= budget + 1e-6
+        assert sum(after) > sum(before)  # the budget is split as the routers spend it
+        assert set(profile["ops"]) == set(em.ops) and profile["grid"][0] >= 0.5
+        save_routers(em, tmp_path / "r", table)
+        with torch.no_grad():
+            set_budget(em, budget)
+            want = output(em, tokens)
+    finally:
+        remove_routers(em)
+    load_routers(em, tmp_path / "r")
+    try:
+        set_budget(em, budget)
+        with torch.no_grad():
+            assert torch.equal(output(em, tokens), want)
+    finally:
+        remove_routers(em)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

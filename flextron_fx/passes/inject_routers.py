@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -92,7 +93,7 @@ def inject_routers(em: ElasticModel, mode: str = "static", *, cost=None, metric:
             graph.erase_node(src)
             out[name] = router
     if table is not None:
-        _set_capacity(out, table)
+        set_capacity(out, table)
     if mode != "static":
         _tap_final_hidden(gm)
     _toposort(graph)
@@ -197,23 +198,100 @@ def static_choice(em: ElasticModel, budget: float) -> dict[str, int]:
     return out
 
 
-def _set_capacity(routers: dict[str, Router], table: CostTable) -> None:
-    """Each block's cost limit per token: its cheapest cost plus the same share of its
-    range for every block, the share set so that the limits add up to the budget."""
-    low = {n: min(table.costs[n]) for n in routers}
-    span = {n: max(table.costs[n]) - low[n] for n in routers}
-    base, total = table.fixed + sum(low.values()), sum(span.values())
+def capacity_shares(table: CostTable, names, profile: dict | None = None):
+    """budget -> {op: cost limit per token}, the limits adding up to the budget.
 
-    def share_of(name):
-        def share(budget: float) -> float:
-            table.refuse_below_minimum(budget)
-            alpha = 1.0 if total == 0 else min(1.0, (budget * table.full - base) / total)
-            return low[name] + max(0.0, alpha) * span[name]
-        return share
+    Each op starts from a target cost: its cheapest candidate, or with `profile`
+    ({"grid": budgets, "ops": {op: mean cost per token at each}}, `calibrate_capacity`)
+    what the dynamic routers spent there, interpolated. Room left is shared in proportion
+    to each op's headroom up to its widest candidate; a shortfall is taken in proportion
+    to each op's target above its cheapest. Without a profile every op gets the same
+    fraction of its cost range."""
+    low = {n: min(table.costs[n]) for n in names}
+    high = {n: max(table.costs[n]) for n in names}
+    cache: dict[float, dict[str, float]] = {}
+
+    def shares(budget: float) -> dict[str, float]:
+        if budget in cache:
+            return cache[budget]
+        table.refuse_below_minimum(budget)
+        room = budget * table.full - table.fixed
+        if profile is None:
+            want = dict(low)
+        else:
+            want = {n: min(high[n], max(low[n], float(np.interp(
+                budget, profile["grid"], profile["ops"][n])))) for n in names}
+        spare = room - sum(want.values())
+        if spare >= 0:
+            head = sum(high[n] - want[n] for n in names)
+            out = {n: want[n] + (min(1.0, spare / head) * (high[n] - want[n]) if head else 0)
+                   for n in names}
+        else:
+            above = sum(want[n] - low[n] for n in names)
+            out = {n: low[n] + (want[n] - low[n]) * max(0.0, 1 + spare / above)
+                   for n in names}
+        cache[budget] = out
+        return out
+
+    return shares
+
+
+def set_capacity(routers: dict[str, Router], table: CostTable,
+                 profile: dict | None = None) -> None:
+    """Give capacity routers their costs and their share of any budget
+    (`capacity_shares`)."""
+    shares = capacity_shares(table, list(routers), profile)
+
+    def share_of(name: str):
+        return lambda budget: shares(budget)[name]
 
     for name, r in routers.items():
         r.costs = table.tensor(name)
         r.share = share_of(name)
+        r.profile = profile
+
+
+@torch.no_grad()
+def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
+                       grid=None, batch: int = 4) -> dict:
+    """Capacity routers: run `tokens` [n, seq] through the routers in dynamic mode at each
+    budget of `grid` (default 0.5-1.0 in steps of 0.05, those the table can meet), record
+    each op's mean cost per token, and make those the ops' capacity targets (see
+    `capacity_shares`): the budget is then split the way the routers spend it, not in
+    equal fractions. Returns the profile (`save_routers` keeps it)."""
+    routers = routers_of(em)
+    if not routers or any(r.kind != "capacity" for r in routers.values()):
+        raise WidthError("calibrate_capacity needs capacity routers "
+                         "(inject_routers(em, 'capacity', cost=...))")
+    if grid is None:
+        grid = [g / 20 for g in range(10, 21)]
+    grid = sorted(g for g in grid if g * table.full >= table.minimum)
+    if not grid:
+        raise WidthError("no budget of the grid is above the cheapest sub-network")
+    device = next(em.parameters()).device
+    spent = {n: [] for n in routers}
+    source = budget_source(em)
+    saved = source.value
+    try:
+        for r in routers.values():
+            r.capacity = False
+        for g in grid:
+            set_budget(em, g)
+            total = {n: 0.0 for n in routers}
+            for i in range(0, tokens.shape[0], batch):
+                ids = tokens[i:i + batch].to(device)
+                em(ids)
+                for n, r in routers.items():
+                    total[n] += float(r.costs[r.last_index.cpu()].sum())
+            for n in routers:
+                spent[n].append(total[n] / tokens.numel())
+    finally:
+        for r in routers.values():
+            r.capacity = True
+        source.value = saved
+    profile = {"grid": grid, "ops": spent}
+    set_capacity(routers, table, profile)
+    return profile
 
 
 def _block_input(em: ElasticModel, name: str, src: fx.Node) -> fx.Node:

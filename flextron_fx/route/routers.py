@@ -184,6 +184,7 @@ class DynamicRouter(Router):
         self.capacity = capacity
         self.costs: torch.Tensor | None = None
         self.share = None
+        self.profile: dict | None = None  # calibrate_capacity's targets, if calibrated
         self.whole_batch = False
         if capacity:
             self.kind = "capacity"

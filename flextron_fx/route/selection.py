@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .._atomic import replace_folder
 from ..elastic.model import ElasticModel
 from ..errors import CheckpointError, WidthError
-from ..passes.inject_routers import inject_routers, router_mode, routers_of
+from ..passes.inject_routers import inject_routers, router_mode, routers_of, set_capacity
 from .costs import CostTable
 from .routers import StaticRouter
 
@@ -140,6 +140,8 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
     meta = {"format": FORMAT, "version": VERSION, "mode": first.kind, **sizes,
             "ops": {n: list(r.candidates) for n, r in routers.items()},
             "cost": table.to_dict() if table is not None else None, "extra": extra or {}}
+    if getattr(first, "profile", None) is not None:
+        meta["capacity_profile"] = first.profile
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, r in enumerate(routers.values()) for k, v in r.state_dict().items()}
     path = Path(path)
@@ -213,11 +215,14 @@ def load_routers(em: ElasticModel, path: str | Path,
         raise CheckpointError(f"{path} holds {meta['mode']} routers; they cannot run as "
                               f"{mode} routers (dynamic and capacity routers share weights, "
                               "static ones do not)")
-    routers = inject_routers(em, mode or meta["mode"], cost=table,
+    mode_used = mode or meta["mode"]
+    routers = inject_routers(em, mode_used, cost=table,
                              metric=table.metric if table else "latency",
                              hidden=meta.get("hidden", 64), units=meta.get("units", 128))
     for i, r in enumerate(routers.values()):
         _load_state(r, states.get(i, {}), path)
+    if mode_used == "capacity" and meta.get("capacity_profile") and table is not None:
+        set_capacity(routers, table, meta["capacity_profile"])
     return routers, table, meta
 
 

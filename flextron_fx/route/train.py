@@ -42,6 +42,7 @@ from ..elastic.model import ElasticModel
 from ..errors import TrainingError
 from ..passes.inject_routers import (
     MODES,
+    calibrate_capacity,
     final_hidden_tap,
     inject_routers,
     router_mode,
@@ -415,6 +416,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
                "wall_s": time.perf_counter() - t_run, "mode": config.mode,
                "metric": config.metric}
+    if config.mode == "capacity" and status == "done":  # split budgets as the routers spend
+        calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch)
     if heldout is not None and status == "done":
         summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
     return summary
