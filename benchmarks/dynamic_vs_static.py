@@ -9,8 +9,10 @@ Wikipedia domain's validation split (never trained on), in batches of `--batch`:
 
 - static: `flextron select`'s sub-network (argmax widths, then fitted to the budget);
 - dynamic: the dynamic routers' argmax per token; its cost is the token mean;
-- capacity: the same routers in capacity mode (a fixed number of tokens per candidate in
-  every batch, so each batch's cost is within the budget).
+- capacity: the same routers in capacity mode (a number of tokens per candidate in every
+  batch, so each batch's cost is within the budget), the budget split over the ops the way
+  the routers spend it on `--calib-blocks` x 256 tokens of the calibration split
+  (`calibrate_capacity`; `--uniform-shares`: every op the same fraction of its range).
 
 Loss is the mean next-token loss; cost is the predicted fraction of the full model's cost
 in the runs' table. For dynamic and capacity, every batch's forward is also timed against
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from flextron_fx.data import calibration_and_heldout
 from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
+from flextron_fx.passes.inject_routers import calibrate_capacity
 from flextron_fx.route import remove_routers, routers_of, select, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import load_routers, router_folder
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16, help="held-out blocks of 256 tokens")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
+    ap.add_argument("--calib-blocks", type=int, default=8)
+    ap.add_argument("--uniform-shares", action="store_true")
     ap.add_argument("--kinds", default="static,dynamic,capacity",
                     help="which of static, dynamic, capacity to run")
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
@@ -96,7 +101,8 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    _, held, source = calibration_and_heldout(tokenizer(args.model), n_calib=1)
+    calib, held, source = calibration_and_heldout(tokenizer(args.model),
+                                                  n_calib=args.calib_blocks)
     held = held[:args.blocks]
 
     kinds = args.kinds.split(",")
@@ -122,7 +128,9 @@ def main() -> None:
         dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
     if "capacity" in kinds:
         remove_routers(em)
-        load_routers(em, folder, "capacity")
+        routers = load_routers(em, folder, "capacity")[0]
+        if not args.uniform_shares and next(iter(routers.values())).profile is None:
+            calibrate_capacity(em, table, calib, batch=args.batch)
         print("capacity")
         capacity = per_token(em, table, held, budgets, args.batch, args.reps)
 
