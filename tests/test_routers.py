@@ -476,6 +476,23 @@ def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
         assert res["cost"] <= float(b) + 0.05 and math.isfinite(res["loss"])
 
 
+def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):
+    em = _fresh(head_scale=6.0)
+    tokens = _self_sampled_tokens(em)
+    config = _config(surrogate_explained=0.03, surrogate_threshold=1e-9)  # MSE never counts
+    train_routers(em, tokens, tmp_path / "run", config, _width_cost(em), progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert any(r["trusted"] for r in rows)
+    for r in rows:
+        fresh = r["surrogate_fresh_explained"]
+        if r["trusted"]:
+            assert fresh is not None and fresh >= 0.03
+        elif r["step"] > config.surrogate_warmup:
+            assert fresh is None or fresh < 0.03
+    with pytest.raises(flextron_fx.FlextronError, match="share of variance"):
+        _config(surrogate_explained=1.5).validate()
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted, mode):
     config = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,

@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
     p.add_argument("--surrogate-threshold", type=float, default=0.05,
                    help="routers follow the surrogate once its MSE is below this")
+    p.add_argument("--surrogate-explained", type=float, default=None, metavar="SHARE",
+                   help="routers follow the surrogate once it explains this share of the "
+                        "variance of fresh samples' targets (e.g. 0.5), instead of "
+                        "--surrogate-threshold; carries over between models and text")
     p.add_argument("--surrogate-warmup", type=int, default=20)
     p.add_argument("--target", choices=["loss", "excess"], default="loss",
                    help="what the surrogate predicts: the loss, or the loss above the full "
@@ -92,6 +96,7 @@ def run_train(args) -> dict:
         steps=args.steps, mode=args.mode, metric=args.metric, batch=args.batch,
         budget_range=tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
+        surrogate_explained=args.surrogate_explained,
         target=args.target, checkpoint_every=args.checkpoint_every, seed=args.seed,
         init_from=args.init_from,
         extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
