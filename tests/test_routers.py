@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close, calibration, output
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from zoo import ZOO, sample_inputs
 
@@ -277,6 +277,7 @@ def test_capacity_counts_meet_the_limit_and_assignment_follows_them(k, n, seed, 
 @settings(max_examples=80, deadline=None)
 @given(ops=st.integers(1, 6), seed=st.integers(0, 2**16), frac=st.floats(0.0, 1.0),
        calibrated=st.booleans())
+@example(ops=5, seed=0, frac=0.0, calibrated=False)  # the cheapest, rounded below its sum
 def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, frac,
                                                                    calibrated):
     g = torch.Generator().manual_seed(seed)

@@ -227,9 +227,9 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None):
             out = {n: want[n] + (min(1.0, spare / head) * (high[n] - want[n]) if head else 0)
                    for n in names}
         else:
-            above = sum(want[n] - low[n] for n in names)
-            out = {n: low[n] + (want[n] - low[n]) * max(0.0, 1 + spare / above)
-                   for n in names}
+            above = sum(want[n] - low[n] for n in names)  # 0: room is the minimum, rounded
+            keep = max(0.0, 1 + spare / above) if above > 0 else 0.0
+            out = {n: low[n] + (want[n] - low[n]) * keep for n in names}
         cache[budget] = out
         return out
 
