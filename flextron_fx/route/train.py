@@ -347,16 +347,16 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         check_resume(run, S.read_state(ckpt), config, data)
     mode = router_mode(em)
     if mode is None:
-        start = None
-        if config.init_from is not None:
+        static = None
+        if config.init_from is not None and ckpt is None:  # a resumed run loads its own
             from .selection import read_static_routers, router_folder
 
-            start = read_static_routers(em, router_folder(config.init_from))
+            static = read_static_routers(em, router_folder(config.init_from))
         injected = inject_routers(em, config.mode, cost=table, metric=config.metric,
                                   hidden=config.hidden, units=config.units, seed=config.seed)
-        if start is not None:
+        if static is not None:
             for name, router in injected.items():
-                router.start_from(start[name])
+                router.start_from(static[name])
     elif mode != config.mode:
         raise TrainingError(f"the model already has {mode} routers, not {config.mode} ones; "
                             "remove_routers(em) first")
