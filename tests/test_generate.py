@@ -206,3 +206,87 @@ def test_generate_refuses_folders_that_hold_no_model(saved, tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert "neither flextron.json" in capsys.readouterr().err
+
+
+def _save_routers(em, folder, mode: str):
+    """Routers with trained-looking (random) weights and a width-share cost table."""
+    from flextron_fx.route import CostTable, inject_routers, remove_routers, save_routers
+
+    table = CostTable.coerce(em, {n: [c / op.full for c in op.candidates]
+                                  for n, op in em.ops.items()})
+    routers = inject_routers(em, mode, cost=table, seed=3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for r in routers.values():
+            for p in r.parameters():
+                p.add_(2 * torch.randn(p.shape, generator=g))
+    try:
+        save_routers(em, folder, table)
+    finally:
+        remove_routers(em)
+    return table
+
+
+def _generated(out: str) -> list[int]:
+    return [int(t) for t in out.split("tokens:")[1].splitlines()[0].split()]
+
+
+def test_generate_with_dynamic_routers_gives_each_token_its_own_widths(saved, tmp_path,
+                                                                        capsys):
+    """Each new token is the greedy choice of the routed elastic graph on the sequence
+    before it, and the cost printed is what the routers chose for the new tokens: checked
+    against one routed forward over the whole generated sequence."""
+    from flextron_fx.route import load_routers, remove_routers, set_budget
+
+    em, path = saved
+    table = _save_routers(em, tmp_path / "dyn", "dynamic")
+    prompt = [1, 2, 3]
+    assert cli.main(["generate", str(path), "--routers", str(tmp_path / "dyn"), "--budget",
+                     "0.6", "--prompt-ids", " ".join(map(str, prompt)),
+                     "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    new = _generated(out)
+    routers, _, _ = load_routers(em, tmp_path / "dyn", "dynamic")
+    try:
+        set_budget(em, 0.6)
+        seq = torch.tensor([prompt + new])
+        logits = output(em, seq)
+        positions = range(len(prompt) - 1, seq.shape[1] - 1)
+        assert [int(logits[0, p].argmax()) for p in positions] == new
+        index = {n: r.last_index[0] for n, r in routers.items()}
+    finally:
+        remove_routers(em)
+        em.set_full()
+    costs = [(table.fixed + sum(table.costs[n][int(index[n][p])] for n in index)) / table.full
+             for p in positions]
+    assert len(set(costs)) > 1  # the routers chose different widths for different tokens
+    line = out.split("the new tokens cost ")[1]
+    assert float(line.split()[0]) == pytest.approx(sum(costs) / len(costs), abs=1e-3)
+    assert "tokens/s" in out
+    assert cli.main(["generate", str(path), "--routers", str(tmp_path / "dyn"), "--budget",
+                     "0.6", "--prompt-ids", "1 2", "--runtime", "onnxruntime"]) == 2
+    assert "in PyTorch" in capsys.readouterr().err
+
+
+def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_path, capsys):
+    from flextron_fx.route import load_routers, remove_routers, select
+
+    em, path = saved
+    table = _save_routers(em, tmp_path / "static", "static")
+    load_routers(em, tmp_path / "static")
+    try:
+        widths = select(em, 0.6, table).widths
+    finally:
+        remove_routers(em)
+    assert cli.main(["generate", str(path), "--routers", str(tmp_path / "static"),
+                     "--budget", "0.6", "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
+    got = _generated(capsys.readouterr().out)
+    assert got == _recompute(em, widths, torch.tensor([[1, 2, 3]]), 6)[0].tolist()
+    # refused clearly: routers without a budget, with fixed widths, in onnxruntime (dynamic)
+    base = ["generate", str(path), "--prompt-ids", "1 2"]
+    for extra, message in [
+            (["--routers", str(tmp_path / "static")], "needs --budget"),
+            (["--routers", str(tmp_path / "static"), "--fraction", "0.5"], "leave out"),
+            (["--routers", str(tmp_path / "nothing"), "--budget", "0.6"], "no trained routers")]:
+        assert cli.main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -274,3 +274,43 @@ def test_several_inputs_share_the_batch_and_sequence_dims():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         em(_ids(4, 6), torch.ones(4, 6, dtype=torch.bool))
+
+
+# ---- a Hugging Face class traced again in the same process -------------------------------
+
+def test_a_second_trace_of_the_same_hf_config_reuses_the_graph_with_its_own_weights(
+        monkeypatch):
+    """Loading a saved model, training and exporting each trace the same class again: the
+    graph is reused, but every traced model computes with its own weights, and a model
+    whose config or forward differs is traced afresh."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flextron_fx import trace as T
+
+    calls = []
+    real = T._export_inferred
+    monkeypatch.setattr(T, "_export_inferred", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(T, "_PROGRAMS", type(T._PROGRAMS)())
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    first, second = (LlamaForCausalLM(LlamaConfig(**config)).eval() for _ in range(2))
+    ids, other = _ids(2, 8), _ids(3, 11, seed=1)
+    graphs = [T.trace(m, (ids,)).graph_module for m in (first, second)]
+    assert len(calls) == 1  # the second came from the first's graph
+    with torch.no_grad():
+        for model, gm in zip((first, second), graphs):
+            assert_close(gm(other), model(other).logits)
+        assert (graphs[0](other) - graphs[1](other)).abs().max() > 1e-3
+        # the traced graphs own their weights: changing one leaves the user's model alone
+        next(graphs[1].parameters()).add_(1.0)
+        assert_close(graphs[0](other), first(other).logits)
+    T.trace(LlamaForCausalLM(LlamaConfig(**{**config, "num_hidden_layers": 1})), (ids,))
+    assert len(calls) == 2
+    patched = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    inner = patched.model.layers[0].mlp
+    inner.forward = lambda x, _f=inner.forward: 2 * _f(x)
+    gm = T.trace(patched, (ids,)).graph_module
+    assert len(calls) == 3
+    with torch.no_grad():
+        assert_close(gm(other), patched(other).logits)

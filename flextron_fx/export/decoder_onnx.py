@@ -26,7 +26,7 @@ from torch import nn
 
 from .._atomic import write_atomic
 from ..errors import ExportError, OutputError
-from .onnx import _export, compare
+from .onnx import compare, export_program
 
 
 class _Step(nn.Module):
@@ -90,7 +90,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, check: bool = 
                              for kv in ("key", "value")]
     outputs = ["logits"] + [f"present_{kv}_{i}" for i in range(len(shapes))
                             for kv in ("key", "value")]
-    proto = _export(step, inputs, dynamic, names=names)
+    proto = export_program(step, inputs, dynamic, names=names)
     if [o.name for o in proto.graph.output] != outputs:  # names follow the order of outputs
         for o, name in zip(proto.graph.output, outputs):
             _rename(proto.graph, o.name, name)

@@ -29,7 +29,7 @@ from ..elastic.model import ElasticModel
 from ..elastic.ops import ShapeSize, WeightSlice, WidthSource, WidthSpan
 from ..errors import ExportError, OutputError, WidthError
 from .dense import inline_regions
-from .onnx import _export, _outputs, example_inputs, mismatch
+from .onnx import _outputs, example_inputs, export_program, mismatch
 
 
 def pick(table: torch.Tensor, setting: torch.Tensor, low: int, high: int):
@@ -194,8 +194,8 @@ def to_elastic_onnx(em: ElasticModel, path: str | os.PathLike, settings, *,
     inputs, dynamic = example_inputs(em)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = _export(module, (*inputs, torch.tensor(0)), (*dynamic, None),
-                        [*(f"input_{i}" for i in range(len(inputs))), "setting"])
+        proto = export_program(module, (*inputs, torch.tensor(0)), (*dynamic, None),
+                               [*(f"input_{i}" for i in range(len(inputs))), "setting"])
     blob = proto.SerializeToString()
     if check:
         _check(em, blob, settings, tol)

@@ -8,6 +8,8 @@ tokens, appends their keys and values to its cache and returns the last position
   `DynamicCache`, whose tensors have the key/value heads each layer keeps.
 - `OrtDecoder(path)`: an ONNX decoder written by `to_onnx_decoder` (past keys and values in,
   present ones out).
+- `RoutedDecoder(em, table)`: the elastic graph with dynamic routers, every token at the
+  widths its routers choose (no cache: each step runs the whole sequence).
 
 Example:
     >>> model = sliced_hf(em, 0.5)                                    # doctest: +SKIP
@@ -121,6 +123,54 @@ class TorchDecoder:
         return out.logits[:, -1]
 
 
+class RoutedDecoder:
+    """`step` for an elastic model whose dynamic routers choose each token's widths
+    (`inject_routers(em, "dynamic")` or `load_routers(em, run, "dynamic")`) at `budget`, a
+    fraction of the full model's cost in the metric of `table`.
+
+    The elastic graph has no key/value cache, so every step runs the whole sequence again
+    (routed execution: each token on its own widths) and generation slows with its length.
+    Tokens are causal, so a token's widths and logits are the same whenever they are
+    computed. `costs` (one fraction of the full model's cost per generated token, from the
+    routers' choices for it and a `CostTable`) says what routing spent.
+    """
+
+    def __init__(self, em, table, budget: float):
+        from ..passes.inject_routers import routers_of, set_budget
+
+        self.em, self.table, self.budget = em, table, budget
+        self.routers = routers_of(em)
+        if not self.routers or any(r.kind == "static" for r in self.routers.values()):
+            raise InputError("RoutedDecoder needs dynamic routers in the graph; for a static "
+                             "budget, generate with the widths `flextron select` chose")
+        set_budget(em, budget)
+        self.ids: torch.Tensor | None = None
+        self.costs: list[float] = []
+
+    def reset(self) -> None:
+        self.ids, self.costs = None, []
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], 1)
+        out = self.em(self.ids)
+        logits = getattr(out, "logits", out)
+        self.costs.append(self._cost_of_last())
+        return logits[:, -1]
+
+    def _cost_of_last(self) -> float:
+        """Mean over the batch of the last token's cost, as a fraction of the full model."""
+        total = torch.full((self.ids.shape[0],), float(self.table.fixed))
+        for name, router in self.routers.items():
+            index = router.last_index
+            costs = torch.as_tensor(self.table.costs[name], dtype=torch.float32)
+            if isinstance(index, torch.Tensor):
+                total += costs[index[:, -1].cpu()]
+            else:  # a width for the whole batch
+                total += costs[index]
+        return float(total.mean()) / self.table.full
+
+
 class OrtDecoder:
     """`step` for an ONNX decoder of `to_onnx_decoder`, in onnxruntime on the CPU."""
 
@@ -150,4 +200,4 @@ class OrtDecoder:
         return torch.from_numpy(logits[:, -1])
 
 
-__all__ = ["Generated", "OrtDecoder", "Sampling", "TorchDecoder", "generate"]
+__all__ = ["Generated", "OrtDecoder", "RoutedDecoder", "Sampling", "TorchDecoder", "generate"]

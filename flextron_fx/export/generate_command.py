@@ -4,9 +4,14 @@
     flextron generate DIR --fraction 0.5 --prompt "..." --temperature 0.8 --top-p 0.9 --seed 1
     flextron generate DIR --widths sel.json --prompt "..." --runtime onnxruntime
     flextron generate HF_DIR --prompt "..."          # a folder of `flextron export --format hf`
+    flextron generate DIR --routers ROUTER_RUN --budget latency=0.6 --prompt "..."
 
 The sub-network is built as the source Hugging Face class at its (per-layer) widths
 (export/sliced.py), so its key/value cache holds the heads each layer keeps. With
+`--routers`, static routers choose those widths for `--budget`; dynamic routers instead
+choose every token's widths as it is generated, in the elastic graph (routed execution,
+which has no cache: each step runs the whole sequence), and the mean cost per token is
+printed. With
 `--runtime onnxruntime` it is first exported as an ONNX decoder with past keys and values
 (export/decoder_onnx.py, checked against PyTorch) to a temporary file. The prompt is
 tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`, or the bundled
@@ -37,6 +42,10 @@ def add_parser(sub) -> None:
     which.add_argument("--budget", help="params=0.6, memory=300MB, latency=0.6 (with --lut): "
                                         "the largest uniform widths within it")
     p.add_argument("--lut", default=None, help="latency table, for latency budgets")
+    p.add_argument("--routers", default=None,
+                   help="a `flextron train-routers` run (or its final/) for DIR's model: "
+                        "static routers choose the widths for --budget once; dynamic or "
+                        "capacity ones choose every token's widths (routed, no cache)")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="the text to continue")
     text.add_argument("--prompt-ids", help="the prompt as token ids: \"1 2 3\"")
@@ -73,11 +82,25 @@ def generate_command(args: argparse.Namespace) -> int:
     if not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     given = _prompt_ids(args.prompt_ids)  # cheap checks before the model is built
-    model = _model(folder, args)
-    tokenizer = None if given is not None else _tokenizer(folder, model, args)
-    ids = _prompt(given if given is not None else tokenizer(args.prompt)["input_ids"],
-                  int(model.config.vocab_size))
-    if args.runtime == "torch":
+    routed = None
+    if args.routers:
+        em, chosen = _with_routers(folder, args)
+        if isinstance(chosen, dict):  # static routers: their widths for the budget
+            from .commands import _describe
+            from .sliced import sliced_hf
+
+            print(f"widths: {_describe(em, chosen)} (static routers)")
+            model = sliced_hf(em, chosen)
+        else:
+            model, routed = em, chosen
+    else:
+        model = _model(folder, args)
+    vocab = _vocab(model)
+    tokenizer = None if given is not None else _tokenizer(folder, vocab, args)
+    ids = _prompt(given if given is not None else tokenizer(args.prompt)["input_ids"], vocab)
+    if routed:
+        decoder = routed
+    elif args.runtime == "torch":
         decoder = TorchDecoder(model)
     else:
         from .decoder_onnx import to_onnx_decoder
@@ -98,7 +121,70 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"{len(new)} new tokens in {out.prefill_s + out.decode_s:.2f} s "
           f"({out.tokens_per_s:.1f} tokens/s, {args.runtime}; prompt of {ids.shape[1]} "
           f"tokens in {out.prefill_s * 1e3:.0f} ms)")
+    if routed:
+        spent = routed.costs[:len(new)]
+        print(f"dynamic routers at budget {routed.budget:.4g}: the new tokens cost "
+              f"{sum(spent) / len(spent):.3f} of the full model's {routed.table.metric} on "
+              f"average ({min(spent):.3f} to {max(spent):.3f}); every step ran the whole "
+              "sequence (routed execution has no key/value cache)")
     return 0
+
+
+def _with_routers(folder: Path, args: argparse.Namespace):
+    """(elastic model, what its routers chose for --budget): per-op widths for static
+    routers (they are removed again), a `RoutedDecoder` for dynamic or capacity ones (run
+    as dynamic: one token at a time)."""
+    from ..errors import CheckpointError, InputError
+    from ..passes.inject_routers import remove_routers
+    from ..profiler import Budget
+    from ..route.selection import load_routers, router_folder, select
+    from .checkpoint import META
+    from .generate import RoutedDecoder
+
+    if args.fraction is not None or args.widths is not None:
+        raise InputError("--routers choose the widths for --budget; leave out --fraction and "
+                         "--widths")
+    if not args.budget:
+        raise InputError("--routers needs --budget: a fraction of the full model's cost "
+                         "(0.6) or one of the routers' metric (latency=0.6)")
+    if not (folder / META).is_file():
+        raise CheckpointError(f"{folder} is no elastic run (no {META}); --routers choose "
+                              "widths of the elastic model they were trained for")
+    static = _static(args.routers)
+    if not static and args.runtime != "torch":
+        raise InputError("dynamic routers run in the elastic graph, in PyTorch; leave out "
+                         "--runtime onnxruntime (static budgets export to ONNX)")
+    from .. import load
+
+    em = load(folder)
+    _, table, _ = load_routers(em, router_folder(args.routers), None if static else "dynamic")
+    if table is None:
+        raise CheckpointError(f"{args.routers} holds no cost table; retrain the routers")
+    try:
+        fraction = table.budget_fraction(float(args.budget))
+    except ValueError:
+        fraction = table.budget_fraction(Budget.parse(args.budget))
+    table.refuse_below_minimum(fraction)
+    if static:
+        widths = select(em, fraction, table).widths
+        remove_routers(em)
+        return em, widths
+    return em, RoutedDecoder(em, table, min(fraction, 1.0))
+
+
+def _static(path) -> bool:
+    from ..route.selection import read_router_meta, router_folder
+
+    return read_router_meta(router_folder(path))["mode"] == "static"
+
+
+def _vocab(model) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    from ..trace import vocab_size
+
+    return int(vocab_size(model.graph_module))
 
 
 def _model(folder: Path, args: argparse.Namespace):
@@ -133,10 +219,9 @@ def _model(folder: Path, args: argparse.Namespace):
                           "config.json (a Hugging Face export)")
 
 
-def _tokenizer(folder: Path, model, args: argparse.Namespace):
+def _tokenizer(folder: Path, vocab: int, args: argparse.Namespace):
     from ..errors import InputError
 
-    vocab = int(model.config.vocab_size)
     if args.tokenizer is None and ((folder / "tokenizer.json").is_file()
                                    or (folder / "tokenizer_config.json").is_file()):
         from transformers import AutoTokenizer

@@ -1,9 +1,9 @@
 """The onnxruntime backend: sub-networks exported to ONNX and timed in an InferenceSession.
 
-Export. The per-layer Hugging Face model (runtime.py) at one mix of widths is exported with
-`torch.onnx.export(dynamo=True)` at the shape being measured: prefill takes the token ids;
-decode takes one new token, its positions and the key/value cache of every layer as graph
-inputs. Every export is checked against torch's logits before it is timed, so what is
+Export. The per-layer Hugging Face model (runtime.py) at one mix of widths is exported by
+`export.onnx.export_program` (torch's dynamo exporter, as every ONNX file of the library) at
+the shape being measured: prefill takes the token ids; decode takes one new token, its
+positions and the key/value cache of every layer as graph inputs. Every export is checked against torch's logits before it is timed, so what is
 measured is the sub-network, sliced for real, not an approximation of it.
 
 Per-op times come from onnxruntime's own profiler (`SessionOptions.enable_profiling`),
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import os
 import tempfile
 import time
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ProfileError
+from ..export.onnx import export_program
 from .runtime import LayerwiseModel, fixed_modules
 from .table import shape_key
 
@@ -95,17 +94,12 @@ class ExportedNetwork:
             wrapper = _Decode(rt.model)
         wrapper.eval()
         args = [a.clone() for a in args]  # plain tensors: the cache was made in inference mode
-        # the exporter logs one warning per torchvision op it cannot register; none is used
-        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, tuple(args), dynamo=True, optimize=False,
-                                        verbose=False)
+        with torch.inference_mode(False), torch.no_grad():
+            proto = export_program(wrapper, tuple(args))
             ref = wrapper(*args).float().numpy()
-        proto = program.model_proto
         self.scopes = _output_scopes(proto)
         blob = proto.SerializeToString()
-        del program, proto
+        del proto
         self.threads = threads
         self.sessions = {"plain": self._session(blob)}
         # the profiled session is made at its first run, after the plain one has been timed
