@@ -1,13 +1,16 @@
 """ONNX on the CPU: one file per budget against one elastic file for every budget.
 
-    python benchmarks/onnx_budgets.py [--seq 256] [--reps 10] [--json out.json]
+    python benchmarks/onnx_budgets.py [--seq 256] [--reps 10] [--budgets 1.0,0.75,0.5,0.25]
+        [--lut runs/r13/lut-1x256.json] [--json out.json]
 
-Exports SmolLM2 at uniform widths 1.0, 0.75 and 0.5, each to its own file (`to_onnx`) and
-all three to one file (`to_elastic_onnx`, the budget an input), checks that the elastic
+Exports SmolLM2 at uniform widths (default 1.0, 0.75, 0.5 and 0.25, the last one the
+smallest sub-network: 3 of 9 heads, 384 of 1536 neurons), each to its own file (`to_onnx`)
+and all of them to one file (`to_elastic_onnx`, the budget an input), checks that the elastic
 file's logits equal each per-budget file's, then times prefill (1 x seq) in onnxruntime:
 every file and setting once per round, rounds interleaved, ratios to the full-width
 per-budget file measured within each round. Weights keep their trained order (no
-calibration): speed and equality do not depend on the order.
+calibration): speed and equality do not depend on the order. With `--lut`, each budget's
+latency fraction as a latency table (`flextron profile`) predicts it is printed beside.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from flextron_fx import flextronize
 from flextron_fx.export import to_elastic_onnx, to_onnx
 from flextron_fx.models import load
 
-BUDGETS = (1.0, 0.75, 0.5)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,8 +36,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--budgets", default="1.0,0.75,0.5,0.25",
+                    help="uniform width fractions; the first must be 1.0 (the reference)")
+    ap.add_argument("--lut", default=None, help="a latency table of this model, to print "
+                                                "the latency fraction it predicts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    if budgets[0] != 1.0:
+        ap.error("--budgets must start with 1.0, the reference of every ratio")
     import onnxruntime as ort
 
     torch.manual_seed(0)
@@ -45,10 +53,10 @@ def main() -> None:
     em = flextronize(model, (ids[:1].repeat(2, 1)[:, :16],), None, progress=False)
     folder = Path(tempfile.mkdtemp(prefix="onnx-budgets-"))
     t0 = time.perf_counter()
-    files = {b: to_onnx(em, folder / f"{b}.onnx", b) for b in BUDGETS}
-    per_budget_s = (time.perf_counter() - t0) / len(BUDGETS)
+    files = {b: to_onnx(em, folder / f"{b}.onnx", b) for b in budgets}
+    per_budget_s = (time.perf_counter() - t0) / len(budgets)
     t0 = time.perf_counter()
-    elastic = to_elastic_onnx(em, folder / "elastic.onnx", list(BUDGETS))
+    elastic = to_elastic_onnx(em, folder / "elastic.onnx", list(budgets))
     elastic_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -61,9 +69,9 @@ def main() -> None:
     feed = {"input_0": ids.numpy()}
     runs = {f"per-budget {b}": (lambda s=s: s.run(None, feed)[0]) for b, s in sessions.items()}
     runs.update({f"elastic file {b}": (lambda k=k: one.run(None, {
-        **feed, "setting": np.array(k, dtype=np.int64)})[0]) for k, b in enumerate(BUDGETS)})
+        **feed, "setting": np.array(k, dtype=np.int64)})[0]) for k, b in enumerate(budgets)})
     diffs = {b: float(np.abs(runs[f"elastic file {b}"]() - runs[f"per-budget {b}"]()).max())
-             for b in BUDGETS}
+             for b in budgets}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()
@@ -85,12 +93,23 @@ def main() -> None:
         rows.append({"run": name, "median_ms": statistics.median(ts) * 1e3,
                      "ratio_to_full_file": ratio, "max_abs_diff_to_per_budget": diff})
         print(f"{name:<24}{statistics.median(ts) * 1e3:>10.1f}{ratio:>14.3f}{diff:>12.1e}")
+    predicted = {}
+    if args.lut:
+        from flextron_fx.profiler import CostModel, LatencyTable
+
+        cost = CostModel(em, LatencyTable.load(args.lut))
+        full = cost.latency(em.static_widths(1.0))
+        predicted = {b: cost.latency(em.static_widths(b)) / full for b in budgets}
+        print("latency fraction the table predicts: " + ", ".join(
+            f"{b}: {f:.3f}" for b, f in predicted.items()))
     sizes = {p.name: p.stat().st_size for p in [*files.values(), elastic]}
     print("file sizes (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sizes.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "seq": args.seq,
                                                "reps": args.reps, "threads": args.threads,
-                                               "rows": rows, "sizes": sizes}, indent=2))
+                                               "rows": rows, "sizes": sizes,
+                                               "predicted_latency_fraction": predicted},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -155,12 +155,12 @@ def demo(args) -> None:
     """Convert SmolLM2, save it, print the sorting ablation (paper Table 5), train it
     elastically for two steps and its static routers for four (`flextron train-elastic` and
     `train-routers` run long ones), then what a user deploys: a table of budgets, a
-    sub-network exported to ONNX and run in onnxruntime, and text generated at two budgets.
-    It calibrates on 32 sequences and evaluates on 2k tokens, to finish in about five
-    minutes on two CPU cores; `--paper` calibrates and evaluates at the paper's sizes (512
-    sequences, 32k tokens)."""
+    sub-network exported to ONNX and run in onnxruntime (`--onnx`), and text generated at
+    two budgets. It calibrates on 32 sequences and evaluates on 2k tokens, to finish in
+    under five minutes on two CPU cores; `--paper` calibrates and evaluates at the paper's
+    sizes (512 sequences, 32k tokens) and exports ONNX."""
     if args.paper:
-        args.calib_samples, args.heldout_tokens = 512, 32768
+        args.calib_samples, args.heldout_tokens, args.onnx = 512, 32768, True
     args.out = args.out or "runs/smollm2-135m"
     stages: dict[str, float] = {}
 
@@ -198,13 +198,15 @@ def _run(argv: list[str]) -> None:
 
 
 def _deploy(args, folder: str) -> None:
-    """The demo's ending: budgets table, ONNX in onnxruntime, generation at two budgets."""
-    import numpy as np
-    import onnxruntime as ort
+    """The demo's ending: budgets table, ONNX in onnxruntime (with --onnx), generation at
+    two budgets."""
     import torch
 
     from . import load as load_elastic
     from .eval import perplexity
+    from .export.generate import TorchDecoder, generate
+    from .export.generate_command import show
+    from .export.sliced import sliced_hf
     from .models import load
 
     em = load_elastic(folder)
@@ -232,9 +234,35 @@ def _deploy(args, folder: str) -> None:
         ratio = sorted(times[f])[1] / sorted(times[1.0])[1]
         print(f"{f:>8.2f} {em.num_params(em.static_widths(f)) / full_params:>11.0%} "
               f"{ppl:>11.2f} {ratio:>8.2f}x")
+    # what `flextron export` and `flextron generate` do, on the model already in memory
+    # (each command would load it again)
     onnx_path = f"{args.out}-half.onnx"
-    _run(["export", folder, "--fraction", "0.5", "--format", "onnx", "--out", onnx_path,
-          "--overwrite"])
+    print(f"\n$ flextron export {folder} --fraction 0.5 --format onnx --out {onnx_path}")
+    if not args.onnx:
+        print("(skipped: the export takes about 70 s on two CPU cores; `flextron demo --onnx` "
+              "runs it and the file in onnxruntime)")
+    else:
+        _onnx(em, onnx_path, ids)
+    prompt = "The history of the city"
+    prompt_ids = torch.tensor([tok(prompt)["input_ids"]])
+    for f in (1.0, 0.5):
+        print(f"\n$ flextron generate {folder} --fraction {f} --prompt {prompt!r} "
+              "--max-new-tokens 16")
+        decoder = TorchDecoder(sliced_hf(em, em.static_widths(f)))
+        show(generate(decoder, prompt_ids, 16, eos=tok.eos_token_id), prompt_ids, tok, "torch")
+
+
+def _onnx(em, onnx_path: str, ids) -> None:
+    """Export `em` at half width to ONNX and run it in onnxruntime beside PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from .export.onnx import to_onnx
+
+    t0 = time.perf_counter()
+    to_onnx(em, onnx_path, em.static_widths(0.5), overwrite=True)
+    print(f"wrote {onnx_path} in {time.perf_counter() - t0:.0f} s, checked in onnxruntime")
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: ids.numpy()}
     t0 = time.perf_counter()
@@ -246,10 +274,6 @@ def _deploy(args, folder: str) -> None:
     print(f"onnxruntime ran {onnx_path} (1 x {ids.shape[1]}, first run) in {ms:.0f} ms; "
           "largest logit "
           f"difference from PyTorch {float(np.abs(got - want).max()):.2g}")
-    for f in (1.0, 0.5):
-        print(f"\ngenerated at width fraction {f}:")
-        _run(["generate", folder, "--fraction", str(f), "--prompt",
-              "The history of the city", "--max-new-tokens", "16"])
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -293,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibrate on 512 sequences and evaluate on 32k tokens (the "
                         "paper's sizes; 16 times the default's calibration and evaluation "
                         "work)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export the half-width sub-network to ONNX and run it in "
+                        "onnxruntime (about 70 s more on two CPU cores; --paper does too)")
     p.set_defaults(func=demo, calib_samples=32, heldout_tokens=2048)
     p = sub.add_parser("convert", help="trace, rank, permute, elasticize and save a model")
     _common(p)

@@ -121,10 +121,11 @@ def test_outputs_never_replace_a_foreign_folder(tmp_path, capsys):
 def test_demo_ends_with_budgets_onnx_and_generation(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--json", str(tmp_path / "ablate.json"),
-                     *SMALL]) == 0
+                     "--onnx", *SMALL]) == 0
     said = capsys.readouterr().out
     assert (tmp_path / "demo-train" / "final" / "model.safetensors").is_file()
-    assert "Budgets of" in said and said.count("generated at width fraction") == 2
+    assert "Budgets of" in said and said.count("$ flextron generate") == 2
+    assert said.count("tokens/s, torch") == 2
     diff = float(said.split("largest logit difference from PyTorch ")[1].split()[0])
     assert diff < 1e-2  # logits of magnitude ~20 in fp32
     assert (tmp_path / "demo-half.onnx").is_file()

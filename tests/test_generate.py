@@ -282,10 +282,19 @@ def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_pat
                      "--budget", "0.6", "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
     got = _generated(capsys.readouterr().out)
     assert got == _recompute(em, widths, torch.tensor([[1, 2, 3]]), 6)[0].tolist()
+    # `flextron export --routers` writes the same sub-network
+    assert cli.main(["export", str(path), "--routers", str(tmp_path / "static"), "--budget",
+                     "0.6", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    ids = token_ids(2, 7)
+    with torch.no_grad(), em.at(widths):
+        want = output(em, ids)
+        assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, want)
     # refused clearly: routers without a budget, with fixed widths, in onnxruntime (dynamic)
     base = ["generate", str(path), "--prompt-ids", "1 2"]
     for extra, message in [
-            (["--routers", str(tmp_path / "static")], "needs --budget"),
+            (["--routers", str(tmp_path / "static")], "need --budget"),
             (["--routers", str(tmp_path / "static"), "--fraction", "0.5"], "leave out"),
             (["--routers", str(tmp_path / "nothing"), "--budget", "0.6"], "no trained routers")]:
         assert cli.main([*base, *extra]) == 2

@@ -7,10 +7,11 @@
     flextron select ROUTERS --budget latency=0.6 --json sel.json   # trained static routers
     flextron export DIR --widths sel.json --format onnx --out small.onnx
     flextron export DIR --budget latency=0.6 --lut lut.json --format onnx --out small.onnx
+    flextron export DIR --routers ROUTER_RUN --budget latency=0.6 --format hf --out small/
 
 `--budget` picks the largest uniform widths (one fraction for every op) whose cost fits it;
-with trained static routers, `flextron select --json` picks per-op widths to pass as
-`--widths`.
+with `--routers` (a `flextron train-routers` run of static routers for DIR's model) the
+routers pick per-op widths for it, as `flextron select` does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def add_parser(sub) -> None:
                                         "largest uniform widths within it")
     p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
                                                "latency budgets")
+    p.add_argument("--routers", default=None,
+                   help="a `flextron train-routers` run of static routers for this model: "
+                        "they choose per-op widths for --budget (0.6 or latency=0.6)")
     p.add_argument("--format", choices=["onnx", "onnx-decoder", "hf"], default="onnx",
                    help="onnx: logits only; onnx-decoder: with past/present keys and values "
                         "per layer, for generating in onnxruntime; hf: a Hugging Face folder")
@@ -72,8 +76,13 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def _widths(em, args: argparse.Namespace):
-    from ..errors import WidthError
+    from ..errors import InputError, WidthError
 
+    if getattr(args, "routers", None):
+        if args.budget is None:
+            raise InputError("--routers need --budget: a fraction of the full model's cost "
+                             "(0.6) or one of the routers' metric (latency=0.6)")
+        return static_router_widths(em, args.routers, args.budget)
     if args.fraction is not None:
         return em.static_widths(args.fraction)
     if args.widths is not None:
@@ -89,6 +98,40 @@ def _widths(em, args: argparse.Namespace):
                              "object {op name: width}")
         return em.static_widths(chosen)
     return uniform_for_budget(em, args.budget, args.lut)
+
+
+def router_budget(table, text: str) -> float:
+    """`text` ("0.6", "latency=0.6", "latency=40ms") as a fraction of the full cost in the
+    metric of `table`, refused clearly when no sub-network meets it."""
+    from ..profiler.cost import Budget
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = Budget.parse(text)
+    fraction = table.budget_fraction(value)
+    table.refuse_below_minimum(fraction)
+    return fraction
+
+
+def static_router_widths(em, run, budget: str) -> dict[str, int]:
+    """Per-op widths that the static routers of `run` (a train-routers run, its final/ or
+    a router folder) choose for `budget`, as `flextron select`; `em` is left without them."""
+    from ..errors import CheckpointError
+    from ..passes.inject_routers import remove_routers
+    from ..route.selection import load_routers, read_router_meta, router_folder, select
+
+    folder = router_folder(run)
+    if read_router_meta(folder)["mode"] != "static":
+        raise CheckpointError(f"{run} holds per-token (dynamic) routers; a fixed sub-network "
+                              "needs static ones (flextron train-routers --mode static)")
+    _, table, _ = load_routers(em, folder)
+    try:
+        if table is None:
+            raise CheckpointError(f"{run} holds no cost table; retrain the routers")
+        return select(em, router_budget(table, budget), table).widths
+    finally:
+        remove_routers(em)
 
 
 def uniform_for_budget(em, budget: str, lut: str | None = None) -> dict[str, int]:

@@ -113,14 +113,7 @@ def generate_command(args: argparse.Namespace) -> int:
         decoder = OrtDecoder(path, threads=torch.get_num_threads())
     eos = getattr(tokenizer, "eos_token_id", None)
     out = generate(decoder, ids, args.max_new_tokens, sampling, eos=eos)
-    new = out.tokens[0].tolist()
-    if tokenizer is not None:
-        print(tokenizer.decode(ids[0].tolist() + new, skip_special_tokens=True))
-    else:
-        print("tokens:", " ".join(map(str, new)))
-    print(f"{len(new)} new tokens in {out.prefill_s + out.decode_s:.2f} s "
-          f"({out.tokens_per_s:.1f} tokens/s, {args.runtime}; prompt of {ids.shape[1]} "
-          f"tokens in {out.prefill_s * 1e3:.0f} ms)")
+    new = show(out, ids, tokenizer, args.runtime)
     if routed:
         spent = routed.costs[:len(new)]
         print(f"dynamic routers at budget {routed.budget:.4g}: the new tokens cost "
@@ -130,52 +123,53 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def show(out, ids, tokenizer, runtime: str) -> list[int]:
+    """Print generated text (token ids without a tokenizer) and its speed; returns the new
+    token ids of the first row."""
+    new = out.tokens[0].tolist()
+    if tokenizer is not None:
+        print(tokenizer.decode(ids[0].tolist() + new, skip_special_tokens=True))
+    else:
+        print("tokens:", " ".join(map(str, new)))
+    print(f"{len(new)} new tokens in {out.prefill_s + out.decode_s:.2f} s "
+          f"({out.tokens_per_s:.1f} tokens/s, {runtime}; prompt of {ids.shape[1]} "
+          f"tokens in {out.prefill_s * 1e3:.0f} ms)")
+    return new
+
+
 def _with_routers(folder: Path, args: argparse.Namespace):
     """(elastic model, what its routers chose for --budget): per-op widths for static
-    routers (they are removed again), a `RoutedDecoder` for dynamic or capacity ones (run
-    as dynamic: one token at a time)."""
+    routers, a `RoutedDecoder` for dynamic or capacity ones (run as dynamic: one token at
+    a time)."""
     from ..errors import CheckpointError, InputError
-    from ..passes.inject_routers import remove_routers
-    from ..profiler import Budget
-    from ..route.selection import load_routers, router_folder, select
+    from ..route.selection import load_routers, read_router_meta, router_folder
     from .checkpoint import META
+    from .commands import router_budget, static_router_widths
     from .generate import RoutedDecoder
 
     if args.fraction is not None or args.widths is not None:
         raise InputError("--routers choose the widths for --budget; leave out --fraction and "
                          "--widths")
     if not args.budget:
-        raise InputError("--routers needs --budget: a fraction of the full model's cost "
+        raise InputError("--routers need --budget: a fraction of the full model's cost "
                          "(0.6) or one of the routers' metric (latency=0.6)")
     if not (folder / META).is_file():
         raise CheckpointError(f"{folder} is no elastic run (no {META}); --routers choose "
                               "widths of the elastic model they were trained for")
-    static = _static(args.routers)
+    routers = router_folder(args.routers)
+    static = read_router_meta(routers)["mode"] == "static"
     if not static and args.runtime != "torch":
         raise InputError("dynamic routers run in the elastic graph, in PyTorch; leave out "
                          "--runtime onnxruntime (static budgets export to ONNX)")
     from .. import load
 
     em = load(folder)
-    _, table, _ = load_routers(em, router_folder(args.routers), None if static else "dynamic")
+    if static:
+        return em, static_router_widths(em, routers, args.budget)
+    _, table, _ = load_routers(em, routers, "dynamic")
     if table is None:
         raise CheckpointError(f"{args.routers} holds no cost table; retrain the routers")
-    try:
-        fraction = table.budget_fraction(float(args.budget))
-    except ValueError:
-        fraction = table.budget_fraction(Budget.parse(args.budget))
-    table.refuse_below_minimum(fraction)
-    if static:
-        widths = select(em, fraction, table).widths
-        remove_routers(em)
-        return em, widths
-    return em, RoutedDecoder(em, table, min(fraction, 1.0))
-
-
-def _static(path) -> bool:
-    from ..route.selection import read_router_meta, router_folder
-
-    return read_router_meta(router_folder(path))["mode"] == "static"
+    return em, RoutedDecoder(em, table, min(router_budget(table, args.budget), 1.0))
 
 
 def _vocab(model) -> int:
