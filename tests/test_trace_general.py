@@ -291,8 +291,8 @@ def test_a_second_trace_of_the_same_hf_config_reuses_the_graph_with_its_own_weig
     real = T._export_inferred
     monkeypatch.setattr(T, "_export_inferred", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(T, "_PROGRAMS", type(T._PROGRAMS)())
-    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2)
+    config = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
     torch.manual_seed(0)
     first, second = (LlamaForCausalLM(LlamaConfig(**config)).eval() for _ in range(2))
     ids, other = _ids(2, 8), _ids(3, 11, seed=1)

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
                                         "what `flextron select --json` wrote (the static "
                                         "routers' choice for a budget)")
     which.add_argument("--budget", help="latency=0.6, params=50M, memory=300MB, ...: the "
-                                        "largest uniform widths within it")
+                                        "largest uniform widths within it, or the static "
+                                        "routers' choice with --routers")
     p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
                                                "latency budgets")
     p.add_argument("--routers", default=None,

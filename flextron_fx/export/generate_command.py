@@ -8,15 +8,14 @@
 
 The sub-network is built as the source Hugging Face class at its (per-layer) widths
 (export/sliced.py), so its key/value cache holds the heads each layer keeps. With
-`--routers`, static routers choose those widths for `--budget`; dynamic routers instead
-choose every token's widths as it is generated, in the elastic graph (routed execution,
-which has no cache: each step runs the whole sequence), and the mean cost per token is
-printed. With
 `--runtime onnxruntime` it is first exported as an ONNX decoder with past keys and values
-(export/decoder_onnx.py, checked against PyTorch) to a temporary file. The prompt is
-tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`, or the bundled
-SmolLM2 tokenizer when the vocabulary sizes agree; `--prompt-ids "1 2 3"` skips
-tokenizing.
+(export/decoder_onnx.py, checked against PyTorch) to a temporary file. With `--routers`,
+static routers choose the widths for `--budget`; dynamic routers instead choose every
+token's widths as it is generated, in the elastic graph (routed execution, which has no
+cache: each step runs the whole sequence), and the mean cost per new token is printed.
+The prompt is tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`,
+or the bundled SmolLM2 tokenizer when the vocabulary sizes agree; `--prompt-ids "1 2 3"`
+skips tokenizing.
 """
 
 from __future__ import annotations
@@ -40,7 +39,8 @@ def add_parser(sub) -> None:
     which.add_argument("--widths", help="a JSON file {op name: width}, or what "
                                         "`flextron select --json` wrote")
     which.add_argument("--budget", help="params=0.6, memory=300MB, latency=0.6 (with --lut): "
-                                        "the largest uniform widths within it")
+                                        "the largest uniform widths within it, or the "
+                                        "routers' budget with --routers")
     p.add_argument("--lut", default=None, help="latency table, for latency budgets")
     p.add_argument("--routers", default=None,
                    help="a `flextron train-routers` run (or its final/) for DIR's model: "
