@@ -89,14 +89,16 @@ def example_inputs(em: ElasticModel, batch: int | None = None, seq: int | None =
 
 
 def export_program(module: torch.nn.Module, inputs: tuple, dynamic: tuple | None = None,
-                   names: list[str] | None = None):
+                   names: list[str] | None = None, *, optimize: bool = False):
     """`module` at `inputs` as an ONNX ModelProto, by torch's dynamo exporter; the axes in
     `dynamic` (torch.export dynamic shapes) stay dynamic. Every ONNX file of the library
-    (sub-networks, the KV-cache decoder, the profiler's timed sub-networks) is made here.
+    (sub-networks, the KV-cache decoder, the elastic file, the profiler's timed
+    sub-networks) is made here.
 
-    The exporter's own graph optimisation is off: on SmolLM2 it doubled the export time (145
-    s instead of 68 s on this 2-core CPU) while onnxruntime, which optimises the graph when
-    it loads it, ran both files equally fast (prefill 1 x 256: 0.541 s and 0.528 s)."""
+    The exporter's own graph optimisation (`optimize`) is off by default: on a SmolLM2
+    sub-network it doubled the export time (145 s instead of 68 s on this 2-core CPU) while
+    onnxruntime, which optimises the graph when it loads it, ran both files equally fast
+    (prefill 1 x 256: 0.541 s and 0.528 s). The elastic file keeps it (docs/RESULTS.md)."""
     chatter = logging.getLogger("torch.onnx")
     level = chatter.level
     with warnings.catch_warnings():  # the exporter's own deprecation chatter
@@ -104,7 +106,7 @@ def export_program(module: torch.nn.Module, inputs: tuple, dynamic: tuple | None
         chatter.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                module, inputs, dynamo=True, dynamic_shapes=dynamic, optimize=False,
+                module, inputs, dynamo=True, dynamic_shapes=dynamic, optimize=optimize,
                 verbose=False, input_names=names or [f"input_{i}" for i in range(len(inputs))])
         except Exception as exc:  # the exporter raises many types; keep its message
             raise ExportError(f"torch.onnx.export failed on {type(module).__name__}: "
