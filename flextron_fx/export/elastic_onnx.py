@@ -194,8 +194,9 @@ def to_elastic_onnx(em: ElasticModel, path: str | os.PathLike, settings, *,
     inputs, dynamic = example_inputs(em)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # with the exporter's optimiser (which folds constant index arithmetic) the file
-        # ran setting 0.5 in 0.55x the time of 1.0, without it in 0.65x (docs/RESULTS.md)
+        # the exporter's optimiser matters here (unlike for plain sub-networks): with it,
+        # setting 1.0 ran in 1.007x the time of the full per-budget file, without it in
+        # 1.110x (two runs of benchmarks/onnx_budgets.py, docs/RESULTS.md)
         proto = export_program(module, (*inputs, torch.tensor(0)), (*dynamic, None),
                                [*(f"input_{i}" for i in range(len(inputs))), "setting"],
                                optimize=True)
