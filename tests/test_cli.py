@@ -117,7 +117,7 @@ def test_outputs_never_replace_a_foreign_folder(tmp_path, capsys):
     assert (mine / "notes.txt").read_text() == "keep"
 
 
-@pytest.mark.slow  # the whole demo at small sizes: about 3 minutes
+@pytest.mark.slow  # the whole demo at small sizes, with --onnx: about 5 minutes
 def test_demo_ends_with_budgets_onnx_and_generation(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--json", str(tmp_path / "ablate.json"),
