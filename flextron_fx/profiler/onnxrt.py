@@ -3,8 +3,9 @@
 Export. The per-layer Hugging Face model (runtime.py) at one mix of widths is exported by
 `export.onnx.export_program` (torch's dynamo exporter, as every ONNX file of the library) at
 the shape being measured: prefill takes the token ids; decode takes one new token, its
-positions and the key/value cache of every layer as graph inputs. Every export is checked against torch's logits before it is timed, so what is
-measured is the sub-network, sliced for real, not an approximation of it.
+positions and the key/value cache of every layer as graph inputs. Every export is checked
+against torch's logits before it is timed, so what is measured is the sub-network, sliced
+for real, not an approximation of it.
 
 Per-op times come from onnxruntime's own profiler (`SessionOptions.enable_profiling`),
 which records every kernel's duration. A kernel is attributed to the elastic op or fixed
