@@ -63,3 +63,17 @@ def zoo_converted():
         return model, em
 
     return get
+
+
+def width_share_costs(em) -> dict[str, list[float]]:
+    """A synthetic cost table: each candidate costs its share of the full width."""
+    return {n: [c / op.full for c in op.candidates] for n, op in em.ops.items()}
+
+
+def perturb_routers(routers: dict, seed: int = 1, scale: float = 1.0) -> None:
+    """Trained-looking router weights instead of the uniform start (all logits equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in routers.values():
+            for p in r.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))

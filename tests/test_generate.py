@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, output, token_ids
+from conftest import assert_close, output, perturb_routers, token_ids, width_share_costs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -212,14 +212,8 @@ def _save_routers(em, folder, mode: str):
     """Routers with trained-looking (random) weights and a width-share cost table."""
     from flextron_fx.route import CostTable, inject_routers, remove_routers, save_routers
 
-    table = CostTable.coerce(em, {n: [c / op.full for c in op.candidates]
-                                  for n, op in em.ops.items()})
-    routers = inject_routers(em, mode, cost=table, seed=3)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for r in routers.values():
-            for p in r.parameters():
-                p.add_(2 * torch.randn(p.shape, generator=g))
+    table = CostTable.coerce(em, width_share_costs(em))
+    perturb_routers(inject_routers(em, mode, cost=table, seed=3), seed=3, scale=2.0)
     try:
         save_routers(em, folder, table)
     finally:

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close, calibration, output
+from conftest import assert_close, calibration, output, perturb_routers, width_share_costs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from zoo import ZOO, sample_inputs
@@ -55,20 +55,6 @@ def _ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _width_cost(em) -> dict[str, list[float]]:
-    """A synthetic cost table: each candidate costs its share of the full width."""
-    return {n: [c / op.full for c in op.candidates] for n, op in em.ops.items()}
-
-
-def _perturb(routers: dict, seed: int = 1) -> None:
-    """Trained-looking router weights instead of the uniform start (all logits equal)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for r in routers.values():
-            for p in r.parameters():
-                p.add_(torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture
 def routed(zoo_converted):
     """get(arch, mode) -> elastic model with (perturbed) routers; removed afterwards."""
@@ -76,7 +62,7 @@ def routed(zoo_converted):
 
     def get(arch: str, mode: str, seed: int = 0, **kw):
         _, em = zoo_converted(arch)
-        _perturb(inject_routers(em, mode, cost=_width_cost(em), seed=seed, **kw), seed)
+        perturb_routers(inject_routers(em, mode, cost=width_share_costs(em), seed=seed, **kw), seed)
         used.append(em)
         return em
 
@@ -116,7 +102,7 @@ def test_dynamic_routed_output_equals_the_same_per_token_widths_set_by_hand(
         zoo_converted, arch):
     _, em = zoo_converted(arch)
     ids = _ids(2)
-    _perturb(inject_routers(em, "dynamic", seed=3))
+    perturb_routers(inject_routers(em, "dynamic", seed=3))
     try:
         set_budget(em, 0.7)
         runs = [output(em, ids) for _ in range(3)]
@@ -136,7 +122,7 @@ def test_static_router_equals_its_fixed_widths_and_fix_budget_removes_it(zoo_con
     _, em = zoo_converted(arch)
     ids = _ids(3)
     routers = inject_routers(em, "static", seed=1)
-    _perturb(routers)
+    perturb_routers(routers)
     try:
         set_budget(em, 0.6)
         first = [output(em, ids) for _ in range(3)]  # the 2nd and 3rd run a static program
@@ -167,7 +153,7 @@ def test_inject_then_remove_gives_back_the_original_outputs(routed, zoo_converte
     em.set_widths(0.5, kind="mlp")  # widths set before routing come back as they were
     before, widths = output(em, ids), em.widths
     nodes = sorted((n.op, str(n.target)) for n in em.graph_module.graph.nodes)
-    inject_routers(em, mode, cost=_width_cost(em))
+    inject_routers(em, mode, cost=width_share_costs(em))
     set_budget(em, 0.6)
     assert not torch.equal(output(em, ids), before) or mode == "static"
     remove_routers(em)
@@ -241,7 +227,7 @@ def test_cost_table_from_the_profiler_adds_up_to_its_cost(zoo_converted, metric)
 
 def test_cost_table_refuses_a_table_that_does_not_fit(zoo_converted):
     _, em = zoo_converted("llama")
-    costs = _width_cost(em)
+    costs = width_share_costs(em)
     name = next(iter(costs))
     with pytest.raises(ProfileError, match="one cost per candidate"):
         CostTable.coerce(em, dict(costs, **{name: [1.0]}))
@@ -302,7 +288,7 @@ def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, f
 
 def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zoo_converted):
     _, em = zoo_converted("llama")
-    table = CostTable.coerce(em, _width_cost(em))
+    table = CostTable.coerce(em, width_share_costs(em))
     tokens = _ids(7, batch=8, seq=6)
     budget = 0.7
 
@@ -314,7 +300,7 @@ def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zo
             out.append(chosen_cost(em, table) / table.full)
         return out
 
-    _perturb(inject_routers(em, "capacity", cost=table, seed=3), 3)
+    perturb_routers(inject_routers(em, "capacity", cost=table, seed=3), 3)
     try:
         before = spent()
         profile = calibrate_capacity(em, table, tokens)
@@ -342,8 +328,8 @@ def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zo
 @given(seed=st.integers(0, 2**16), budget=st.floats(0.45, 1.0))
 def test_capacity_mode_keeps_every_batch_within_budget(zoo_converted, arch, seed, budget):
     _, em = zoo_converted(arch)
-    table = CostTable.coerce(em, _width_cost(em))
-    _perturb(inject_routers(em, "capacity", cost=table, seed=seed % 7), seed)
+    table = CostTable.coerce(em, width_share_costs(em))
+    perturb_routers(inject_routers(em, "capacity", cost=table, seed=seed % 7), seed)
     try:
         budget = max(budget, table.minimum / table.full)
         set_budget(em, budget)
@@ -357,7 +343,7 @@ def test_capacity_mode_keeps_every_batch_within_budget(zoo_converted, arch, seed
 def test_capacity_within_its_share_keeps_the_dynamic_counts():
     torch.manual_seed(0)
     router = DynamicRouter("block", (1, 2, 3, 4), dim=8, capacity=True)
-    _perturb({"block": router}, seed=2)
+    perturb_routers({"block": router}, seed=2)
     router.costs = torch.tensor([1.0, 2.0, 3.0, 4.0])
     h, ids = torch.randn(2, 9, 8), torch.zeros(2, 9, dtype=torch.long)
 
@@ -382,7 +368,7 @@ def test_capacity_within_its_share_keeps_the_dynamic_counts():
 
 def test_capacity_refuses_a_budget_below_the_cheapest(routed):
     em = routed("llama", "capacity")
-    table = CostTable.coerce(em, _width_cost(em))
+    table = CostTable.coerce(em, width_share_costs(em))
     set_budget(em, table.minimum / table.full * 0.9)
     with pytest.raises(ProfileError, match=f"{table.minimum / table.full:.4g}"):
         output(em, _ids())
@@ -403,7 +389,7 @@ def _fresh(arch: str = "llama", head_scale: float = 1.0):
 def test_the_surrogate_target_is_the_true_loss_of_the_sampled_sub_network(zoo_converted, mode):
     _, em = zoo_converted("llama")
     ids = _ids(5, batch=4, seq=8)
-    table = CostTable.coerce(em, _width_cost(em))
+    table = CostTable.coerce(em, width_share_costs(em))
     routers = inject_routers(em, mode, seed=2)
     try:
         config = RouterConfig(steps=1, mode=mode, batch=4, budget_range=(0.5, 1.0))
@@ -458,7 +444,7 @@ def _config(**kw) -> RouterConfig:
 def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
     em = _fresh(head_scale=6.0)
     tokens = _self_sampled_tokens(em)
-    summary = train_routers(em, tokens, tmp_path / "run", _config(), _width_cost(em),
+    summary = train_routers(em, tokens, tmp_path / "run", _config(), width_share_costs(em),
                             progress=False, heldout=tokens[:8], eval_budgets=(0.5, 0.8))
     rows = read_metrics(tmp_path / "run")
     assert summary["status"] == "done" and len(rows) == 30
@@ -481,7 +467,7 @@ def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):
     em = _fresh(head_scale=6.0)
     tokens = _self_sampled_tokens(em)
     config = _config(surrogate_explained=0.03, surrogate_threshold=1e-9)  # MSE never counts
-    train_routers(em, tokens, tmp_path / "run", config, _width_cost(em), progress=False)
+    train_routers(em, tokens, tmp_path / "run", config, width_share_costs(em), progress=False)
     rows = read_metrics(tmp_path / "run")
     assert any(r["trusted"] for r in rows)
     for r in rows:
@@ -500,7 +486,7 @@ def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted,
                      surrogate_threshold=10.0)
     _, em = zoo_converted("llama")
     tokens = _self_sampled_tokens(em, n=8, seq=6)
-    cost = _width_cost(em)
+    cost = width_share_costs(em)
 
     def routers():
         return {k: v.clone() for k, v in em.graph_module.state_dict().items() if "router" in k}
@@ -537,7 +523,7 @@ def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted,
 
 def test_select_meets_the_budget_and_refuses_an_impossible_one(routed):
     em = routed("llama", "static", seed=4)
-    table = CostTable.coerce(em, _width_cost(em), "params")
+    table = CostTable.coerce(em, width_share_costs(em), "params")
     cm = CostModel(em)
     for b in (0.5, 0.7, 1.0):
         sel = select(em, b, table, cost_model=cm)
@@ -561,7 +547,7 @@ def test_select_meets_the_budget_and_refuses_an_impossible_one(routed):
 
 def test_training_refuses_an_impossible_budget_range(tmp_path, zoo_converted):
     _, em = zoo_converted("llama")
-    table = CostTable.coerce(em, _width_cost(em))
+    table = CostTable.coerce(em, width_share_costs(em))
     low = table.minimum / table.full
     with pytest.raises(ProfileError, match=f"smallest achievable is {low:.4g}"):
         train_routers(em, _ids(batch=8), tmp_path / "r", _config(budget_range=(low / 2, 0.9)),
@@ -573,8 +559,8 @@ def test_training_refuses_an_impossible_budget_range(tmp_path, zoo_converted):
 def test_saved_routers_load_with_the_same_outputs(tmp_path, zoo_converted, mode):
     _, em = zoo_converted("gpt2")
     ids = _ids(6)
-    table = CostTable.coerce(em, _width_cost(em))
-    _perturb(inject_routers(em, mode, cost=table, seed=5))
+    table = CostTable.coerce(em, width_share_costs(em))
+    perturb_routers(inject_routers(em, mode, cost=table, seed=5))
     try:
         set_budget(em, 0.7)
         before = output(em, ids)
@@ -690,9 +676,9 @@ def test_a_dynamic_router_learns_a_different_choice_per_budget_range():
 def test_a_dynamic_router_started_from_a_static_one_makes_its_choices_and_can_learn():
     torch.manual_seed(0)
     static = StaticRouter("block", (1, 2, 3, 4))
-    _perturb({"block": static}, seed=2)
+    perturb_routers({"block": static}, seed=2)
     dynamic = DynamicRouter("block", (1, 2, 3, 4), dim=32)
-    _perturb({"block": dynamic}, seed=3)
+    perturb_routers({"block": dynamic}, seed=3)
     dynamic.start_from(static)
     budgets = torch.linspace(0.3, 1.0, 16)
     h = 10 * torch.randn(16, 5, 32)  # whatever the tokens, the static router's logits
@@ -710,8 +696,8 @@ def test_a_dynamic_router_started_from_a_static_one_makes_its_choices_and_can_le
 def test_a_dynamic_run_starts_from_a_saved_static_run(tmp_path, zoo_converted):
     _, em = zoo_converted("llama")
     tokens = _self_sampled_tokens(em, n=8, seq=6)
-    table = CostTable.coerce(em, _width_cost(em))
-    _perturb(inject_routers(em, "static", cost=table, seed=5), seed=5)
+    table = CostTable.coerce(em, width_share_costs(em))
+    perturb_routers(inject_routers(em, "static", cost=table, seed=5), seed=5)
     try:
         save_routers(em, tmp_path / "static" / "final", table)
         ids = _ids(3)
@@ -735,7 +721,7 @@ def test_a_dynamic_run_starts_from_a_saved_static_run(tmp_path, zoo_converted):
         remove_routers(em)
     with pytest.raises(flextron_fx.CheckpointError, match="holds dynamic routers"):
         save_dir = tmp_path / "dynamic-saved"
-        _perturb(inject_routers(em, "dynamic", seed=1))
+        perturb_routers(inject_routers(em, "dynamic", seed=1))
         try:
             save_routers(em, save_dir, table)
         finally:

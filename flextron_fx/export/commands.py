@@ -77,12 +77,10 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def _widths(em, args: argparse.Namespace):
-    from ..errors import InputError, WidthError
+    from ..errors import WidthError
 
     if getattr(args, "routers", None):
-        if args.budget is None:
-            raise InputError("--routers need --budget: a fraction of the full model's cost "
-                             "(0.6) or one of the routers' metric (latency=0.6)")
+        check_router_args(args)
         return static_router_widths(em, args.routers, args.budget)
     if args.fraction is not None:
         return em.static_widths(args.fraction)
@@ -99,6 +97,18 @@ def _widths(em, args: argparse.Namespace):
                              "object {op name: width}")
         return em.static_widths(chosen)
     return uniform_for_budget(em, args.budget, args.lut)
+
+
+def check_router_args(args: argparse.Namespace) -> None:
+    """--routers choose the widths for --budget: refuse fixed widths or no budget."""
+    from ..errors import InputError
+
+    if args.fraction is not None or args.widths is not None:
+        raise InputError("--routers choose the widths for --budget; leave out --fraction and "
+                         "--widths")
+    if not args.budget:
+        raise InputError("--routers need --budget: a fraction of the full model's cost "
+                         "(0.6) or one of the routers' metric (latency=0.6)")
 
 
 def router_budget(table, text: str) -> float:

@@ -144,6 +144,7 @@ class RoutedDecoder:
             raise InputError("RoutedDecoder needs dynamic routers in the graph; for a static "
                              "budget, generate with the widths `flextron select` chose")
         set_budget(em, budget)
+        self.rows = {name: table.tensor(name) for name in self.routers}
         self.ids: torch.Tensor | None = None
         self.costs: list[float] = []
 
@@ -162,8 +163,7 @@ class RoutedDecoder:
         """Mean over the batch of the last token's cost, as a fraction of the full model."""
         total = torch.full((self.ids.shape[0],), float(self.table.fixed))
         for name, router in self.routers.items():
-            index = router.last_index
-            costs = torch.as_tensor(self.table.costs[name], dtype=torch.float32)
+            index, costs = router.last_index, self.rows[name]
             if isinstance(index, torch.Tensor):
                 total += costs[index[:, -1].cpu()]
             else:  # a width for the whole batch

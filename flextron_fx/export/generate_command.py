@@ -144,15 +144,10 @@ def _with_routers(folder: Path, args: argparse.Namespace):
     from ..errors import CheckpointError, InputError
     from ..route.selection import load_routers, read_router_meta, router_folder
     from .checkpoint import META
-    from .commands import router_budget, static_router_widths
+    from .commands import check_router_args, router_budget, static_router_widths
     from .generate import RoutedDecoder
 
-    if args.fraction is not None or args.widths is not None:
-        raise InputError("--routers choose the widths for --budget; leave out --fraction and "
-                         "--widths")
-    if not args.budget:
-        raise InputError("--routers need --budget: a fraction of the full model's cost "
-                         "(0.6) or one of the routers' metric (latency=0.6)")
+    check_router_args(args)
     if not (folder / META).is_file():
         raise CheckpointError(f"{folder} is no elastic run (no {META}); --routers choose "
                               "widths of the elastic model they were trained for")

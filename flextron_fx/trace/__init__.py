@@ -398,7 +398,8 @@ _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _REMEMBERED = 2
 
 
-def _program_key(model: nn.Module, root: nn.Module, inputs: tuple, seq_axes, max_seq):
+def _program_key(model: nn.Module, root: nn.Module, state: dict, inputs: tuple, seq_axes,
+                 max_seq):
     """What decides a Hugging Face model's traced graph, or None (then it is not reused):
     class, config (attention implementation included), every weight's name, shape, dtype
     and device, every module's class (and whether its forward was replaced), the inputs'
@@ -410,8 +411,7 @@ def _program_key(model: nn.Module, root: nn.Module, inputs: tuple, seq_axes, max
         text = config.to_json_string(use_diff=False)
     except (TypeError, ValueError):  # a config that does not serialise: trace every time
         return None
-    tensors = [(n, tuple(t.shape), t.dtype, t.device.type)
-               for n, t in _named_state(root).items()]
+    tensors = [(n, tuple(t.shape), t.dtype, t.device.type) for n, t in state.items()]
     # a module whose class, class-level forward or instance-level forward was swapped
     # traces differently
     modules = [(n, type(m).__module__, type(m).__qualname__, id(type(m).forward),
@@ -431,10 +431,10 @@ def _named_state(root: nn.Module) -> dict[str, torch.Tensor]:
 def _remembered_export(model, root, inputs, seq_axes, max_seq) -> tuple:
     """`_export_inferred`, reusing the graph of an earlier trace of the same Hugging Face
     class and config in this process with `model`'s own weights put in."""
-    key = _program_key(model, root, inputs, seq_axes, max_seq)
+    state = _named_state(root)
+    key = _program_key(model, root, state, inputs, seq_axes, max_seq)
     if key is not None and key in _PROGRAMS:
         template, notes = _PROGRAMS[key]
-        state = _named_state(root)
         if all(name in state for name in template.state_dict):
             _PROGRAMS.move_to_end(key)
             program = copy.copy(template)
