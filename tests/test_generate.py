@@ -10,12 +10,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, output, perturb_routers, token_ids, width_share_costs
+from conftest import (
+    assert_close,
+    calibration,
+    output,
+    perturb_routers,
+    token_ids,
+    width_share_costs,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zoo import ZOO, sample_inputs
 
 import flextron_fx
-from flextron_fx import cli
+from flextron_fx import FlextronConfig, cli
 from flextron_fx.errors import InputError, UnsupportedModelError
 from flextron_fx.export.generate import OrtDecoder, Sampling, TorchDecoder, generate
 from flextron_fx.export.generate_command import _prompt
@@ -257,6 +265,7 @@ def test_generate_with_dynamic_routers_gives_each_token_its_own_widths(saved, tm
     line = out.split("the new tokens cost ")[1]
     assert float(line.split()[0]) == pytest.approx(sum(costs) / len(costs), abs=1e-3)
     assert "tokens/s" in out
+    assert "key/value cache with every head's" in out
     assert cli.main(["generate", str(path), "--routers", str(tmp_path / "dyn"), "--budget",
                      "0.6", "--prompt-ids", "1 2", "--runtime", "onnxruntime"]) == 2
     assert "in PyTorch" in capsys.readouterr().err
@@ -293,3 +302,62 @@ def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_pat
             (["--routers", str(tmp_path / "nothing"), "--budget", "0.6"], "no trained routers")]:
         assert cli.main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def _dynamic(name: str, head_mode: str):
+    """A zoo model converted with compensation on every block, with dynamic routers
+    (trained-looking random weights) and a width-share cost table."""
+    from flextron_fx.route import CostTable, inject_routers
+
+    em = flextron_fx.flextronize(ZOO[name](), sample_inputs(name), calibration(),
+                                 config=FlextronConfig(head_mode=head_mode, compensate="all"),
+                                 progress=False)
+    table = CostTable.coerce(em, width_share_costs(em))
+    perturb_routers(inject_routers(em, "dynamic", cost=table, seed=3), seed=3, scale=2.0)
+    return em, table
+
+
+@pytest.mark.parametrize("name, head_mode", [("llama", "query"), ("llama", "group"),
+                                             ("qwen2", "group"), ("gemma", "query")])
+def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode):
+    """Per-token widths with a key/value cache (routed_hf) give the tokens, logits and
+    costs of the routed elastic graph run on the whole sequence at every step; the cache
+    holds every key/value head, since later tokens may use heads earlier ones did not."""
+    from flextron_fx.export.generate import RoutedDecoder
+    from flextron_fx.route import routers_of
+
+    em, table = _dynamic(name, head_mode)
+    ids = token_ids(2, 5)
+    cached, plain = RoutedDecoder(em, table, 0.6), RoutedDecoder(em, table, 0.6, cache=False)
+    assert cached.cached is not None and plain.cached is None
+    got, want = generate(cached, ids, 10).tokens, generate(plain, ids, 10).tokens
+    assert torch.equal(got, want)
+    assert cached.costs == pytest.approx(plain.costs, abs=1e-6)
+    # logits, step by step, on the sequence just generated
+    seq = torch.cat([ids, got], 1)
+    cached.reset()
+    steps = [cached.step(seq[:, :5])] + [cached.step(seq[:, i:i + 1]) for i in range(5, 14)]
+    with torch.no_grad():
+        ref = output(em, seq)[:, 4:14]
+    assert_close(torch.stack(steps, 1), ref)
+    chosen = {n: r.last_index for n, r in routers_of(em).items()}  # the whole sequence's
+    assert any(len(set(i.reshape(-1).tolist())) > 1 for i in chosen.values())
+    kv = em.ops[next(n for n, op in em.ops.items() if op.kind == "attention")].sizes
+    layer = cached.cached.cache.layers[0]
+    assert layer.keys.shape[1] == kv.get("kv_heads", kv["heads"])
+    assert layer.keys.shape[2] == 14
+
+
+def test_routed_generation_without_a_cache_where_the_family_cannot_run_one():
+    """GPT-2's fused q/k/v projection: routed_hf refuses clearly; RoutedDecoder recomputes."""
+    from flextron_fx.export.generate import RoutedDecoder
+    from flextron_fx.export.routed_hf import routed_hf
+
+    em, table = _dynamic("gpt2", "query")
+    with pytest.raises(UnsupportedModelError, match="q/k/v projections"):
+        routed_hf(em)
+    decoder = RoutedDecoder(em, table, 0.6)
+    assert decoder.cached is None and "q/k/v projections" in decoder.why
+    ids = token_ids(1, 4)
+    assert torch.equal(generate(decoder, ids, 5).tokens,
+                       generate(RoutedDecoder(em, table, 0.6, cache=False), ids, 5).tokens)

@@ -8,8 +8,9 @@ tokens, appends their keys and values to its cache and returns the last position
   `DynamicCache`, whose tensors have the key/value heads each layer keeps.
 - `OrtDecoder(path)`: an ONNX decoder written by `to_onnx_decoder` (past keys and values in,
   present ones out).
-- `RoutedDecoder(em, table)`: the elastic graph with dynamic routers, every token at the
-  widths its routers choose (no cache: each step runs the whole sequence).
+- `RoutedDecoder(em, table, budget)`: dynamic routers, every token at the widths its
+  routers choose; with a cache for Llama-style families (`routed_hf`), otherwise by
+  running the whole sequence at each step.
 
 Example:
     >>> model = sliced_hf(em, 0.5)                                    # doctest: +SKIP
@@ -128,15 +129,20 @@ class RoutedDecoder:
     (`inject_routers(em, "dynamic")` or `load_routers(em, run, "dynamic")`) at `budget`, a
     fraction of the full model's cost in the metric of `table`.
 
-    The elastic graph has no key/value cache, so every step runs the whole sequence again
-    (routed execution: each token on its own widths) and generation slows with its length.
-    Tokens are causal, so a token's widths and logits are the same whenever they are
-    computed. `costs` (one fraction of the full model's cost per generated token, from the
-    routers' choices for it and a `CostTable`) says what routing spent.
+    With `cache` (the default) it runs `routed_hf(em)`: the source class with a key/value
+    cache, whose blocks ask `em`'s routers for every token's width and run the elastic
+    graph's own nodes for it. For families that `routed_hf` cannot run (`why` says why),
+    or without `cache`, every step runs the whole sequence again in the elastic graph, and
+    generation slows with its length. Both give every token the widths and logits of one
+    routed forward of the elastic graph over the sequence (tokens are causal).
+    `costs` (one fraction of the full model's cost per generated token, from the routers'
+    choices for it and a `CostTable`) says what routing spent.
     """
 
-    def __init__(self, em, table, budget: float):
+    def __init__(self, em, table, budget: float, *, cache: bool = True):
+        from ..errors import UnsupportedModelError
         from ..passes.inject_routers import routers_of, set_budget
+        from .routed_hf import routed_hf
 
         self.em, self.table, self.budget = em, table, budget
         self.routers = routers_of(em)
@@ -145,23 +151,35 @@ class RoutedDecoder:
                              "budget, generate with the widths `flextron select` chose")
         set_budget(em, budget)
         self.rows = {name: table.tensor(name) for name in self.routers}
+        self.cached: TorchDecoder | None = None
+        self.why = "cache=False"
+        if cache:
+            try:
+                self.cached = TorchDecoder(routed_hf(em))
+            except UnsupportedModelError as exc:
+                self.why = str(exc)
         self.ids: torch.Tensor | None = None
         self.costs: list[float] = []
 
     def reset(self) -> None:
         self.ids, self.costs = None, []
+        if self.cached is not None:
+            self.cached.reset()
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], 1)
-        out = self.em(self.ids)
-        logits = getattr(out, "logits", out)
-        self.costs.append(self._cost_of_last())
-        return logits[:, -1]
+        if self.cached is not None:
+            logits = self.cached.step(ids)
+        else:
+            self.ids = ids if self.ids is None else torch.cat([self.ids, ids], 1)
+            out = self.em(self.ids)
+            logits = getattr(out, "logits", out)[:, -1]
+        self.costs.append(self._cost_of_last(ids.shape[0]))
+        return logits
 
-    def _cost_of_last(self) -> float:
+    def _cost_of_last(self, batch: int) -> float:
         """Mean over the batch of the last token's cost, as a fraction of the full model."""
-        total = torch.full((self.ids.shape[0],), float(self.table.fixed))
+        total = torch.full((batch,), float(self.table.fixed))
         for name, router in self.routers.items():
             index, costs = router.last_index, self.rows[name]
             if isinstance(index, torch.Tensor):

@@ -11,8 +11,9 @@ The sub-network is built as the source Hugging Face class at its (per-layer) wid
 `--runtime onnxruntime` it is first exported as an ONNX decoder with past keys and values
 (export/decoder_onnx.py, checked against PyTorch) to a temporary file. With `--routers`,
 static routers choose the widths for `--budget`; dynamic routers instead choose every
-token's widths as it is generated, in the elastic graph (routed execution, which has no
-cache: each step runs the whole sequence), and the mean cost per new token is printed.
+token's widths as it is generated (routed execution; with a key/value cache for
+Llama-style families, export/routed_hf.py, otherwise each step runs the whole sequence in
+the elastic graph), and the mean cost per new token is printed.
 The prompt is tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`,
 or the bundled SmolLM2 tokenizer when the vocabulary sizes agree; `--prompt-ids "1 2 3"`
 skips tokenizing.
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--routers", default=None,
                    help="a `flextron train-routers` run (or its final/) for DIR's model: "
                         "static routers choose the widths for --budget once; dynamic or "
-                        "capacity ones choose every token's widths (routed, no cache)")
+                        "capacity ones choose every token's widths (routed execution)")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="the text to continue")
     text.add_argument("--prompt-ids", help="the prompt as token ids: \"1 2 3\"")
@@ -118,8 +119,12 @@ def generate_command(args: argparse.Namespace) -> int:
         spent = routed.costs[:len(new)]
         print(f"dynamic routers at budget {routed.budget:.4g}: the new tokens cost "
               f"{sum(spent) / len(spent):.3f} of the full model's {routed.table.metric} on "
-              f"average ({min(spent):.3f} to {max(spent):.3f}); every step ran the whole "
-              "sequence (routed execution has no key/value cache)")
+              f"average ({min(spent):.3f} to {max(spent):.3f})")
+        if routed.cached is None:
+            print(f"no key/value cache: every step ran the whole sequence ({routed.why})")
+        else:
+            print("key/value cache with every head's keys and values; each token's queries, "
+                  "MLP and output projection at its own widths")
     return 0
 
 
@@ -140,7 +145,7 @@ def show(out, ids, tokenizer, runtime: str) -> list[int]:
 def _with_routers(folder: Path, args: argparse.Namespace):
     """(elastic model, what its routers chose for --budget): per-op widths for static
     routers, a `RoutedDecoder` for dynamic or capacity ones (run as dynamic: one token at
-    a time)."""
+    a time, with a key/value cache where `routed_hf` runs the family)."""
     from ..errors import CheckpointError, InputError
     from ..route.selection import load_routers, read_router_meta, router_folder
     from .checkpoint import META

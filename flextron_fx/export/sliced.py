@@ -64,20 +64,10 @@ def sliced_hf(em: ElasticModel, widths=None, *, check: bool = True):
         >>> small.generate(ids, max_new_tokens=20)                  # doctest: +SKIP
         >>> small.save_pretrained("small-hf")                       # doctest: +SKIP
     """
-    import transformers
-
     from ..passes.compensate import compensation_modules
     from .hf import _check_same
 
-    if em.source.get("kind") != "hf":
-        raise UnsupportedModelError(
-            "a sliced Hugging Face model needs a model converted from a Hugging Face class; "
-            f"this one came from {em.source.get('kind', 'a plain module')!r}. Use "
-            "em.materialize() (or to_onnx) instead")
-    base = getattr(transformers, em.source["class"], None)
-    if base is None:
-        raise UnsupportedModelError(f"transformers has no class {em.source['class']!r}; the "
-                                    "model was converted with another transformers version")
+    base = _source_class(em)
     chosen = em.static_widths(widths)
     attention = {}
     for op in em.ops.values():
@@ -103,6 +93,46 @@ def sliced_hf(em: ElasticModel, widths=None, *, check: bool = True):
         bias = state.get(key)
         state[key] = row.detach().clone() if bias is None else bias + row.to(bias.dtype)
 
+    model = _build(em, base, state, attention)
+    if check:
+        try:
+            _check_same(em, chosen, model)
+        except RuntimeError as exc:  # e.g. a fused projection split by the config's sizes
+            raise UnsupportedModelError(
+                f"{base.__name__} does not run at per-layer sizes ({type(exc).__name__}: "
+                f"{str(exc)[:200]}): it reads head counts or widths from its shared config. "
+                "Use uniform widths with to_hf, or export to ONNX (to_onnx)") from exc
+    return model
+
+
+def full_hf(em: ElasticModel):
+    """`em`'s weights at full width in a `Flextron<source class>` (whatever feeds the
+    graph's widths, routers included)."""
+    prefix = em.param_prefix
+    state = {k[len(prefix):]: v.detach() for k, v in em.graph_module.state_dict().items()
+             if k.startswith(prefix)}
+    return _build(em, _source_class(em), state, {})
+
+
+def _source_class(em: ElasticModel) -> type:
+    import transformers
+
+    if em.source.get("kind") != "hf":
+        raise UnsupportedModelError(
+            "a sliced Hugging Face model needs a model converted from a Hugging Face class; "
+            f"this one came from {em.source.get('kind', 'a plain module')!r}. Use "
+            "em.materialize() (or to_onnx) instead")
+    base = getattr(transformers, em.source["class"], None)
+    if base is None:
+        raise UnsupportedModelError(f"transformers has no class {em.source['class']!r}; the "
+                                    "model was converted with another transformers version")
+    return base
+
+
+def _build(em: ElasticModel, base: type, state: dict, attention: dict):
+    """A `Flextron<base>` whose parameters have the shapes in `state` and hold its tensors,
+    and whose attention modules keep the head counts in `attention` ({module path:
+    [heads, kv heads, head size]})."""
     model_cls, config_cls = flextron_classes(base)
     raw = copy.deepcopy(em.source["config"])
     raw.pop("model_type", None)
@@ -113,14 +143,6 @@ def sliced_hf(em: ElasticModel, widths=None, *, check: bool = True):
     model = model_cls(config_cls(**raw, **{LAYOUT: {"shapes": shapes, "attention": attention}}))
     model.eval()
     _load(model, state)
-    if check:
-        try:
-            _check_same(em, chosen, model)
-        except RuntimeError as exc:  # e.g. a fused projection split by the config's sizes
-            raise UnsupportedModelError(
-                f"{base.__name__} does not run at per-layer sizes ({type(exc).__name__}: "
-                f"{str(exc)[:200]}): it reads head counts or widths from its shared config. "
-                "Use uniform widths with to_hf, or export to ONNX (to_onnx)") from exc
     return model
 
 

@@ -1,0 +1,224 @@
+"""A Hugging Face model whose blocks run at the widths dynamic routers choose per token,
+with a key/value cache.
+
+`routed_hf(em)` builds the source class at full width (`sliced_hf`) and replaces each
+elastic block's module with one that asks the block's router (from `em`'s graph) for
+every token's width and then runs the elastic graph's own nodes for it: the MLP region
+(`elastic_mlp(x, width)`), the attention output region and any compensation node. So a
+token's output is what the routed elastic graph computes for it (DESIGN.md, routed
+attention), token by token with a cache instead of the whole sequence at every step:
+
+- MLP: each token on the weight prefix of its width (tokens grouped by width).
+- Attention: queries for the heads of the widest width among the new tokens; keys and
+  values for every head, kept in the cache, because a later token may use heads that an
+  earlier one did not; each query head attends over its key/value head; each token's
+  output projection reads only its own heads' columns.
+
+This needs attention with separate q/k/v/o projections and rotary position embeddings
+(Llama, Mistral, Qwen2, Qwen3, Gemma, ...). The model is checked against the routed
+elastic graph on a short input; any other family raises `UnsupportedModelError`, and
+generation falls back to recomputing the sequence in the elastic graph (`RoutedDecoder`).
+"""
+
+from __future__ import annotations
+
+import sys
+from operator import attrgetter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..elastic.compensation import Compensation
+from ..elastic.model import ElasticModel
+from ..elastic.ops import ElasticRegion
+from ..errors import UnsupportedModelError
+
+
+class _Elastic(nn.Module):
+    """What a block takes from the elastic graph: its router, the region that consumes the
+    width (with the parameters the graph gives it) and its compensation node, if any."""
+
+    def __init__(self, em: ElasticModel, name: str, router, budget):
+        super().__init__()
+        gm = em.graph_module
+        node = next(n for n in gm.graph.nodes if n.op == "call_module"
+                    and n.target.startswith("flextron_router_")
+                    and n.meta.get("flextron_block") == name)
+        users = [u for u in node.users if u.op == "call_module"]
+        regions = [u for u in users if isinstance(gm.get_submodule(u.target), ElasticRegion)]
+        if len(regions) != 1:
+            raise UnsupportedModelError(f"{name} has no single token-wise node to route")
+        region = regions[0]
+        self.router, self.budget = router, budget
+        self.region = gm.get_submodule(region.target)
+        self.params = [attrgetter(a.target)(gm) for a in region.args[2:]]
+        comp = [u for u in region.users if u.op == "call_module"
+                and isinstance(gm.get_submodule(u.target), Compensation)]
+        self.comp = gm.get_submodule(comp[0].target) if comp else None
+
+    def width(self, h: torch.Tensor):
+        """Each token's candidate index ([batch, seq]), or one width for all of them."""
+        return self.router(self.budget(), h, h[..., 0])
+
+    def output(self, x: torch.Tensor, width) -> torch.Tensor:
+        y = self.region(x, width, *self.params)
+        return y if self.comp is None else self.comp(y, width)
+
+
+class RoutedMLP(nn.Module):
+    """An MLP module of the source class, run by the graph's `elastic_mlp` region."""
+
+    def __init__(self, elastic: _Elastic):
+        super().__init__()
+        self.elastic = elastic
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.elastic.output(hidden_states, self.elastic.width(hidden_states))
+
+
+class RoutedAttention(nn.Module):
+    """An attention module of the source class with per-token query heads (module
+    docstring); keeps the source module's q/k/v projections, norms and rotary code."""
+
+    def __init__(self, attn: nn.Module, elastic: _Elastic, q_slice, heads: int, kv_heads: int,
+                 head_dim: int):
+        super().__init__()
+        self.attn, self.elastic, self.q_slice = attn, elastic, q_slice
+        self.head_dim, self.per_kv = head_dim, heads // kv_heads
+        self.layer_idx = attn.layer_idx
+        self.rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rows(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_proj rows kept at `span`, the key/value head each kept query head reads)."""
+        if span not in self._kv:
+            full = self.attn.q_proj.weight.shape[0]
+            plan = self.q_slice.plan(span)
+            rows = torch.arange(full if plan is None else plan) if not isinstance(
+                plan, torch.Tensor) else plan
+            heads = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim
+            self._kv[span] = (rows, heads // self.per_kv)
+        return self._kv[span]
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
+                attention_mask=None, cache=None, past_key_values=None, **kwargs):
+        attn, (b, s) = self.attn, hidden_states.shape[:2]
+        cache = cache if cache is not None else past_key_values
+        width = self.elastic.width(hidden_states)
+        span = (self.elastic.region.candidates[int(width.max())]
+                if isinstance(width, torch.Tensor) else width)
+        rows, kv_of = self._rows(span)
+        rows, kv_of = rows.to(hidden_states.device), kv_of.to(hidden_states.device)
+        bias = attn.q_proj.bias
+        q = F.linear(hidden_states, attn.q_proj.weight.index_select(0, rows),
+                     None if bias is None else bias.index_select(0, rows))
+        q = q.view(b, s, -1, self.head_dim)
+        k = attn.k_proj(hidden_states).view(b, s, -1, self.head_dim)
+        v = attn.v_proj(hidden_states).view(b, s, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: a norm over each head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        if cache is not None:  # every head's keys and values: later tokens may need them
+            k, v = cache.update(k, v, self.layer_idx)
+        k, v = k.index_select(1, kv_of), v.index_select(1, kv_of)
+        mask, causal = None, False
+        if isinstance(attention_mask, torch.Tensor):
+            mask = attention_mask[..., : k.shape[-2]]
+        elif s > 1:
+            causal = s == k.shape[-2]
+            if not causal:  # new tokens after cached ones
+                past = k.shape[-2] - s
+                mask = (torch.arange(k.shape[-2], device=q.device)[None, :]
+                        <= past + torch.arange(s, device=q.device)[:, None])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             scale=attn.scaling)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.elastic.output(out, width), None
+
+
+def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
+    """`em`'s source class with every elastic block run at the widths `em`'s dynamic routers
+    choose per token, at the budget `set_budget(em, T)` gives them; generate with a
+    `DynamicCache` (`TorchDecoder`). The blocks share `em`'s routers and weights.
+
+    Raises `UnsupportedModelError` for a family whose attention this cannot run (see the
+    module docstring) and `WidthError` without dynamic routers.
+
+    Example:
+        >>> load_routers(em, "runs/routers", "dynamic"); set_budget(em, 0.6)  # doctest: +SKIP
+        >>> out = generate(TorchDecoder(routed_hf(em)), ids, 32)              # doctest: +SKIP
+    """
+    from ..errors import WidthError
+    from ..passes.inject_routers import budget_source, routers_of
+    from .sliced import full_hf
+
+    routers = routers_of(em)
+    if not routers or any(r.kind == "static" for r in routers.values()):
+        raise WidthError("routed_hf needs dynamic routers in the graph; a static budget is "
+                         "one set of widths (sliced_hf)")
+    model = full_hf(em)
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UnsupportedModelError(f"{type(model).__name__} caps attention logits, which "
+                                    "per-token heads with a cache do not do")
+    budget, slices = budget_source(em), em.weight_slices()
+    for name, op in em.ops.items():
+        block, elastic = em.block(name), _Elastic(em, name, routers[name], budget)
+        parent, _, leaf = block.module_path.rpartition(".")
+        module = model.get_submodule(block.module_path)
+        if op.kind == "mlp":
+            new = RoutedMLP(elastic)
+        else:
+            rotary = sys.modules[type(module).__module__]
+            q = f"{em.param_prefix}{block.module_path}.q_proj.weight"
+            if not (all(isinstance(getattr(module, p, None), nn.Linear)
+                        for p in ("q_proj", "k_proj", "v_proj"))
+                    and hasattr(rotary, "apply_rotary_pos_emb")
+                    and hasattr(module, "layer_idx") and hasattr(module, "scaling")
+                    and q in slices):
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} is no attention with q/k/v projections, rotary "
+                    "embeddings and a layer index; per-token heads with a cache support "
+                    "Llama-style ones")
+            new = RoutedAttention(module, elastic, slices[q], block.sizes["heads"],
+                                  block.sizes.get("kv_heads", block.sizes["heads"]),
+                                  block.sizes["head_dim"])
+        setattr(model.get_submodule(parent), leaf, new)
+    model.eval()
+    if check:
+        try:
+            _check_routed(em, model)
+        except RuntimeError as exc:  # e.g. partial rotary embeddings (StableLM, Phi)
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not run with per-token heads and a cache "
+                f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    return model
+
+
+def _check_routed(em: ElasticModel, model: nn.Module, tokens: int = 12) -> None:
+    """The routed model, given half of a short input and then one token at a time through
+    its cache, gives the logits of the routed elastic graph on the whole input."""
+    from .generate import TorchDecoder
+
+    vocab = min(int(getattr(model.config, "vocab_size", 100)), 1000)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    half = tokens // 2
+    with torch.inference_mode():
+        ref = em(ids)
+        ref = getattr(ref, "logits", ref[0] if isinstance(ref, (tuple, list)) else ref)
+        decoder = TorchDecoder(model)
+        decoder.reset()
+        got = [decoder.step(ids[:, :half])]
+        got += [decoder.step(ids[:, i:i + 1]) for i in range(half, tokens - 1)]
+    got, ref = torch.stack(got, 1), ref[:, half - 1:tokens - 1]
+    err = (ref.float() - got.float()).abs().max().item()
+    if err > 1e-3 * max(1.0, ref.abs().max().item()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} with per-token widths and a cache does not reproduce the "
+            f"routed elastic graph (max logit difference {err:.3g})")
+
+
+__all__ = ["RoutedAttention", "RoutedMLP", "routed_hf"]
