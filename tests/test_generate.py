@@ -342,10 +342,15 @@ def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name
     assert_close(torch.stack(steps, 1), ref)
     chosen = {n: r.last_index for n, r in routers_of(em).items()}  # the whole sequence's
     assert any(len(set(i.reshape(-1).tolist())) > 1 for i in chosen.values())
-    kv = em.ops[next(n for n, op in em.ops.items() if op.kind == "attention")].sizes
+    attention = next(op for op in em.ops.values() if op.kind == "attention")
     layer = cached.cached.cache.layers[0]
-    assert layer.keys.shape[1] == kv.get("kv_heads", kv["heads"])
+    assert layer.keys.shape[1] == attention.sizes.get("kv_heads", attention.sizes["heads"])
     assert layer.keys.shape[2] == 14
+    # the routed model holds the elastic model's own weights, not copies
+    path = em.block(attention.name).module_path
+    mine = cached.cached.model.get_submodule(path).attn.k_proj.weight
+    graph = em.graph_module.get_parameter(f"{em.param_prefix}{path}.k_proj.weight")
+    assert mine.data_ptr() == graph.data_ptr()
 
 
 def test_routed_generation_without_a_cache_where_the_family_cannot_run_one():

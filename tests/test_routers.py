@@ -673,6 +673,26 @@ def test_a_dynamic_router_learns_a_different_choice_per_budget_range():
     assert (chosen == want).float().mean() > 0.9
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), budget=st.floats(0.05, 1.0), batch=st.integers(1, 3),
+       seq=st.integers(1, 5))
+def test_a_dynamic_routers_inference_path_gives_the_same_logits(seed, budget, batch, seq):
+    """Without autograd and with one budget, a router computes its logits in fewer
+    operations (decoding calls one per block and token): the same logits bit for bit,
+    also after its weights change in place."""
+    from flextron_fx.route.routers import _budget_tensor
+
+    torch.manual_seed(seed)
+    router = DynamicRouter("block", (1, 2, 3, 4), dim=16, units=8)
+    for _ in range(2):
+        perturb_routers({"r": router}, seed=seed)
+        h = torch.randn(batch, seq, 16)
+        with torch.no_grad():
+            slow = router.logits(_budget_tensor(budget, batch, h.device), h)
+            assert torch.equal(router._logits_at(budget, h), slow)
+            assert torch.equal(router(budget, h, h[..., 0]), slow.argmax(-1))
+
+
 def test_a_dynamic_router_started_from_a_static_one_makes_its_choices_and_can_learn():
     torch.manual_seed(0)
     static = StaticRouter("block", (1, 2, 3, 4))

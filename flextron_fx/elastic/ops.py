@@ -181,7 +181,10 @@ class ElasticRegion(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         idx = index.reshape(-1)
         counts = torch.bincount(idx, minlength=len(self.candidates)).tolist()
-        widest = self.candidates[max(i for i, n in enumerate(counts) if n)]
+        used = [i for i, n in enumerate(counts) if n]
+        widest = self.candidates[used[-1]]
+        if len(used) == 1:  # one width for every token (as in decoding one token)
+            return self._static(widest)(self.ref, x, widest, *params)
         order = torch.argsort(idx, stable=True)
         groups = flat.index_select(0, order).split(counts)
         lead = (1,) * (x.dim() - 2)

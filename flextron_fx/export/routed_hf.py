@@ -88,18 +88,33 @@ class RoutedAttention(nn.Module):
         self.head_dim, self.per_kv = head_dim, heads // kv_heads
         self.layer_idx = attn.layer_idx
         self.rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._queries: dict[tuple, tuple] = {}
 
-    def _rows(self, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_proj rows kept at `span`, the key/value head each kept query head reads)."""
-        if span not in self._kv:
-            full = self.attn.q_proj.weight.shape[0]
+    def _query(self, span: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(q_proj weight and bias rows of the query heads kept at `span`, n: they read the
+        first n key/value heads in turn, as SDPA's grouped attention does). Gathered rows
+        are kept until the weights change in place."""
+        q = self.attn.q_proj
+        key = (span, q.weight._version, None if q.bias is None else q.bias._version)
+        if key not in self._queries:
             plan = self.q_slice.plan(span)
-            rows = torch.arange(full if plan is None else plan) if not isinstance(
-                plan, torch.Tensor) else plan
-            heads = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim
-            self._kv[span] = (rows, heads // self.per_kv)
-        return self._kv[span]
+            if plan is None or isinstance(plan, int):
+                rows = torch.arange(q.weight.shape[0] if plan is None else plan)
+            else:
+                rows = plan
+            kv_of = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim // self.per_kv
+            n = int(kv_of.max()) + 1  # a prefix of n key/value heads, each read by as many
+            if len(kv_of) % n or not torch.equal(  # query heads in a row: SDPA's GQA
+                    kv_of, torch.arange(n).repeat_interleave(len(kv_of) // n)):
+                raise UnsupportedModelError(
+                    f"{self.elastic.region.block}: the query heads kept at {span} do not read "
+                    "a prefix of key/value heads in turn")
+            rows = rows.to(q.weight.device)
+            self._queries = {k: v for k, v in self._queries.items() if k[0] != span}
+            self._queries[key] = (self.q_slice(q.weight, span),
+                                  None if q.bias is None else q.bias.index_select(0, rows),
+                                  n)
+        return self._queries[key]
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask=None, cache=None, past_key_values=None, **kwargs):
@@ -108,12 +123,8 @@ class RoutedAttention(nn.Module):
         width = self.elastic.width(hidden_states)
         span = (self.elastic.region.candidates[int(width.max())]
                 if isinstance(width, torch.Tensor) else width)
-        rows, kv_of = self._rows(span)
-        rows, kv_of = rows.to(hidden_states.device), kv_of.to(hidden_states.device)
-        bias = attn.q_proj.bias
-        q = F.linear(hidden_states, attn.q_proj.weight.index_select(0, rows),
-                     None if bias is None else bias.index_select(0, rows))
-        q = q.view(b, s, -1, self.head_dim)
+        weight, bias, kv_heads = self._query(span)
+        q = F.linear(hidden_states, weight, bias).view(b, s, -1, self.head_dim)
         k = attn.k_proj(hidden_states).view(b, s, -1, self.head_dim)
         v = attn.v_proj(hidden_states).view(b, s, -1, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: a norm over each head
@@ -123,7 +134,7 @@ class RoutedAttention(nn.Module):
         q, k = self.rotary(q, k, cos, sin)
         if cache is not None:  # every head's keys and values: later tokens may need them
             k, v = cache.update(k, v, self.layer_idx)
-        k, v = k.index_select(1, kv_of), v.index_select(1, kv_of)
+        k, v = k[:, :kv_heads], v[:, :kv_heads]  # each read by query heads in turn
         mask, causal = None, False
         if isinstance(attention_mask, torch.Tensor):
             mask = attention_mask[..., : k.shape[-2]]
@@ -134,7 +145,7 @@ class RoutedAttention(nn.Module):
                 mask = (torch.arange(k.shape[-2], device=q.device)[None, :]
                         <= past + torch.arange(s, device=q.device)[:, None])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             scale=attn.scaling)
+                                             scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.elastic.output(out, width), None
 

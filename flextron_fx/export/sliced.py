@@ -106,12 +106,12 @@ def sliced_hf(em: ElasticModel, widths=None, *, check: bool = True):
 
 
 def full_hf(em: ElasticModel):
-    """`em`'s weights at full width in a `Flextron<source class>` (whatever feeds the
-    graph's widths, routers included)."""
+    """`em`'s weights at full width in a `Flextron<source class>` whose parameters share
+    `em`'s tensors (whatever feeds the graph's widths, routers included)."""
     prefix = em.param_prefix
     state = {k[len(prefix):]: v.detach() for k, v in em.graph_module.state_dict().items()
              if k.startswith(prefix)}
-    return _build(em, _source_class(em), state, {})
+    return _build(em, _source_class(em), state, {}, share=True)
 
 
 def _source_class(em: ElasticModel) -> type:
@@ -129,10 +129,10 @@ def _source_class(em: ElasticModel) -> type:
     return base
 
 
-def _build(em: ElasticModel, base: type, state: dict, attention: dict):
+def _build(em: ElasticModel, base: type, state: dict, attention: dict, *, share: bool = False):
     """A `Flextron<base>` whose parameters have the shapes in `state` and hold its tensors,
     and whose attention modules keep the head counts in `attention` ({module path:
-    [heads, kv heads, head size]})."""
+    [heads, kv heads, head size]}); with `share`, the parameters are `state`'s tensors."""
     model_cls, config_cls = flextron_classes(base)
     raw = copy.deepcopy(em.source["config"])
     raw.pop("model_type", None)
@@ -142,7 +142,7 @@ def _build(em: ElasticModel, base: type, state: dict, attention: dict):
               if k not in have or tuple(have[k].shape) != tuple(v.shape)}
     model = model_cls(config_cls(**raw, **{LAYOUT: {"shapes": shapes, "attention": attention}}))
     model.eval()
-    _load(model, state)
+    _load(model, state, share)
     return model
 
 
@@ -159,10 +159,10 @@ def fill_tied(model: nn.Module, state: dict) -> None:
                 state[n] = state[have[0]]
 
 
-def _load(model: nn.Module, state: dict) -> None:
+def _load(model: nn.Module, state: dict, share: bool = False) -> None:
     fill_tied(model, state)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=share)
     except RuntimeError as exc:
         raise UnsupportedModelError(f"the sliced weights do not fit {type(model).__name__}: "
                                     f"{exc}") from exc
