@@ -33,8 +33,8 @@ import torch
 
 from flextron_fx import flextronize
 from flextron_fx import load as load_elastic
-from flextron_fx.export.generate import RoutedDecoder, TorchDecoder, generate
 from flextron_fx.export.commands import uniform_for_budget
+from flextron_fx.export.generate import RoutedDecoder, TorchDecoder, generate
 from flextron_fx.export.sliced import full_hf, sliced_hf
 from flextron_fx.models import load
 from flextron_fx.profiler.cost import CostModel
@@ -105,9 +105,9 @@ def main() -> None:
                      "tokens_per_s": args.new_tokens / statistics.median(times[n]),
                      "vs_full": statistics.median(ratio)})
     mean_cost = sum(costs) / len(costs)
+    source = f"from {args.routers}" if args.routers else f"random (scale {args.scale:g})"
     print(f"\nbatch 1, prompt {args.prompt}, {args.new_tokens} greedy tokens, budget "
-          f"{args.budget}; {args.rounds} interleaved rounds, medians; routers "
-          f"{'from ' + args.routers if args.routers else 'random (scale %g)' % args.scale}")
+          f"{args.budget}; {args.rounds} interleaved rounds, medians; routers {source}")
     print(f"routed tokens cost {mean_cost:.3f} of the full model's {table.metric} on average "
           f"({min(costs):.3f} to {max(costs):.3f}); cache and recompute give the same tokens: "
           f"{same}; static widths cost {static_cost:.3f}")

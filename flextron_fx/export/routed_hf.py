@@ -1,8 +1,9 @@
 """A Hugging Face model whose blocks run at the widths dynamic routers choose per token,
 with a key/value cache.
 
-`routed_hf(em)` builds the source class at full width (`sliced_hf`) and replaces each
-elastic block's module with one that asks the block's router (from `em`'s graph) for
+`routed_hf(em)` builds the source class at full width on `em`'s own weights (`full_hf`)
+and replaces each elastic block's module with one that asks the block's router (from
+`em`'s graph) for
 every token's width and then runs the elastic graph's own nodes for it: the MLP region
 (`elastic_mlp(x, width)`), the attention output region and any compensation node. So a
 token's output is what the routed elastic graph computes for it (DESIGN.md, routed
