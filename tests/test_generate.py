@@ -266,9 +266,14 @@ def test_generate_with_dynamic_routers_gives_each_token_its_own_widths(saved, tm
     assert float(line.split()[0]) == pytest.approx(sum(costs) / len(costs), abs=1e-3)
     assert "tokens/s" in out
     assert "key/value cache with every head's" in out
+    # the same in onnxruntime: routers inside the ONNX decoder
     assert cli.main(["generate", str(path), "--routers", str(tmp_path / "dyn"), "--budget",
-                     "0.6", "--prompt-ids", "1 2", "--runtime", "onnxruntime"]) == 2
-    assert "in PyTorch" in capsys.readouterr().err
+                     "0.6", "--prompt-ids", " ".join(map(str, prompt)),
+                     "--max-new-tokens", "8", "--runtime", "onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert _generated(out) == new and "routers inside the ONNX graph" in out
+    assert float(out.split("the new tokens cost ")[1].split()[0]) == pytest.approx(
+        sum(costs) / len(costs), abs=1e-3)
 
 
 def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_path, capsys):
@@ -366,3 +371,40 @@ def test_routed_generation_without_a_cache_where_the_family_cannot_run_one():
     ids = token_ids(1, 4)
     assert torch.equal(generate(decoder, ids, 5).tokens,
                        generate(RoutedDecoder(em, table, 0.6, cache=False), ids, 5).tokens)
+
+
+@pytest.mark.parametrize("name, head_mode", [("llama", "query"), ("qwen2", "group")])
+def test_the_routed_onnx_decoder_generates_what_routed_pytorch_does(name, head_mode, tmp_path):
+    """One ONNX file with the routers inside serves every budget: at each budget its tokens,
+    its routers' choices (the printed costs) and its logits equal the routed PyTorch
+    decoder's."""
+    from flextron_fx.export.generate import OrtRoutedDecoder, RoutedDecoder
+    from flextron_fx.export.routed_onnx import to_routed_onnx
+
+    em, table = _dynamic(name, head_mode)
+    path = to_routed_onnx(em, tmp_path / "routed.onnx")
+    ids = token_ids(1, 4)
+    tokens = []
+    for budget in (0.55, 0.8):
+        ort_decoder = OrtRoutedDecoder(path, table, budget)
+        torch_decoder = RoutedDecoder(em, table, budget)
+        got = generate(ort_decoder, ids, 8).tokens
+        assert torch.equal(got, generate(torch_decoder, ids, 8).tokens)
+        assert ort_decoder.costs == pytest.approx(torch_decoder.costs, abs=1e-6)
+        seq = torch.cat([ids, got], 1)
+        ort_decoder.reset()
+        torch_decoder.reset()
+        assert_close(ort_decoder.step(seq), torch_decoder.step(seq))
+        tokens.append(got)
+    assert not torch.equal(*tokens)  # the budget input changes the routers' choices
+    with pytest.raises(InputError, match="batch 1"):
+        OrtRoutedDecoder(path, table, 0.6).step(token_ids(2, 3))
+
+
+def test_the_routed_onnx_decoder_refuses_a_family_it_cannot_slice(tmp_path):
+    from flextron_fx.export.routed_onnx import to_routed_onnx
+
+    em, _ = _dynamic("gpt2", "query")
+    with pytest.raises(UnsupportedModelError, match="q/k/v projections"):
+        to_routed_onnx(em, tmp_path / "routed.onnx")
+    assert not (tmp_path / "routed.onnx").exists()

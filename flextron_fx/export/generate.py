@@ -178,15 +178,48 @@ class RoutedDecoder:
         return logits
 
     def _cost_of_last(self, batch: int) -> float:
-        """Mean over the batch of the last token's cost, as a fraction of the full model."""
-        total = torch.full((batch,), float(self.table.fixed))
-        for name, router in self.routers.items():
-            index, costs = router.last_index, self.rows[name]
-            if isinstance(index, torch.Tensor):
-                total += costs[index[:, -1].cpu()]
-            else:  # a width for the whole batch
-                total += costs[index]
-        return float(total.mean()) / self.table.full
+        chosen = {name: r.last_index[:, -1].cpu() if isinstance(r.last_index, torch.Tensor)
+                  else r.last_index for name, r in self.routers.items()}
+        return token_cost(self.table, self.rows, chosen, batch)
+
+
+def token_cost(table, rows: dict[str, torch.Tensor], chosen: dict, batch: int) -> float:
+    """Mean over the batch of one token's cost as a fraction of the full model: `chosen`
+    gives each op's candidate index per row (a [batch] tensor) or for the whole batch (an
+    int); `rows` each op's costs as a tensor (`CostTable.tensor`)."""
+    total = torch.full((batch,), float(table.fixed))
+    for name, index in chosen.items():
+        total += rows[name][index]
+    return float(total.mean()) / table.full
+
+
+class OrtRoutedDecoder:
+    """`step` for an ONNX decoder of `to_routed_onnx`, whose dynamic routers choose every
+    token's widths inside the graph, at `budget` (a fraction of the full model's cost in
+    the metric of `table`). Batch 1; a prompt goes in one token at a time. `costs` as in
+    `RoutedDecoder`."""
+
+    def __init__(self, path, table, budget: float, threads: int | None = None):
+        self.decoder = OrtDecoder(path, threads)
+        self.table, self.budget = table, budget
+        self.ops = list(table.costs)
+        self.rows = {name: table.tensor(name) for name in self.ops}
+        self.costs: list[float] = []
+
+    def reset(self) -> None:
+        self.decoder.reset()
+        self.costs = []
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] != 1:
+            raise InputError(f"the routed ONNX decoder runs one sequence at a time (batch 1), "
+                             f"got a batch of {ids.shape[0]}; generate each prompt on its own")
+        for i in range(ids.shape[1]):
+            logits, widths = self.decoder.step(ids[:, i:i + 1],
+                                               budget=np.array(self.budget, dtype=np.float32))
+        chosen = {name: int(k) for name, k in zip(self.ops, widths)}
+        self.costs.append(token_cost(self.table, self.rows, chosen, 1))
+        return logits
 
 
 class OrtDecoder:
@@ -200,22 +233,28 @@ class OrtDecoder:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
-        self.past = [i for i in self.session.get_inputs() if i.name != "input_ids"]
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_")]
         self.names = [o.name for o in self.session.get_outputs()]
+        self.presents = sum(n.startswith("present_") for n in self.names)
         self.cache: list[np.ndarray] = []
 
     def reset(self) -> None:
         self.cache = []
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, **extra: np.ndarray):
+        """The last position's logits; with more outputs than the cache (the routed
+        decoder's widths), (logits, those outputs). `extra` feeds other inputs."""
         batch = ids.shape[0]
         if not self.cache:  # no past yet: length 0, heads and head size as exported
             self.cache = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
                           for i in self.past]
-        feed = {"input_ids": ids.numpy().astype(np.int64)}
+        feed = {"input_ids": ids.numpy().astype(np.int64), **extra}
         feed.update({i.name: c for i, c in zip(self.past, self.cache)})
-        logits, *self.cache = self.session.run(self.names, feed)
-        return torch.from_numpy(logits[:, -1])
+        logits, *rest = self.session.run(self.names, feed)
+        self.cache, rest = rest[:self.presents], rest[self.presents:]
+        last = torch.from_numpy(logits[:, -1])
+        return (last, *rest) if rest else last
 
 
-__all__ = ["Generated", "OrtDecoder", "RoutedDecoder", "Sampling", "TorchDecoder", "generate"]
+__all__ = ["Generated", "OrtDecoder", "OrtRoutedDecoder", "RoutedDecoder", "Sampling",
+           "TorchDecoder", "generate", "token_cost"]

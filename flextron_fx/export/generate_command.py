@@ -13,7 +13,8 @@ The sub-network is built as the source Hugging Face class at its (per-layer) wid
 static routers choose the widths for `--budget`; dynamic routers instead choose every
 token's widths as it is generated (routed execution; with a key/value cache for
 Llama-style families, export/routed_hf.py, otherwise each step runs the whole sequence in
-the elastic graph), and the mean cost per new token is printed.
+the elastic graph; with `--runtime onnxruntime`, an ONNX decoder with the routers inside,
+export/routed_onnx.py), and the mean cost per new token is printed.
 The prompt is tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`,
 or the bundled SmolLM2 tokenizer when the vocabulary sizes agree; `--prompt-ids "1 2 3"`
 skips tokenizing.
@@ -99,8 +100,19 @@ def generate_command(args: argparse.Namespace) -> int:
     vocab = _vocab(model)
     tokenizer = None if given is not None else _tokenizer(folder, vocab, args)
     ids = _prompt(given if given is not None else tokenizer(args.prompt)["input_ids"], vocab)
-    if routed:
+    if routed and args.runtime == "torch":
         decoder = routed
+    elif routed:
+        from .generate import OrtRoutedDecoder
+        from .routed_onnx import to_routed_onnx
+
+        tmp = tempfile.TemporaryDirectory(prefix="flextron-decoder-")
+        t0 = time.perf_counter()
+        path = to_routed_onnx(em, Path(tmp.name) / "routed.onnx")
+        print(f"exported the routed ONNX decoder in {time.perf_counter() - t0:.1f} s "
+              "(routers inside, checked against PyTorch)")
+        decoder = OrtRoutedDecoder(path, routed.table, routed.budget,
+                                   threads=torch.get_num_threads())
     elif args.runtime == "torch":
         decoder = TorchDecoder(model)
     else:
@@ -116,11 +128,14 @@ def generate_command(args: argparse.Namespace) -> int:
     out = generate(decoder, ids, args.max_new_tokens, sampling, eos=eos)
     new = show(out, ids, tokenizer, args.runtime)
     if routed:
-        spent = routed.costs[:len(new)]
+        spent = decoder.costs[:len(new)]
         print(f"dynamic routers at budget {routed.budget:.4g}: the new tokens cost "
               f"{sum(spent) / len(spent):.3f} of the full model's {routed.table.metric} on "
               f"average ({min(spent):.3f} to {max(spent):.3f})")
-        if routed.cached is None:
+        if decoder is not routed:
+            print("routers inside the ONNX graph; key/value cache with every head's keys and "
+                  "values; the prompt fed one token at a time")
+        elif routed.cached is None:
             print(f"no key/value cache: every step ran the whole sequence ({routed.why})")
         else:
             print("key/value cache with every head's keys and values; each token's queries, "
@@ -146,7 +161,7 @@ def _with_routers(folder: Path, args: argparse.Namespace):
     """(elastic model, what its routers chose for --budget): per-op widths for static
     routers, a `RoutedDecoder` for dynamic or capacity ones (run as dynamic: one token at
     a time, with a key/value cache where `routed_hf` runs the family)."""
-    from ..errors import CheckpointError, InputError
+    from ..errors import CheckpointError
     from ..route.selection import load_routers, read_router_meta, router_folder
     from .checkpoint import META
     from .commands import check_router_args, router_budget, static_router_widths
@@ -158,9 +173,6 @@ def _with_routers(folder: Path, args: argparse.Namespace):
                               "widths of the elastic model they were trained for")
     routers = router_folder(args.routers)
     static = read_router_meta(routers)["mode"] == "static"
-    if not static and args.runtime != "torch":
-        raise InputError("dynamic routers run in the elastic graph, in PyTorch; leave out "
-                         "--runtime onnxruntime (static budgets export to ONNX)")
     from .. import load
 
     em = load(folder)

@@ -229,7 +229,11 @@ class DynamicRouter(Router):
         if self._shift_key != key:
             self._shift = budget * self.w_budget + self.b_budget
             self._shift_key = key
-        z = self._shift + F.linear(h.to(self.w_out.weight.dtype), self.w_hidden.weight)
+        return self.logits_after(self._shift, h)
+
+    def logits_after(self, shift: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The logits from the budget's term `shift` (T * W + b, [units]) and `h`."""
+        z = shift + F.linear(h.to(self.w_out.weight.dtype), self.w_hidden.weight)
         return F.linear(torch.sigmoid(z), self.w_out.weight, self.w_out.bias)
 
     def forward(self, budget, h: torch.Tensor, ids: torch.Tensor):
