@@ -1,7 +1,7 @@
 """Generation with dynamic routers: key/value cache against recomputing the sequence.
 
     python benchmarks/routed_generate.py [--new-tokens 64] [--rounds 3] [--budget 0.6]
-                                         [--routers RUN --elastic DIR] [--json out.json]
+                                         [--routers RUN --elastic DIR] [--onnx] [--json out.json]
 
 Batch 1, a prompt of 8 tokens, greedy tokens without a stop. Three decoders, interleaved
 in every round (the order rotates), ratios taken within a round, medians reported:
@@ -14,7 +14,11 @@ in every round (the order rotates), ratios taken within a round, medians reporte
 - `routed, recompute`: `RoutedDecoder(cache=False)`: the routed elastic graph over the whole
   sequence at every step (what `flextron generate --routers` did before the cache).
 
-The two routed decoders must produce the same tokens (checked). Without `--routers`, the
+With `--onnx`, the same three ways in onnxruntime: the full and static decoders of
+`to_onnx_decoder`, and `to_routed_onnx`'s decoder with the routers inside (the prompt fed
+one token at a time).
+
+The routed decoders must all produce the same tokens (checked). Without `--routers`, the
 SmolLM2 model is converted without calibration and given dynamic routers with random
 weights (`perturb` scale below): speed does not depend on what the routers learned, only
 on the widths they pick, whose mean cost (parameters, as a fraction of the full model's)
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +39,15 @@ import torch
 from flextron_fx import flextronize
 from flextron_fx import load as load_elastic
 from flextron_fx.export.commands import uniform_for_budget
-from flextron_fx.export.generate import RoutedDecoder, TorchDecoder, generate
+from flextron_fx.export.decoder_onnx import to_onnx_decoder
+from flextron_fx.export.generate import (
+    OrtDecoder,
+    OrtRoutedDecoder,
+    RoutedDecoder,
+    TorchDecoder,
+    generate,
+)
+from flextron_fx.export.routed_onnx import to_routed_onnx
 from flextron_fx.export.sliced import full_hf, sliced_hf
 from flextron_fx.models import load
 from flextron_fx.profiler.cost import CostModel
@@ -63,8 +76,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--onnx", action="store_true", help="also in onnxruntime")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="routed-generate-"))
     torch.manual_seed(0)
     if args.routers:
         em = load_elastic(args.elastic)
@@ -73,7 +88,14 @@ def main() -> None:
         em = flextronize(model, (torch.randint(0, model.config.vocab_size, (2, 16)),), None,
                          progress=False)
     static = uniform_for_budget(em, f"params={args.budget}")
-    decoders = {"full": TorchDecoder(full_hf(em)), "static": TorchDecoder(sliced_hf(em, static))}
+    dense = {"full": full_hf(em), "static": sliced_hf(em, static)}
+    decoders = {n: TorchDecoder(m) for n, m in dense.items()}
+    if args.onnx:
+        for n, m in dense.items():
+            t0 = time.perf_counter()
+            path = to_onnx_decoder(m, folder / f"{n}.onnx")
+            print(f"exported {n} in {time.perf_counter() - t0:.0f} s", flush=True)
+            decoders[f"onnxruntime {n}"] = OrtDecoder(path, threads=torch.get_num_threads())
     if args.routers:
         _, table, _ = load_routers(em, args.routers, "dynamic")
     else:
@@ -83,6 +105,12 @@ def main() -> None:
     prompt = torch.randint(0, vocab, (1, args.prompt))
     decoders["routed, cache"] = RoutedDecoder(em, table, args.budget)
     decoders["routed, recompute"] = RoutedDecoder(em, table, args.budget, cache=False)
+    if args.onnx:
+        t0 = time.perf_counter()
+        path = to_routed_onnx(em, folder / "routed.onnx")
+        print(f"exported the routed decoder in {time.perf_counter() - t0:.0f} s", flush=True)
+        decoders["onnxruntime routed"] = OrtRoutedDecoder(path, table, args.budget,
+                                                          threads=torch.get_num_threads())
     assert decoders["routed, cache"].cached is not None, decoders["routed, cache"].why
     for dec in decoders.values():
         generate(dec, prompt, 4)  # warm-up
@@ -97,10 +125,12 @@ def main() -> None:
             if n == "routed, cache":
                 costs = decoders[n].costs
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    same = torch.equal(tokens["routed, cache"], tokens["routed, recompute"])
+    routed = [n for n in names if "routed" in n]
+    same = all(torch.equal(tokens[n], tokens["routed, cache"]) for n in routed)
     rows = []
     for n in names:
-        ratio = [t / f for t, f in zip(times[n], times["full"])]
+        ref = "onnxruntime full" if n.startswith("onnxruntime") else "full"
+        ratio = [t / f for t, f in zip(times[n], times[ref])]
         rows.append({"decoder": n, "seconds": statistics.median(times[n]),
                      "tokens_per_s": args.new_tokens / statistics.median(times[n]),
                      "vs_full": statistics.median(ratio)})
@@ -109,11 +139,11 @@ def main() -> None:
     print(f"\nbatch 1, prompt {args.prompt}, {args.new_tokens} greedy tokens, budget "
           f"{args.budget}; {args.rounds} interleaved rounds, medians; routers {source}")
     print(f"routed tokens cost {mean_cost:.3f} of the full model's {table.metric} on average "
-          f"({min(costs):.3f} to {max(costs):.3f}); cache and recompute give the same tokens: "
+          f"({min(costs):.3f} to {max(costs):.3f}); every routed decoder gives the same tokens: "
           f"{same}; static widths cost {static_cost:.3f}")
-    print(f"{'decoder':<18} {'seconds':>8} {'tok/s':>7} {'vs full':>8}")
+    print(f"{'decoder':<22} {'seconds':>8} {'tok/s':>7} {'vs full':>8}  (same runtime's full)")
     for row in rows:
-        print(f"{row['decoder']:<18} {row['seconds']:>8.2f} {row['tokens_per_s']:>7.1f} "
+        print(f"{row['decoder']:<22} {row['seconds']:>8.2f} {row['tokens_per_s']:>7.1f} "
               f"{row['vs_full']:>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(
@@ -121,7 +151,7 @@ def main() -> None:
              "static_cost": static_cost,
              "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     if not same:
-        raise SystemExit("the cached routed decoder gave other tokens than recomputation")
+        raise SystemExit("the routed decoders gave different tokens")
 
 
 if __name__ == "__main__":

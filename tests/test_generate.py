@@ -274,6 +274,17 @@ def test_generate_with_dynamic_routers_gives_each_token_its_own_widths(saved, tm
     assert _generated(out) == new and "routers inside the ONNX graph" in out
     assert float(out.split("the new tokens cost ")[1].split()[0]) == pytest.approx(
         sum(costs) / len(costs), abs=1e-3)
+    # `flextron export` writes that decoder; it serves any budget
+    from flextron_fx.export.generate import OrtRoutedDecoder
+
+    argv = ["export", str(path), "--routers", str(tmp_path / "dyn"), "--budget", "0.6",
+            "--out", str(tmp_path / "routed.onnx")]
+    assert cli.main(argv) == 2  # a logits-only file cannot hold per-token widths
+    assert "--format onnx-decoder" in capsys.readouterr().err
+    assert cli.main([*argv, "--format", "onnx-decoder"]) == 0
+    assert "dynamic routers inside" in capsys.readouterr().out
+    decoder = OrtRoutedDecoder(tmp_path / "routed.onnx", table, 0.6)
+    assert generate(decoder, torch.tensor([prompt]), 8).tokens[0].tolist() == new
 
 
 def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_path, capsys):

@@ -8,10 +8,13 @@
     flextron export DIR --widths sel.json --format onnx --out small.onnx
     flextron export DIR --budget latency=0.6 --lut lut.json --format onnx --out small.onnx
     flextron export DIR --routers ROUTER_RUN --budget latency=0.6 --format hf --out small/
+    flextron export DIR --routers DYNAMIC_RUN --budget 0.6 --format onnx-decoder --out r.onnx
 
 `--budget` picks the largest uniform widths (one fraction for every op) whose cost fits it;
 with `--routers` (a `flextron train-routers` run of static routers for DIR's model) the
-routers pick per-op widths for it, as `flextron select` does.
+routers pick per-op widths for it, as `flextron select` does. Dynamic routers export as an
+ONNX decoder with the routers inside (`--format onnx-decoder`, export/routed_onnx.py),
+whose `budget` input takes any budget.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lut", default=None, help="latency table (`flextron profile`), for "
                                                "latency budgets")
     p.add_argument("--routers", default=None,
-                   help="a `flextron train-routers` run of static routers for this model: "
-                        "they choose per-op widths for --budget (0.6 or latency=0.6)")
+                   help="a `flextron train-routers` run for this model: static routers "
+                        "choose per-op widths for --budget (0.6 or latency=0.6); dynamic "
+                        "ones go inside an ONNX decoder (--format onnx-decoder)")
     p.add_argument("--format", choices=["onnx", "onnx-decoder", "hf"], default="onnx",
                    help="onnx: logits only; onnx-decoder: with past/present keys and values "
                         "per layer, for generating in onnxruntime; hf: a Hugging Face folder")
@@ -57,6 +61,8 @@ def export_command(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.elastic} is not a folder; pass one saved by "
                               "`flextron convert` or `flextron train-elastic`")
     em = load(args.elastic)
+    if getattr(args, "routers", None) and _dynamic(args.routers):
+        return _routed_decoder(em, args)
     widths = _widths(em, args)
     print(f"widths: {_describe(em, widths)}")
     if args.format == "onnx":
@@ -74,6 +80,34 @@ def export_command(args: argparse.Namespace) -> int:
               "key/value cache, checked in onnxruntime")
         return 0
     return _save_hf(em, widths, args)
+
+
+def _dynamic(run) -> bool:
+    from ..route.selection import read_router_meta, router_folder
+
+    return read_router_meta(router_folder(run))["mode"] != "static"
+
+
+def _routed_decoder(em, args: argparse.Namespace) -> int:
+    """Dynamic routers: the ONNX decoder with the routers inside (`to_routed_onnx`)."""
+    from ..errors import CheckpointError, InputError
+    from ..route.selection import load_routers, router_folder
+    from .routed_onnx import to_routed_onnx
+
+    check_router_args(args)
+    if args.format != "onnx-decoder":
+        raise InputError("dynamic routers choose every token's widths, so they export as a "
+                         "decoder with the routers inside: use --format onnx-decoder (or "
+                         "train static routers for one fixed sub-network)")
+    _, table, _ = load_routers(em, router_folder(args.routers), "dynamic")
+    if table is None:
+        raise CheckpointError(f"{args.routers} holds no cost table; retrain the routers")
+    fraction = router_budget(table, args.budget)
+    path = to_routed_onnx(em, args.out, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), a decoder of one token "
+          "per step (batch 1) with the dynamic routers inside, checked in onnxruntime; its "
+          f"`budget` input takes any budget (--budget {args.budget}: feed {fraction:.4g})")
+    return 0
 
 
 def _widths(em, args: argparse.Namespace):
