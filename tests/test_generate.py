@@ -410,6 +410,10 @@ def test_the_routed_onnx_decoder_generates_what_routed_pytorch_does(name, head_m
     assert not torch.equal(*tokens)  # the budget input changes the routers' choices
     with pytest.raises(InputError, match="batch 1"):
         OrtRoutedDecoder(path, table, 0.6).step(token_ids(2, 3))
+    from flextron_fx.route import CostTable
+
+    with pytest.raises(InputError, match="does not fit"):  # another model's cost table
+        OrtRoutedDecoder(path, CostTable("params", {"some.mlp#0": [1.0, 2.0]}), 0.6)
 
 
 def test_the_routed_onnx_decoder_refuses_a_family_it_cannot_slice(tmp_path):

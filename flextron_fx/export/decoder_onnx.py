@@ -50,7 +50,8 @@ class _Step(nn.Module):
 
 def present(out) -> list[torch.Tensor]:
     """The cache of a Hugging Face output as flat [k0, v0, k1, v1, ...]."""
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)  # transformers 5; 4.x: past_key_values
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise ExportError(f"{type(out).__name__} holds no DynamicCache (got "

@@ -200,9 +200,21 @@ class OrtRoutedDecoder:
     `RoutedDecoder`."""
 
     def __init__(self, path, table, budget: float, threads: int | None = None):
+        import json
+
+        from .routed_onnx import OPS_KEY
+
         self.decoder = OrtDecoder(path, threads)
         self.table, self.budget = table, budget
-        self.ops = list(table.costs)
+        meta = self.decoder.session.get_modelmeta().custom_metadata_map
+        if OPS_KEY not in meta:
+            raise InputError(f"{path} is no routed decoder (`to_routed_onnx`): its metadata "
+                             f"lists no {OPS_KEY}")
+        self.ops = json.loads(meta[OPS_KEY])
+        if sorted(self.ops) != sorted(table.costs):
+            raise InputError(f"the cost table does not fit {path}: it has costs for "
+                             f"{len(table.costs)} ops, the decoder routes {len(self.ops)}; use "
+                             "the table the routers were trained with")
         self.rows = {name: table.tensor(name) for name in self.ops}
         self.costs: list[float] = []
 

@@ -7,7 +7,8 @@ choose, with a key/value cache, in onnxruntime.
              past_key_i / past_value_i [1, kv_i, past, head_dim]
     outputs  logits [1, 1, vocab], present_key_i / present_value_i
              [1, kv_i, past + 1, head_dim], widths [ops] (int64: the candidate index each
-             op's router chose for this token, in `em.ops` order)
+             op's router chose for this token, in `em.ops` order, which the file's
+             metadata `flextron_ops` lists)
 
 Inside, each block's router reads the block's input and the budget; its argmax picks the
 block's kept count (neurons, or key/value groups or query heads per group) from a small
@@ -23,6 +24,7 @@ budgets: logits to `tol` of their scale and the routers' choices exactly.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from .decoder_onnx import _rename, _Step, cache_shapes
 from .elastic_onnx import pick
 from .onnx import compare, export_program
 from .routed_hf import RoutedAttention, RoutedMLP, _Elastic, routed_hf
+
+OPS_KEY = "flextron_ops"  # metadata: the op names of the `widths` output, in order
 
 
 class _Token:
@@ -244,6 +248,8 @@ def to_routed_onnx(em: ElasticModel, path: str | os.PathLike, *, check: bool = T
     if [o.name for o in proto.graph.output] != outputs:
         for o, name in zip(proto.graph.output, outputs):
             _rename(proto.graph, o.name, name)
+    entry = proto.metadata_props.add()  # which op each entry of `widths` is
+    entry.key, entry.value = OPS_KEY, json.dumps(list(em.ops))
     blob = proto.SerializeToString()
     if check:
         _check(step, blob, em, shapes, tol)
