@@ -98,11 +98,7 @@ class RoutedAttention(nn.Module):
         q = self.attn.q_proj
         key = (span, q.weight._version, None if q.bias is None else q.bias._version)
         if key not in self._queries:
-            plan = self.q_slice.plan(span)
-            if plan is None or isinstance(plan, int):
-                rows = torch.arange(q.weight.shape[0] if plan is None else plan)
-            else:
-                rows = plan
+            rows = plan_indices(self.q_slice.plan(span), q.weight.shape[0])
             kv_of = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim // self.per_kv
             n = int(kv_of.max()) + 1  # a prefix of n key/value heads, each read by as many
             if len(kv_of) % n or not torch.equal(  # query heads in a row: SDPA's GQA
@@ -117,6 +113,25 @@ class RoutedAttention(nn.Module):
                                   n)
         return self._queries[key]
 
+    def project(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias, position_embeddings,
+                cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(queries from the q_proj rows `weight` and `bias`, keys, values of every head),
+        each [batch, heads, seq, head size], normed and rotated as the source module does;
+        keys and values appended to `cache` (every head's: later tokens may need them) and
+        returned with the past ones."""
+        attn, (b, s), hd = self.attn, hidden_states.shape[:2], self.head_dim
+        q = F.linear(hidden_states, weight, bias).view(b, s, -1, hd)
+        k = attn.k_proj(hidden_states).view(b, s, -1, hd)
+        v = attn.v_proj(hidden_states).view(b, s, -1, hd)
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: a norm over each head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        return q, k, v
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask=None, cache=None, past_key_values=None, **kwargs):
         attn, (b, s) = self.attn, hidden_states.shape[:2]
@@ -125,16 +140,7 @@ class RoutedAttention(nn.Module):
         span = (self.elastic.region.candidates[int(width.max())]
                 if isinstance(width, torch.Tensor) else width)
         weight, bias, kv_heads = self._query(span)
-        q = F.linear(hidden_states, weight, bias).view(b, s, -1, self.head_dim)
-        k = attn.k_proj(hidden_states).view(b, s, -1, self.head_dim)
-        v = attn.v_proj(hidden_states).view(b, s, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: a norm over each head
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
-        if cache is not None:  # every head's keys and values: later tokens may need them
-            k, v = cache.update(k, v, self.layer_idx)
+        q, k, v = self.project(hidden_states, weight, bias, position_embeddings, cache)
         k, v = k[:, :kv_heads], v[:, :kv_heads]  # each read by query heads in turn
         mask, causal = None, False
         if isinstance(attention_mask, torch.Tensor):
@@ -149,6 +155,13 @@ class RoutedAttention(nn.Module):
                                              scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.elastic.output(out, width), None
+
+
+def plan_indices(plan, full: int) -> torch.Tensor:
+    """The indices a `WeightSlice` plan keeps along an axis of length `full`."""
+    if plan is None:
+        return torch.arange(full)
+    return torch.arange(plan) if isinstance(plan, int) else plan
 
 
 def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
@@ -233,4 +246,4 @@ def _check_routed(em: ElasticModel, model: nn.Module, tokens: int = 12) -> None:
             f"routed elastic graph (max logit difference {err:.3g})")
 
 
-__all__ = ["RoutedAttention", "RoutedMLP", "routed_hf"]
+__all__ = ["RoutedAttention", "RoutedMLP", "plan_indices", "routed_hf"]

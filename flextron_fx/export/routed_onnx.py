@@ -39,7 +39,7 @@ from ..errors import ExportError, OutputError, UnsupportedModelError
 from .decoder_onnx import _rename, _Step, cache_shapes
 from .elastic_onnx import pick
 from .onnx import compare, export_program
-from .routed_hf import RoutedAttention, RoutedMLP, _Elastic, routed_hf
+from .routed_hf import RoutedAttention, RoutedMLP, _Elastic, plan_indices, routed_hf
 
 OPS_KEY = "flextron_ops"  # metadata: the op names of the `widths` output, in order
 
@@ -113,8 +113,8 @@ class _TokenAttention(nn.Module):
         for c in region.candidates:
             n, q = routed._query(c)[2], routed.q_slice.plan(c)
             o = o_slice.plan(c)
-            rows.append(_indices(q, attn.q_proj.weight.shape[0]))
-            cols.append(_indices(o, attn.o_proj.weight.shape[1]))
+            rows.append(plan_indices(q, attn.q_proj.weight.shape[0]))
+            cols.append(plan_indices(o, attn.o_proj.weight.shape[1]))
             kv.append(n)
             per.append(len(rows[-1]) // hd // n)
         # key/value heads and query heads per key/value head, each a multiple of the kept
@@ -148,15 +148,7 @@ class _TokenAttention(nn.Module):
             wq, wo = attn.q_proj.weight.index_select(0, rows), \
                 attn.o_proj.weight.index_select(1, rows)
             bq = None if bias is None else bias.index_select(0, rows)
-        q = F.linear(hidden_states, wq, bq).view(b, s, kv * per, hd)
-        k = attn.k_proj(hidden_states).view(b, s, -1, hd)
-        v = attn.v_proj(hidden_states).view(b, s, -1, hd)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = routed.rotary(q, k, cos, sin)
-        k, v = cache.update(k, v, routed.layer_idx)
+        q, k, v = routed.project(hidden_states, wq, bq, position_embeddings, cache)
         length = k.shape[2]
 
         def share(t):  # the first kv heads, each repeated for its query heads in turn
@@ -166,12 +158,6 @@ class _TokenAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, share(k), share(v), scale=attn.scaling)
         out = F.linear(out.transpose(1, 2).reshape(b, s, n), wo, attn.o_proj.bias)
         return self.token.compensate(self.elastic, out, index), None
-
-
-def _indices(plan, full: int) -> torch.Tensor:
-    if plan is None:
-        return torch.arange(full)
-    return torch.arange(plan) if isinstance(plan, int) else plan
 
 
 def _affine(values: list[int], kept: list[int], block: str) -> tuple[int, int]:
