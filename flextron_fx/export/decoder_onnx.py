@@ -102,9 +102,14 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, check: bool = 
 
 
 def _rename(graph, old: str, new: str) -> None:
+    """Rename value `old` to `new` in `graph` and in the subgraphs of its nodes (an `If`'s
+    branches read outer values by name)."""
     for node in graph.node:
         node.output[:] = [new if n == old else n for n in node.output]
         node.input[:] = [new if n == old else n for n in node.input]
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                _rename(sub, old, new)
     for o in (*graph.output, *graph.value_info):
         if o.name == old:
             o.name = new

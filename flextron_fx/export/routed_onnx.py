@@ -10,11 +10,14 @@ choose, with a key/value cache, in onnxruntime.
              op's router chose for this token, in `em.ops` order, which the file's
              metadata `flextron_ops` lists)
 
-Inside, each block's router reads the block's input and the budget; its argmax picks the
-block's kept count (neurons, or key/value groups or query heads per group) from a small
-table, and the weights are sliced to it in the graph (`Slice` of a prefix, or `Gather` of
-query rows kept inside each group), as in the elastic ONNX file: a narrower token runs
-smaller matmuls, nothing is masked. The cache holds every head's keys and values, as in
+Inside, each block's router reads the block's input and the budget, and its argmax
+picks the token's candidate. A block's units (MLP neurons, query heads) are split into
+bands between consecutive candidates, each band's weights their own initializers: the
+smallest candidate's band always runs, each wider band under an `If` that runs it when the
+token's candidate reaches it, and the output projection adds the bands' parts. So a
+narrower token runs fewer and smaller matmuls, nothing is masked, and no weight is copied
+at run time (onnxruntime has no views: slicing a weight in the graph, as the elastic ONNX
+file does, copies it on every call). The cache holds every head's keys and values, as in
 `routed_hf`. One file serves every budget. One token per step at batch 1: `OrtRoutedDecoder`
 feeds a prompt token by token, which gives each token what `routed_hf` gives it (a
 token's widths and output depend only on it and the tokens before it). Before the file is
@@ -24,6 +27,7 @@ budgets: logits to `tol` of their scale and the routers' choices exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -37,7 +41,6 @@ from .._atomic import write_atomic
 from ..elastic.model import ElasticModel
 from ..errors import ExportError, OutputError, UnsupportedModelError
 from .decoder_onnx import _rename, _Step, cache_shapes
-from .elastic_onnx import pick
 from .onnx import compare, export_program
 from .routed_hf import RoutedAttention, RoutedMLP, _Elastic, plan_indices, routed_hf
 
@@ -65,12 +68,23 @@ class _Token:
         return y if elastic.comp is None else elastic.comp(y, index.reshape(1, 1))
 
 
-def _table(values: list[int]) -> tuple[torch.Tensor, int, int]:
-    return torch.tensor(values, dtype=torch.int64), min(values), max(values)
+def _bands(sizes: list[int]) -> list[tuple[int, int]]:
+    """[(start, length)] of the bands between consecutive candidates' kept sizes."""
+    edges = [0, *sizes]
+    return [(lo, hi - lo) for lo, hi in itertools.pairwise(edges)]
+
+
+def _cond(index: torch.Tensor, band: int, add, operands: tuple) -> torch.Tensor:
+    """`add(*operands)` (the running sum plus band `band`'s part) when the token's candidate
+    `index` uses that band, else the running sum `operands[0]`: an `If` in ONNX, so a
+    narrower token skips the wider bands' matmuls and no weight is ever copied."""
+    return torch.cond(index >= band, add, lambda y, *rest: y.clone(), operands)
 
 
 class _TokenMLP(nn.Module):
-    """A routed MLP for one token: its router's width, the MLP on that weight prefix."""
+    """A routed MLP for one token, in bands: the neurons between consecutive candidates
+    are one band, the smallest candidate's always runs, each wider band runs when the
+    router's candidate reaches it, and the down projection adds the bands' parts."""
 
     def __init__(self, routed: RoutedMLP, token: _Token):
         super().__init__()
@@ -82,98 +96,116 @@ class _TokenMLP(nn.Module):
         if isinstance(spec, str):
             raise UnsupportedModelError(f"{region.block}: {spec}; the routed ONNX decoder "
                                         "slices recognised MLPs only")
-        self.spec = spec
-        self.widths, self.low, self.high = _table(list(region.candidates))
+        self.spec, self.bands = spec, _bands(list(region.candidates))
+
+    def _band(self, x: torch.Tensor, band: int) -> torch.Tensor:
+        from ..codegen.mlp import activation
+
+        lo, n = self.bands[band]
+        gate, up, down, b_gate, b_up, _ = self.spec.operands(self.elastic.params)
+        a = F.linear(x, up.narrow(0, lo, n), None if b_up is None else b_up.narrow(0, lo, n))
+        if gate is not None:
+            g = F.linear(x, gate.narrow(0, lo, n),
+                         None if b_gate is None else b_gate.narrow(0, lo, n))
+            a = activation(self.spec.act, g) * a
+        else:
+            a = activation(self.spec.act, a)
+        return F.linear(a, down.narrow(1, lo, n))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from ..codegen.mlp import elastic_mlp_ref
-
         index = self.token.choose(self.elastic, x)
-        width = pick(self.widths, index, self.low, self.high)
-        y = elastic_mlp_ref(x, width, *self.spec.operands(self.elastic.params), self.spec.act)
-        return self.token.compensate(self.elastic, y, index)
+        y = self._band(x, 0)
+        for band in range(1, len(self.bands)):
+            y = _cond(index, band, lambda y, x, band=band: y + self._band(x, band), (y, x))
+        b_down = self.spec.operands(self.elastic.params)[-1]
+        return self.token.compensate(self.elastic, y if b_down is None else y + b_down, index)
 
 
 class _TokenAttention(nn.Module):
-    """A routed attention for one token: the query heads of its router's width over a
-    prefix of the cached key/value heads, and the matching columns of the output
-    projection. Every size is an expression of one number per block (the kept count of
-    its shrinking class), as the exporter needs."""
+    """A routed attention for one token, in bands of query heads: the heads a candidate
+    keeps beyond the next smaller one are a band, each over its own key/value heads, and
+    the output projection adds the bands' parts (heads are independent, so this is the
+    attention of all the token's heads). Keys and values of every head go to the cache."""
 
     def __init__(self, routed: RoutedAttention, o_slice, token: _Token):
         super().__init__()
         self.routed, self.elastic, self.token = routed, routed.elastic, token
-        attn, region = routed.attn, routed.elastic.region
-        rule, hd = region.rule, routed.head_dim
+        attn, region, hd = routed.attn, routed.elastic.region, routed.head_dim
         if not isinstance(getattr(attn, "o_proj", None), nn.Linear):
             raise UnsupportedModelError(f"{region.block}: no o_proj to slice")
-        kept = [rule.classes(c).get(rule.cls, rule.size) for c in region.candidates]
-        self.counts, self.low, self.high = _table(kept)
-        rows, cols, kv, per = [], [], [], []
+        full_q, full_o = attn.q_proj.weight.shape[0], attn.o_proj.weight.shape[1]
+        before = torch.zeros(0, dtype=torch.long)
+        # per band: q rows (their first and count, whether a range), its key/value heads
+        # [start, stop), query heads per key/value head
+        self.bands = []
         for c in region.candidates:
-            n, q = routed._query(c)[2], routed.q_slice.plan(c)
-            o = o_slice.plan(c)
-            rows.append(plan_indices(q, attn.q_proj.weight.shape[0]))
-            cols.append(plan_indices(o, attn.o_proj.weight.shape[1]))
-            kv.append(n)
-            per.append(len(rows[-1]) // hd // n)
-        # key/value heads and query heads per key/value head, each a multiple of the kept
-        # count or a constant
-        self.kv, self.per = _affine(kv, kept, region.block), _affine(per, kept, region.block)
-        self.prefix = all(torch.equal(r, torch.arange(len(r))) and torch.equal(r, k)
-                          for r, k in zip(rows, cols))
-        if not self.prefix:
-            if any(not torch.equal(r, k) for r, k in zip(rows, cols)):
+            rows = plan_indices(routed.q_slice.plan(c), full_q)
+            if not torch.equal(rows, plan_indices(o_slice.plan(c), full_o)):
                 raise UnsupportedModelError(f"{region.block}: its query rows and output "
                                             "columns differ")
-            widest = max(len(r) for r in rows)
-            self.register_buffer("rows", torch.stack(
-                [torch.cat([r, r.new_zeros(widest - len(r))]) for r in rows]))
+            new = rows[~torch.isin(rows, before)]
+            kv = new.reshape(-1, hd)[:, 0] // hd // routed.per_kv
+            start, stop = int(kv.min()), int(kv.max()) + 1
+            per = len(kv) // (stop - start)
+            if not torch.equal(kv, torch.arange(start, stop).repeat_interleave(per)):
+                raise UnsupportedModelError(f"{region.block}: the query heads kept at {c} "
+                                            "do not read a range of key/value heads in turn")
+            lo = int(new[0])
+            contiguous = torch.equal(new, torch.arange(lo, lo + len(new)))
+            self.bands.append((new, lo, len(new), contiguous, start, stop, per))
+            before = rows
+
+    def _rows(self, band: int):
+        """(q_proj weight rows, q bias rows, o_proj weight columns) of a band: views when
+        the band's rows are a range, copies made at export otherwise."""
+        attn = self.routed.attn
+        rows, lo, n, contiguous = self.bands[band][:4]
+
+        def pick(w, axis):
+            if w is None:
+                return None
+            return w.narrow(axis, lo, n) if contiguous else w.index_select(axis,
+                                                                           rows.to(w.device))
+
+        return (pick(attn.q_proj.weight, 0), pick(attn.q_proj.bias, 0),
+                pick(attn.o_proj.weight, 1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: int):
+        """Band `band`'s part of the output projection, from its queries [b, heads, s, hd]."""
+        start, stop, per = self.bands[band][4:]
+        b, s, length, hd = q.shape[0], q.shape[2], k.shape[2], q.shape[3]
+
+        def share(t):  # the band's key/value heads, each repeated for its query heads
+            t = t.narrow(1, start, stop - start)[:, :, None]
+            return t.expand(b, stop - start, per, length, hd).reshape(b, -1, length, hd)
+
+        out = F.scaled_dot_product_attention(q, share(k), share(v),
+                                             scale=self.routed.attn.scaling)
+        return F.linear(out.transpose(1, 2).reshape(b, s, -1), self._rows(band)[2])
+
+    def _band(self, y, x, k, v, cos, sin, band: int):
+        attn, hd = self.routed.attn, self.routed.head_dim
+        weight, bias, _ = self._rows(band)
+        q = F.linear(x, weight, bias).view(x.shape[0], x.shape[1], -1, hd)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)
+        q = self.routed.rotary(q, q, cos, sin)[0]
+        return y + self._attend(q, k, v, band)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask=None, cache=None, past_key_values=None, **kwargs):
-        routed, attn, hd = self.routed, self.routed.attn, self.routed.head_dim
         cache = cache if cache is not None else past_key_values
-        b, s = hidden_states.shape[:2]
         index = self.token.choose(self.elastic, hidden_states)
-        u = pick(self.counts, index, self.low, self.high)
-        kv, per = _size(self.kv, u), _size(self.per, u)
-        n = kv * per * hd
-        bias = attn.q_proj.bias
-        if self.prefix:
-            wq, wo = attn.q_proj.weight.narrow(0, 0, n), attn.o_proj.weight.narrow(1, 0, n)
-            bq = None if bias is None else bias.narrow(0, 0, n)
-        else:
-            rows = self.rows[index].narrow(0, 0, n)
-            wq, wo = attn.q_proj.weight.index_select(0, rows), \
-                attn.o_proj.weight.index_select(1, rows)
-            bq = None if bias is None else bias.index_select(0, rows)
-        q, k, v = routed.project(hidden_states, wq, bq, position_embeddings, cache)
-        length = k.shape[2]
-
-        def share(t):  # the first kv heads, each repeated for its query heads in turn
-            t = t.narrow(1, 0, kv)[:, :, None].expand(b, kv, per, length, hd)
-            return t.reshape(b, kv * per, length, hd)
-
-        out = F.scaled_dot_product_attention(q, share(k), share(v), scale=attn.scaling)
-        out = F.linear(out.transpose(1, 2).reshape(b, s, n), wo, attn.o_proj.bias)
-        return self.token.compensate(self.elastic, out, index), None
-
-
-def _affine(values: list[int], kept: list[int], block: str) -> tuple[int, int]:
-    """(a, b) with values[i] == a * kept[i] + b and a or b zero, or UnsupportedModelError."""
-    if len(set(values)) == 1:
-        return 0, values[0]
-    if all(v % k == 0 for v, k in zip(values, kept)) and len({v // k for v, k in
-                                                              zip(values, kept)}) == 1:
-        return values[0] // kept[0], 0
-    raise UnsupportedModelError(f"{block}: its head counts {values} are no multiple of its "
-                                f"kept counts {kept}")
-
-
-def _size(affine: tuple[int, int], u):
-    a, b = affine
-    return b if a == 0 else a * u
+        weight, bias, _ = self._rows(0)
+        q, k, v = self.routed.project(hidden_states, weight, bias, position_embeddings, cache)
+        y = self._attend(q, k, v, 0)
+        cos, sin = position_embeddings
+        for band in range(1, len(self.bands)):
+            y = _cond(index, band, lambda *a, band=band: self._band(*a, band),
+                      (y, hidden_states, k, v, cos, sin))
+        bias = self.routed.attn.o_proj.bias
+        return self.token.compensate(self.elastic, y if bias is None else y + bias, index), None
 
 
 class _RoutedStep(_Step):
