@@ -95,7 +95,7 @@ class _TokenMLP(nn.Module):
         spec = match_mlp(region)
         if isinstance(spec, str):
             raise UnsupportedModelError(f"{region.block}: {spec}; the routed ONNX decoder "
-                                        "slices recognised MLPs only")
+                                        "splits recognised MLPs (prefix slices) into bands")
         self.spec, self.bands = spec, _bands(list(region.candidates))
 
     def _band(self, x: torch.Tensor, band: int) -> torch.Tensor:
