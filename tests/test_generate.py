@@ -408,8 +408,12 @@ def test_the_routed_onnx_decoder_generates_what_routed_pytorch_does(name, head_m
         assert_close(ort_decoder.step(seq), torch_decoder.step(seq))
         tokens.append(got)
     assert not torch.equal(*tokens)  # the budget input changes the routers' choices
-    with pytest.raises(InputError, match="batch 1"):
-        OrtRoutedDecoder(path, table, 0.6).step(token_ids(2, 3))
+    two = token_ids(2, 3)  # rows of a batch, each with its own widths and cache
+    ort_decoder, torch_decoder = OrtRoutedDecoder(path, table, 0.6), RoutedDecoder(em, table, 0.6)
+    assert torch.equal(generate(ort_decoder, two, 5).tokens, generate(torch_decoder, two, 5).tokens)
+    assert ort_decoder.costs == pytest.approx(torch_decoder.costs, abs=1e-6)
+    with pytest.raises(InputError, match="got 1"):
+        ort_decoder.step(two[:1, :1])
     from flextron_fx.route import CostTable
 
     with pytest.raises(InputError, match="does not fit"):  # another model's cost table

@@ -196,8 +196,7 @@ def token_cost(table, rows: dict[str, torch.Tensor], chosen: dict, batch: int) -
 class OrtRoutedDecoder:
     """`step` for an ONNX decoder of `to_routed_onnx`, whose dynamic routers choose every
     token's widths inside the graph, at `budget` (a fraction of the full model's cost in
-    the metric of `table`). Batch 1; a prompt goes in one token at a time. `costs` as in
-    `RoutedDecoder`."""
+    the metric of `table`). `costs` as in `RoutedDecoder`."""
 
     def __init__(self, path, table, budget: float, threads: int | None = None):
         import json
@@ -216,22 +215,33 @@ class OrtRoutedDecoder:
                              f"{len(table.costs)} ops, the decoder routes {len(self.ops)}; use "
                              "the table the routers were trained with")
         self.rows = {name: table.tensor(name) for name in self.ops}
-        self.costs: list[float] = []
+        self.reset()
 
     def reset(self) -> None:
-        self.decoder.reset()
+        self.caches: list[list[np.ndarray]] | None = None  # one cache per sequence
         self.costs = []
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[0] != 1:
-            raise InputError(f"the routed ONNX decoder runs one sequence at a time (batch 1), "
-                             f"got a batch of {ids.shape[0]}; generate each prompt on its own")
-        for i in range(ids.shape[1]):
-            logits, widths = self.decoder.step(ids[:, i:i + 1],
-                                               budget=np.array(self.budget, dtype=np.float32))
-        chosen = {name: int(k) for name, k in zip(self.ops, widths)}
-        self.costs.append(token_cost(self.table, self.rows, chosen, 1))
-        return logits
+        """The file runs one token of one sequence per call, so the rows of a batch (each
+        with its own widths and cache) and the tokens of a prompt go in one at a time."""
+        if self.caches is None:
+            self.caches = [[] for _ in range(ids.shape[0])]
+        if len(self.caches) != ids.shape[0]:
+            raise InputError(f"this generation has {len(self.caches)} sequences, the step "
+                             f"got {ids.shape[0]}; reset() to start another")
+        budget = np.array(self.budget, dtype=np.float32)
+        last, chosen = [], []
+        for row, cache in enumerate(self.caches):
+            self.decoder.cache = cache
+            for i in range(ids.shape[1]):
+                logits, widths = self.decoder.step(ids[row:row + 1, i:i + 1], budget=budget)
+            self.caches[row] = self.decoder.cache
+            last.append(logits)
+            chosen.append(torch.from_numpy(widths))
+        index = torch.stack(chosen)  # [batch, ops]
+        self.costs.append(token_cost(self.table, self.rows, {
+            name: index[:, j] for j, name in enumerate(self.ops)}, len(chosen)))
+        return torch.cat(last)
 
 
 class OrtDecoder:

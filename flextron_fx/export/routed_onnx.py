@@ -18,8 +18,9 @@ token's candidate reaches it, and the output projection adds the bands' parts. S
 narrower token runs fewer and smaller matmuls, nothing is masked, and no weight is copied
 at run time (onnxruntime has no views: slicing a weight in the graph, as the elastic ONNX
 file does, copies it on every call). The cache holds every head's keys and values, as in
-`routed_hf`. One file serves every budget. One token per step at batch 1: `OrtRoutedDecoder`
-feeds a prompt token by token, which gives each token what `routed_hf` gives it (a
+`routed_hf`. One file serves every budget. One token of one sequence per step:
+`OrtRoutedDecoder` feeds a prompt token by token and the rows of a batch one after
+another, each with its own cache, which gives each token what `routed_hf` gives it (a
 token's widths and output depend only on it and the tokens before it). Before the file is
 written, onnxruntime is checked against the same step in PyTorch token by token, at two
 budgets: logits to `tol` of their scale and the routers' choices exactly.
