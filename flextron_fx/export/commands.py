@@ -105,8 +105,8 @@ def _routed_decoder(em, args: argparse.Namespace) -> int:
     fraction = router_budget(table, args.budget)
     path = to_routed_onnx(em, args.out, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), a decoder of one token "
-          "per step (batch 1) with the dynamic routers inside, checked in onnxruntime; its "
-          f"`budget` input takes any budget (--budget {args.budget}: feed {fraction:.4g})")
+          "of one sequence per step with the dynamic routers inside, checked in onnxruntime; "
+          f"its `budget` input takes any budget (--budget {args.budget}: feed {fraction:.4g})")
     return 0
 
 

@@ -234,7 +234,8 @@ class OrtRoutedDecoder:
         for row, cache in enumerate(self.caches):
             self.decoder.cache = cache
             for i in range(ids.shape[1]):
-                logits, widths = self.decoder.step(ids[row:row + 1, i:i + 1], budget=budget)
+                logits, (widths,) = self.decoder.run(ids[row:row + 1, i:i + 1],
+                                                     budget=budget)
             self.caches[row] = self.decoder.cache
             last.append(logits)
             chosen.append(torch.from_numpy(widths))
@@ -263,9 +264,12 @@ class OrtDecoder:
     def reset(self) -> None:
         self.cache = []
 
-    def step(self, ids: torch.Tensor, **extra: np.ndarray):
-        """The last position's logits; with more outputs than the cache (the routed
-        decoder's widths), (logits, those outputs). `extra` feeds other inputs."""
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.run(ids)[0]
+
+    def run(self, ids: torch.Tensor, **extra: np.ndarray) -> tuple[torch.Tensor, list]:
+        """(the last position's logits, the outputs after the cache: the routed decoder's
+        widths); `extra` feeds the inputs besides the ids and the cache."""
         batch = ids.shape[0]
         if not self.cache:  # no past yet: length 0, heads and head size as exported
             self.cache = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
@@ -273,9 +277,8 @@ class OrtDecoder:
         feed = {"input_ids": ids.numpy().astype(np.int64), **extra}
         feed.update({i.name: c for i, c in zip(self.past, self.cache)})
         logits, *rest = self.session.run(self.names, feed)
-        self.cache, rest = rest[:self.presents], rest[self.presents:]
-        last = torch.from_numpy(logits[:, -1])
-        return (last, *rest) if rest else last
+        self.cache = rest[:self.presents]
+        return torch.from_numpy(logits[:, -1]), rest[self.presents:]
 
 
 __all__ = ["Generated", "OrtDecoder", "OrtRoutedDecoder", "RoutedDecoder", "Sampling",

@@ -106,11 +106,8 @@ def generate_command(args: argparse.Namespace) -> int:
         from .generate import OrtRoutedDecoder
         from .routed_onnx import to_routed_onnx
 
-        tmp = tempfile.TemporaryDirectory(prefix="flextron-decoder-")
-        t0 = time.perf_counter()
-        path = to_routed_onnx(em, Path(tmp.name) / "routed.onnx")
-        print(f"exported the routed ONNX decoder in {time.perf_counter() - t0:.1f} s "
-              "(routers inside, checked against PyTorch)")
+        _keep, path = _exported(  # the folder lives until generation ends
+            lambda out: to_routed_onnx(em, out), "the routed ONNX decoder (routers inside)")
         decoder = OrtRoutedDecoder(path, routed.table, routed.budget,
                                    threads=torch.get_num_threads())
     elif args.runtime == "torch":
@@ -118,11 +115,8 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         from .decoder_onnx import to_onnx_decoder
 
-        tmp = tempfile.TemporaryDirectory(prefix="flextron-decoder-")
-        t0 = time.perf_counter()
-        path = to_onnx_decoder(model, Path(tmp.name) / "decoder.onnx")
-        print(f"exported the ONNX decoder in {time.perf_counter() - t0:.1f} s "
-              "(checked against PyTorch)")
+        _keep, path = _exported(  # the folder lives until generation ends
+            lambda out: to_onnx_decoder(model, out), "the ONNX decoder")
         decoder = OrtDecoder(path, threads=torch.get_num_threads())
     eos = getattr(tokenizer, "eos_token_id", None)
     out = generate(decoder, ids, args.max_new_tokens, sampling, eos=eos)
@@ -141,6 +135,16 @@ def generate_command(args: argparse.Namespace) -> int:
             print("key/value cache with every head's keys and values; each token's queries, "
                   "MLP and output projection at its own widths")
     return 0
+
+
+def _exported(export, what: str):
+    """(the temporary folder, which must outlive generation, and the file `export(path)`
+    wrote in it), with the time it took printed."""
+    tmp = tempfile.TemporaryDirectory(prefix="flextron-decoder-")
+    t0 = time.perf_counter()
+    path = export(Path(tmp.name) / "decoder.onnx")
+    print(f"exported {what} in {time.perf_counter() - t0:.1f} s (checked against PyTorch)")
+    return tmp, path
 
 
 def show(out, ids, tokenizer, runtime: str) -> list[int]:

@@ -217,9 +217,7 @@ class DynamicRouter(Router):
 
     def logits(self, budget: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[batch] budgets, [batch, seq, dim] hidden states -> [batch, seq, K] logits."""
-        z = (budget[:, None, None] * self.w_budget + self.b_budget
-             + self.w_hidden(h.to(self.w_out.weight.dtype)))
-        return self.w_out(torch.sigmoid(z))
+        return self.logits_after(budget[:, None, None] * self.w_budget + self.b_budget, h)
 
     def _logits_at(self, budget: float, h: torch.Tensor) -> torch.Tensor:
         """`logits` for one budget without autograd, in fewer operations (decoding runs a
@@ -232,7 +230,8 @@ class DynamicRouter(Router):
         return self.logits_after(self._shift, h)
 
     def logits_after(self, shift: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The logits from the budget's term `shift` (T * W + b, [units]) and `h`."""
+        """The logits from the budget's term `shift` (T * W + b: [units], or [batch, 1,
+        units]) and `h`."""
         z = shift + F.linear(h.to(self.w_out.weight.dtype), self.w_hidden.weight)
         return F.linear(torch.sigmoid(z), self.w_out.weight, self.w_out.bias)
 
