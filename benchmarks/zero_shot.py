@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--mix", action="store_true",
                     help="also calibrate on a mix of every evaluated domain's calibration split")
     ap.add_argument("--mix-pairs", default="activation/contribution,taylor/taylor")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="compensation_rank of the compensated rows (0: mean bias only)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a bar chart (PNG) of the results here")
     ap.add_argument("--replot", default=None,
@@ -114,7 +116,9 @@ def main() -> None:
     if args.mix:
         calibs["mix"] = calibration_mix(tok, domains, seq_len=args.seq, n_calib=args.calib)[0]
     sample = (wiki[:2, :16],)
-    config = FlextronConfig(compensate="all")  # each row turns it on or off itself
+    # each row turns compensation on or off itself
+    config = FlextronConfig(compensate="all", compensation_rank=args.rank)
+    comp_label = f"comp-r{args.rank}" if args.rank else "comp"
     res: dict = {"setup": {k: v for k, v in vars(args).items()},
                  "test_tokens": {d: int(b.shape[0] * (b.shape[1] - 1)) for d, b in tests.items()},
                  "calibration_tokens": {k: int(v.numel()) for k, v in calibs.items()},
@@ -132,7 +136,8 @@ def main() -> None:
         todo = pairs if calib_name == "wikipedia" else \
             [tuple(p.split("/")) for p in args.mix_pairs.split(",")]
         stats = measure(base.graph_module, analysis, analysis.blocks, calib,
-                        measures=needs(*(s for pair in todo for s in pair)),
+                        measures=needs(*(s for pair in todo for s in pair))
+                        | ({"gram"} if args.rank else set()),
                         batch_size=args.calib_batch, sample_inputs=base.sample_inputs)
         print(f"calibrated on {calib_name} ({calib.shape[0]} x {calib.shape[1]}) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
@@ -143,7 +148,7 @@ def main() -> None:
                     kinds = CONFIGS[c][0]
                     key = "|".join([calib_name, c, mlp if "mlp" in kinds else "-",
                                     head if "attention" in kinds else "-",
-                                    "comp" if comp else "plain"])
+                                    comp_label if comp else "plain"])
                     if key not in ppl:
                         keys[(comp, c)] = key
             if not keys and "full" in ppl:
@@ -186,14 +191,16 @@ def table(res: dict, domains: list[str]) -> str:
         if key == "full":
             continue
         calib, c, mlp, head, comp = key.split("|")
-        lines.append(f"| {c} | {mlp} | {head} | {calib} | {'yes' if comp == 'comp' else 'no'} | "
+        shown = "no" if comp == "plain" else "yes" if comp == "comp" else f"rank {comp[6:]}"
+        lines.append(f"| {c} | {mlp} | {head} | {calib} | {shown} | "
                      + " | ".join(f"{v[d]:.2f}" for d in domains) + " |")
     return "\n".join(lines)
 
 
 def plot(res: dict, path: str) -> Path:
     """Perplexity relative to the full model (log scale), one panel per sub-network, one
-    group of bars per score, without / with compensation, mean over the domains."""
+    group of bars per score, one bar per compensation (none, mean bias, least squares of
+    a rank), geometric mean over the domains."""
     import math
 
     import matplotlib
@@ -213,14 +220,19 @@ def plot(res: dict, path: str) -> Path:
                                                                  else f" ({calib})")
         ratio = math.exp(sum(math.log(v[d] / full[d]) for d in full) / len(full))
         rows.setdefault(c, {}).setdefault(label, {})[comp] = ratio
+    kinds = sorted({k.split("|")[-1] for k in res["ppl"] if k != "full"},
+                   key=lambda k: (k != "plain", len(k), k))  # plain, comp, comp-r<rank>
+    names = {"plain": "without", "comp": "mean bias"}
+    bar = 0.8 / len(kinds)
     fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
     for ax, (c, by_score) in zip(axes[0], sorted(rows.items())):
         labels = sorted(by_score)
-        for j, comp in enumerate(("plain", "comp")):
-            ax.bar([i + 0.4 * j for i in range(len(labels))],
-                   [by_score[k].get(comp, float("nan")) for k in labels], width=0.4,
-                   label="with compensation" if comp == "comp" else "without")
-        ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=30, ha="right")
+        for j, comp in enumerate(kinds):
+            ax.bar([i + bar * j for i in range(len(labels))],
+                   [by_score[k].get(comp, float("nan")) for k in labels], width=bar,
+                   label=names.get(comp, f"least squares, rank {comp[6:]}"))
+        ax.set_xticks([i + 0.4 - bar / 2 for i in range(len(labels))], labels, rotation=30,
+                      ha="right")
         ax.set_yscale("log")
         ax.set_title(f"{c}: perplexity / full model\n(geometric mean over domains)")
         ax.legend()

@@ -36,7 +36,8 @@ def _config(args):
 
     return FlextronConfig(head_mode=args.head_mode, head_score=args.head_score,
                           mlp_score=args.score, compensate=args.compensation,
-                          seed=args.seed, calibration_batch_size=args.batch_size)
+                          compensation_rank=args.compensation_rank, seed=args.seed,
+                          calibration_batch_size=args.batch_size)
 
 
 def convert(args) -> dict:
@@ -294,7 +295,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="attention head importance")
     p.add_argument("--compensation", choices=["none", "mlp", "attention", "all"],
                    default=default.compensate,
-                   help="blocks that get per-width bias compensation (passes/compensate.py)")
+                   help="blocks that get per-width compensation (passes/compensate.py)")
+    p.add_argument("--compensation-rank", type=int, default=default.compensation_rank,
+                   help="0: add back the removed units' mean output; r > 0: also a rank-r "
+                        "least-squares correction of the kept output-projection columns")
     p.add_argument("--calib-domains", default="wikipedia",
                    help="comma list of domains whose calibration splits are mixed in equal "
                         "shares for calibration (fetched with `flextron data fetch`)")

@@ -47,6 +47,13 @@ class FlextronConfig:
             (docs/RESULTS.md, "Zero-shot quality") with Wikipedia calibration, it helps
             only on Wikipedia-like text and hurts other domains; head_score
             "fluctuation" needs it on attention (without, the cut model is broken).
+        compensation_rank: 0 (default) adds the mean output of the removed units only;
+            r > 0 also corrects the kept columns of the output projection at each width
+            with a rank-r matrix, fitted by least squares on the calibration activations
+            so that the cut block reproduces the full block's output (the bias is then
+            the least-squares one). Needs compensate != "none"; costs r * (out + kept)
+            parameters per width below the full one, and a [in, in] Gram matrix per block
+            while calibrating.
         calibration_batch_size: sequences per forward pass while ranking.
         seed: the seed that chose the calibration data (recorded with the model); the
             passes themselves are deterministic: the same data gives the same permutation.
@@ -61,6 +68,7 @@ class FlextronConfig:
     head_score: str = "contribution"
     mlp_score: str = "fluctuation"
     compensate: str = "none"
+    compensation_rank: int = 0
     calibration_batch_size: int = 8
     seed: int = 0
     debug: bool = False
@@ -85,13 +93,19 @@ class FlextronConfig:
         if self.compensate not in COMPENSATE:
             raise ValueError(f"compensate must be one of {COMPENSATE} (or True / False), got "
                              f"{self.compensate!r}")
-        for name in ("calibration_batch_size", "seed"):
+        for name in ("calibration_batch_size", "seed", "compensation_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 # a ValueError, as for every other field of the config
                 raise ValueError(  # noqa: TRY004
                     f"{name} must be an int, got {value!r} ({type(value).__name__}); "
                     f"pass e.g. {name}=8")
+        if self.compensation_rank < 0:
+            raise ValueError(f"compensation_rank must be >= 0, got {self.compensation_rank!r}")
+        if self.compensation_rank and self.compensate == "none":
+            raise ValueError(f"compensation_rank={self.compensation_rank} corrects the "
+                             "blocks that compensate names, and compensate is 'none'; pass "
+                             "compensate='mlp', 'attention' or 'all' too")
         if self.calibration_batch_size < 1:
             raise ValueError("calibration_batch_size must be >= 1, "
                              f"got {self.calibration_batch_size!r}")

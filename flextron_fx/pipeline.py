@@ -77,7 +77,8 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                     "the cut models are far worse (docs/RESULTS.md, 'Zero-shot quality')")
     if calibration is not None:
         stats = measure(gm, analysis, blocks, calibration,
-                        measures=needs(config.mlp_score, config.head_score),
+                        measures=needs(config.mlp_score, config.head_score)
+                        | ({"gram"} if config.compensation_rank else set()),
                         batch_size=config.calibration_batch_size,
                         sample_inputs=traced.sample_inputs, progress=progress, resume=resume)
         scores = score_blocks(gm, blocks, stats, mlp_score=config.mlp_score,

@@ -347,3 +347,140 @@ def test_calibration_mix_takes_equal_interleaved_shares(monkeypatch):
     assert "wikipedia (2 blocks)" in source and "python (2 blocks)" in source
     with pytest.raises(ValueError, match="unknown domain"):
         calibration_mix(Chars(), ["klingon"], seq_len=8)
+
+
+# ---- least-squares compensation (compensation_rank > 0) ----
+
+def test_least_squares_reproduces_an_output_the_kept_units_determine():
+    """Removed units that are affine functions of the kept ones (rank 2 here): a rank-2
+    fit without ridge gives back W h exactly; rank 1 cannot, and is worse than rank 2."""
+    from flextron_fx.passes import compensate as C
+
+    g = torch.Generator().manual_seed(0)
+    n, kept_n, out = 12, 7, 5
+    hk = torch.randn(400, kept_n, generator=g, dtype=torch.float64) + 0.5
+    mix = torch.randn(kept_n, 2, generator=g, dtype=torch.float64) @ \
+        torch.randn(2, n - kept_n, generator=g, dtype=torch.float64)
+    h = torch.cat([hk, hk @ mix + 0.3], dim=1)  # removed = affine in the kept, rank 2
+    perm = torch.randperm(n, generator=g)  # the kept units need not be a prefix
+    h = h[:, perm]
+    kept = torch.argsort(perm)[:kept_n]  # where the kept units went, in the kept order
+    w = torch.randn(out, n, generator=g, dtype=torch.float64)
+    mean, gram = h.mean(0), h.t() @ h / len(h)
+
+    def error(rank, ridge):
+        old, C.RIDGE = C.RIDGE, ridge
+        try:
+            bias, u, v = C.least_squares(w, mean, gram, kept, rank)
+        finally:
+            C.RIDGE = old
+        assert u.shape == (out, min(rank, out)) and v.shape == (kept_n, min(rank, out))
+        fit = h[:, kept] @ (w[:, kept] + u @ v.t()).t() + bias
+        return (fit - h @ w.t()).abs().max().item()
+
+    assert error(2, 0.0) < 1e-8
+    assert error(1, 0.0) > 1e-3
+    mean_bias = (h[:, kept] @ w[:, kept].t() + w[:, torch.ones(n, dtype=torch.bool)
+                 .index_fill(0, kept, False)] @ mean[torch.ones(n, dtype=torch.bool)
+                 .index_fill(0, kept, False)] - h @ w.t()).abs().max().item()
+    assert error(1, 0.0) < mean_bias
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "group"), ("llama", "query"),
+                                            ("gpt2", "query")])
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_low_rank_compensated_elastic_equals_materialize_and_to_hf(arch, mode, data):
+    """Static widths: the elastic graph (low-rank correction inside the regions) equals
+    materialize (folded into the weights); per-token widths equal per-token materialize."""
+    _, em = converted(arch, mode, compensation_rank=3)
+    widths = {n: data.draw(st.sampled_from(op.candidates), label=n) for n, op in em.ops.items()}
+    ids = _ids(data.draw(st.integers(0, 2**16)))
+    with em.at(widths):
+        elastic = output(em, ids)
+        again = output(em, ids)  # the cached corrected weights give the same
+    assert torch.equal(elastic, again)
+    dense = em.materialize(widths)
+    assert not any(isinstance(m, Compensation) for m in dense.modules())
+    assert_close(output(dense, ids), elastic)
+    kind = data.draw(st.sampled_from(["mlp", "attention"]), label="per-token op")
+    name = [n for n, op in em.ops.items() if op.kind == kind][-1]  # last: no later mixing
+    cands = em.ops[name].candidates
+    index = torch.randint(len(cands), (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    with em.at({name: index}):
+        out = output(em, ids)
+    refs = torch.stack([output(em.materialize({name: c}), ids) for c in cands])
+    assert_close(out, refs[index, torch.arange(BATCH)[:, None], torch.arange(SEQ)[None]])
+
+
+def test_low_rank_compensation_fits_the_full_output_better_than_the_mean():
+    """On the calibration tokens, every cut of the tiny Llama is closer to the full model
+    with the least-squares correction than with the mean bias alone; full width is the
+    same bit for bit; the factors have the rank asked for."""
+    _, mean = converted("llama", "query")
+    _, ls = converted("llama", "query", compensation_rank=8)
+    ids = calibration()[:4]
+    with torch.no_grad():
+        full = output(mean, ids)
+        assert torch.equal(output(ls, ids), full)
+        for kind in ("mlp", "attention"):
+            ops = {n: op.candidates for n, op in ls.ops.items() if op.kind == kind}
+            for k in range(len(next(iter(ops.values()))) - 1):  # every width below the full
+                widths = {n: c[k] for n, c in ops.items()}
+                with mean.at(widths), ls.at(widths):
+                    e_mean = (output(mean, ids) - full).pow(2).mean()
+                    e_ls = (output(ls, ids) - full).pow(2).mean()
+                assert e_ls < e_mean, (widths, e_ls, e_mean)
+    for m in compensation_modules(ls.graph_module).values():
+        assert m.rank == 8 and len(m.u) == len(m.candidates) - 1
+
+
+def test_the_corrected_weight_follows_changes_to_weights_and_factors():
+    """The corrected weight is cached per width without autograd; a factor or the weight
+    changed in place (as an optimiser step does) is read on the next call."""
+    _, em = _converted("llama", "group", compensate="mlp", compensation_rank=2)
+    ids = _ids(2)
+    comp = next(iter(compensation_modules(em.graph_module).values()))
+    weight = em.graph_module.get_parameter(em.block(comp.block).out_proj.weight)
+    with em.at(0.5), torch.no_grad():
+        before = output(em, ids)
+        comp.u[1].mul_(2)  # candidate 1 of 4 is width 0.5
+        after_u = output(em, ids)
+        assert not torch.equal(before, after_u)
+        weight.add_(0.01)
+        assert not torch.equal(after_u, output(em, ids))
+        assert_close(output(em.materialize(), ids), output(em, ids))
+
+
+def test_save_load_and_training_keep_and_move_the_factors(tmp_path):
+    from flextron_fx.train import TrainConfig, train_elastic
+
+    _, em = _converted("llama", "group", compensate="all", compensation_rank=2)
+    comps = list(compensation_modules(em.graph_module).values())
+    before = [m.u[0].detach().clone() for m in comps]
+    config = TrainConfig(steps=2, batch=4, samples=2, warmup=1, lr=1e-2, checkpoint_every=5,
+                         eval_every=5)
+    data = torch.randint(0, 128, (16, 8), generator=torch.Generator().manual_seed(0))
+    train_elastic(em, data, tmp_path / "run", config, progress=False)
+    assert any(not torch.equal(b, m.u[0].detach()) for b, m in zip(before, comps))
+    em.set_widths(0.5)
+    flextron_fx.save(em, tmp_path / "ckpt")
+    loaded = flextron_fx.load(tmp_path / "ckpt")
+    for a, b in zip(compensation_modules(em.graph_module).values(),
+                    compensation_modules(loaded.graph_module).values()):
+        assert a.rank == b.rank == 2
+        assert all(torch.equal(x, y) for x, y in zip([*a.u, *a.v], [*b.u, *b.v]))
+    ids = _ids(1)
+    assert_close(output(loaded, ids), output(em, ids))
+
+
+def test_low_rank_compensation_is_refused_where_a_file_holds_every_width(tmp_path):
+    from flextron_fx.errors import UnsupportedModelError
+    from flextron_fx.export.elastic_onnx import to_elastic_onnx
+
+    _, em = converted("llama", "group", compensation_rank=2)
+    with pytest.raises(UnsupportedModelError, match="one budget at a time"):
+        to_elastic_onnx(em, tmp_path / "all.onnx", [1.0, 0.5])
+    assert not (tmp_path / "all.onnx").exists()
+    with pytest.raises(ValueError, match="compensate is 'none'"):
+        FlextronConfig(compensation_rank=4)

@@ -21,7 +21,7 @@ from .._atomic import recover, replace_folder
 from ..config import FlextronConfig
 from ..elastic.model import ElasticModel
 from ..errors import CheckpointError, OutputError, WidthError
-from ..passes.compensate import compensate, compensation_modules
+from ..passes.compensate import Table, compensate, compensation_modules
 
 FORMAT = 1
 WEIGHTS, META = "model.safetensors", "flextron.json"
@@ -192,12 +192,20 @@ def _compensation(em: ElasticModel, path: Path, saved: dict) -> dict[str, torch.
         tensors = load_file(str(path / COMPENSATION))
     except SafetensorError as exc:
         raise _damaged(path, COMPENSATION, f"it cannot be read ({exc})") from exc
-    tables = {}
+    tables, state = {}, {}
     for name, block in saved.items():
         if f"{name}.bias" not in tensors or block not in em.ops:
             raise _damaged(path, COMPENSATION, f"{name} (for {block}) is not in it or names "
                            "no elastic op of the model")
-        tables[block] = tensors[f"{name}.bias"]
+        mine = {k: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        pairs = sum(1 for k in mine if k.startswith(f"{name}.u."))
+        try:
+            factors = tuple((mine[f"{name}.u.{k}"], mine[f"{name}.v.{k}"])
+                            for k in range(pairs))
+        except KeyError as exc:
+            raise _damaged(path, COMPENSATION, f"{name} lacks the factor {exc}") from None
+        tables[block] = Table(mine[f"{name}.bias"], factors)
+        state.update(mine)
     try:
         made = compensate(em.graph_module, [em.block(n) for n in em.ops], tables)
     except ValueError as exc:  # rows that do not fit the candidates
@@ -205,7 +213,7 @@ def _compensation(em: ElasticModel, path: Path, saved: dict) -> dict[str, torch.
     if sorted(made) != sorted(saved):
         raise CheckpointError(f"{path / COMPENSATION} does not fit the model: it holds "
                               f"{sorted(saved)[:3]}..., the model made {sorted(made)[:3]}...")
-    return {f"{name}.bias": tensors[f"{name}.bias"] for name in saved}
+    return state
 
 
 # What `load` reads from flextron.json, with the type each entry must have.

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from ..elastic.compensation import Compensation
+from ..elastic.compensation import Compensation, LowRankDelta
 from ..elastic.model import ElasticModel, _sources
 from ..errors import WidthError
 from ..passes.elasticize import (
@@ -86,6 +86,7 @@ def freeze(gm: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_before(node):
                 node.replace_all_uses_with(graph.get_attr(new_name))
         graph.erase_node(node)
+    _fold_deltas(gm)
     graph.eliminate_dead_code()
     for name, _ in list(gm.named_children()):
         if name.startswith((SLICE_PREFIX, SIZE_PREFIX, WIDTH_PREFIX, SPAN_PREFIX, MLP_PREFIX,
@@ -121,6 +122,31 @@ def inline_regions(gm: fx.GraphModule) -> None:
                                            fx.node.map_arg(n.args, env.__getitem__),
                                            fx.node.map_arg(n.kwargs, env.__getitem__))
                 env[n].meta = dict(n.meta)
+        graph.erase_node(node)
+
+
+def _fold_deltas(gm: fx.GraphModule) -> None:
+    """Add each low-rank compensation (passes/compensate.py) into the sliced weight it
+    corrects, which is a constant by now."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
+                                                      LowRankDelta):
+            continue
+        src, width, *factors = node.args
+        with torch.no_grad():
+            value = gm.get_submodule(node.target)(
+                attrgetter(src.target)(gm), width,
+                *(attrgetter(f.target)(gm) for f in factors)).detach().clone().contiguous()
+        param = torch.nn.Parameter(value, requires_grad=False)
+        if len(src.users) == 1:
+            _assign(gm, src.target, param)
+            node.replace_all_uses_with(src)
+        else:
+            new_name = f"{src.target.replace('.', '_')}__{node.target}"
+            gm.register_parameter(new_name, param)
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(graph.get_attr(new_name))
         graph.erase_node(node)
 
 

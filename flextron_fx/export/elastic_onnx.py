@@ -50,6 +50,9 @@ def budget_graph(em: ElasticModel, settings: list) -> fx.GraphModule:
     """The elastic graph as a plain module `forward(*inputs, setting)` whose slices and
     shape constants take their sizes at `settings[setting]` from one number per block: the
     kept count of its shrinking axis class, read from a table."""
+    from ..passes.compensate import refuse_low_rank
+
+    refuse_low_rank(em.graph_module, "one ONNX file for every budget")
     chosen = [em.static_widths(s) for s in settings]
     if not chosen:
         raise WidthError("give at least one setting (a fraction or {op: width})")

@@ -225,6 +225,9 @@ class _RoutedStep(_Step):
 def routed_step(em: ElasticModel) -> tuple[nn.Module, list[tuple[int, int]]]:
     """(the one-token step of `routed_hf(em)` that `to_routed_onnx` exports, the (key/value
     heads, head size) of each layer's cache)."""
+    from ..passes.compensate import refuse_low_rank
+
+    refuse_low_rank(em.graph_module, "the routed ONNX decoder")
     model = routed_hf(em)
     shapes = cache_shapes(model)
     token, slices = _Token(), em.weight_slices()

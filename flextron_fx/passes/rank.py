@@ -49,6 +49,8 @@ class _Observer(torch.nn.Module):
         self.sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("abs", "sum", "sq")}
         if "taylor" in measures:
             self.sums["taylor"] = torch.zeros(n, dtype=torch.float64)
+        if "gram" in measures:
+            self.sums["gram"] = torch.zeros(n, n, dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
         self.heads: dict[str, torch.Tensor] = {}  # head-level sums (attention)
         self.head_of: torch.Tensor | None = None  # head index of every input channel
@@ -70,6 +72,8 @@ class _Observer(torch.nn.Module):
         self.sums["sum"] += flat.sum(0).double()
         self.sums["sq"] += flat.pow(2).sum(0).double()
         self.count += flat.shape[0]
+        if "gram" in self.sums:  # float32 products per batch, summed in float64
+            self.sums["gram"] += (flat.t() @ flat).double()
         if "contribution" in self.heads:
             w = self.weight_getter().detach().float()
             w = w if self.in_axis == 1 else w.t()  # [out, in]
@@ -103,7 +107,8 @@ class _Observer(torch.nn.Module):
     def stats(self) -> Stats:
         self.to_device("cpu")
         return Stats(int(self.count), self.sums["abs"], self.sums["sum"], self.sums["sq"],
-                     self.sums.get("taylor"), dict(self.heads), self.head_of, self.shape)
+                     self.sums.get("taylor"), dict(self.heads), self.head_of, self.shape,
+                     self.sums.get("gram"))
 
     def _columns(self, device) -> list[torch.Tensor]:
         """Input channels of each head, found once on the CPU and kept on `device`."""
@@ -186,8 +191,9 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
     """Sums over the calibration tokens at every block's output-projection input.
 
     `measures` names what to take besides |h|, h and h^2 (always taken): "contribution"
-    (head output norms after the projection) and "taylor" (|h * dL/dh|, one backward pass
-    of the next-token loss per batch). Returns {block name: `scores.Stats`}.
+    (head output norms after the projection), "taylor" (|h * dL/dh|, one backward pass
+    of the next-token loss per batch) and "gram" (the sum of h h^T, for least-squares
+    compensation). Returns {block name: `scores.Stats`}.
     """
     measures = set(measures)
     unknown = measures - set(S.MEASURES)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 # What an observer can measure (rank.py). Each score names the ones it needs.
-MEASURES = ("abs", "sum", "sq", "taylor", "contribution")
+MEASURES = ("abs", "sum", "sq", "taylor", "contribution", "gram")
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Stats:
 
     Channel vectors are float64, in the stored (original) channel order. `heads` holds
     head-level sums ("contribution", "taylor") shaped [groups * per_group]; `head_of`
-    maps every channel to its head (None for an MLP).
+    maps every channel to its head (None for an MLP); `gram` the sum of h h^T, [in, in]
+    (measure "gram", for least-squares compensation).
     """
 
     count: int
@@ -47,6 +48,7 @@ class Stats:
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
     head_of: torch.Tensor | None = None
     shape: tuple[int, int] = (1, 1)
+    gram: torch.Tensor | None = None
 
     def mean(self) -> torch.Tensor:
         """Mean of every channel over the calibration tokens (E[h_c])."""

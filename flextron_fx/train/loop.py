@@ -250,7 +250,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
         p.requires_grad_(True)
     if not config.train_compensation:
         for mod in compensation_modules(em.graph_module).values():
-            mod.bias.requires_grad_(False)
+            mod.requires_grad_(False)  # its bias and low-rank factors
     model = _wrap(em, parallel, world, device)
     optimizer = make_optimizer(em, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
