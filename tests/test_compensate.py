@@ -479,8 +479,12 @@ def test_low_rank_compensation_is_refused_where_a_file_holds_every_width(tmp_pat
     from flextron_fx.export.elastic_onnx import to_elastic_onnx
 
     _, em = converted("llama", "group", compensation_rank=2)
+    from flextron_fx.export.routed_onnx import routed_step
+
     with pytest.raises(UnsupportedModelError, match="one budget at a time"):
         to_elastic_onnx(em, tmp_path / "all.onnx", [1.0, 0.5])
     assert not (tmp_path / "all.onnx").exists()
+    with pytest.raises(UnsupportedModelError, match="routed ONNX decoder"):
+        routed_step(em)
     with pytest.raises(ValueError, match="compensate is 'none'"):
         FlextronConfig(compensation_rank=4)

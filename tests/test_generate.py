@@ -320,29 +320,32 @@ def test_generate_with_static_routers_uses_the_widths_they_select(saved, tmp_pat
         assert message in capsys.readouterr().err
 
 
-def _dynamic(name: str, head_mode: str):
-    """A zoo model converted with compensation on every block, with dynamic routers
-    (trained-looking random weights) and a width-share cost table."""
+def _dynamic(name: str, head_mode: str, rank: int = 0):
+    """A zoo model converted with compensation on every block (of `rank`), with dynamic
+    routers (trained-looking random weights) and a width-share cost table."""
     from flextron_fx.route import CostTable, inject_routers
 
     em = flextron_fx.flextronize(ZOO[name](), sample_inputs(name), calibration(),
-                                 config=FlextronConfig(head_mode=head_mode, compensate="all"),
+                                 config=FlextronConfig(head_mode=head_mode, compensate="all",
+                                                       compensation_rank=rank),
                                  progress=False)
     table = CostTable.coerce(em, width_share_costs(em))
     perturb_routers(inject_routers(em, "dynamic", cost=table, seed=3), seed=3, scale=2.0)
     return em, table
 
 
-@pytest.mark.parametrize("name, head_mode", [("llama", "query"), ("llama", "group"),
-                                             ("qwen2", "group"), ("gemma", "query")])
-def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode):
+@pytest.mark.parametrize("name, head_mode, rank", [
+    ("llama", "query", 0), ("llama", "group", 0), ("qwen2", "group", 0), ("gemma", "query", 0),
+    ("llama", "group", 2)])  # the last: low-rank compensation inside the regions
+def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode,
+                                                                              rank):
     """Per-token widths with a key/value cache (routed_hf) give the tokens, logits and
     costs of the routed elastic graph run on the whole sequence at every step; the cache
     holds every key/value head, since later tokens may use heads earlier ones did not."""
     from flextron_fx.export.generate import RoutedDecoder
     from flextron_fx.route import routers_of
 
-    em, table = _dynamic(name, head_mode)
+    em, table = _dynamic(name, head_mode, rank)
     ids = token_ids(2, 5)
     cached, plain = RoutedDecoder(em, table, 0.6), RoutedDecoder(em, table, 0.6, cache=False)
     assert cached.cached is not None and plain.cached is None
