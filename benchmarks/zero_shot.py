@@ -235,7 +235,7 @@ def plot(res: dict, path: str) -> Path:
                       ha="right")
         ax.set_yscale("log")
         ax.set_title(f"{c}: perplexity / full model\n(geometric mean over domains)")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return savefig_atomic(fig, path, dpi=90)
 
