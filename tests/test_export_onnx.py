@@ -89,13 +89,15 @@ def _elastic_file_matches(em, path, settings):
     return outs
 
 
-@pytest.mark.parametrize("arch,head_mode", [
-    ("llama", "group"),
-    pytest.param("phi3", "query", marks=pytest.mark.slow),  # fused qkv, query heads: ~30 s
+@pytest.mark.parametrize("arch,head_mode,rank", [
+    ("llama", "group", 0),
+    ("llama", "query", 2),  # least-squares compensation: factors of every width in the file
+    pytest.param("phi3", "query", 0, marks=pytest.mark.slow),  # fused qkv, query heads: ~30 s
 ])
-def test_one_elastic_onnx_serves_every_budget(arch, head_mode, tmp_path):
+def test_one_elastic_onnx_serves_every_budget(arch, head_mode, rank, tmp_path):
+    comp = {"compensate": "all", "compensation_rank": rank} if rank else {}
     em = flextron_fx.flextronize(ZOO[arch](), sample_inputs(arch), calibration(),
-                                 config=flextron_fx.FlextronConfig(head_mode=head_mode),
+                                 config=flextron_fx.FlextronConfig(head_mode=head_mode, **comp),
                                  progress=False)
     name = next(n for n, op in em.ops.items() if op.kind == "mlp")
     mixed = {**em.static_widths(0.75), name: em.ops[name].candidates[0]}  # per-op widths

@@ -17,6 +17,7 @@ import copy
 import operator
 import os
 import warnings
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import fx
 
 from .._atomic import write_atomic
 from ..elastic import layout as L
+from ..elastic.compensation import Compensation, LowRankDelta
 from ..elastic.model import ElasticModel
 from ..elastic.ops import ShapeSize, WeightSlice, WidthSource, WidthSpan
 from ..errors import ExportError, OutputError, WidthError
@@ -50,9 +52,6 @@ def budget_graph(em: ElasticModel, settings: list) -> fx.GraphModule:
     """The elastic graph as a plain module `forward(*inputs, setting)` whose slices and
     shape constants take their sizes at `settings[setting]` from one number per block: the
     kept count of its shrinking axis class, read from a table."""
-    from ..passes.compensate import refuse_low_rank
-
-    refuse_low_rank(em.graph_module, "one ONNX file for every budget")
     chosen = [em.static_widths(s) for s in settings]
     if not chosen:
         raise WidthError("give at least one setting (a fraction or {op: width})")
@@ -121,6 +120,10 @@ def budget_graph(em: ElasticModel, settings: list) -> fx.GraphModule:
                     sliced = _gather(gm, graph, node, weight, mod, plans, setting, length)
             node.replace_all_uses_with(sliced)
             graph.erase_node(node)
+        elif isinstance(mod, LowRankDelta):
+            _delta(gm, graph, node, mod, [w[block_of(node.args[1])] for w in chosen], setting)
+        elif isinstance(mod, Compensation):
+            _bias(gm, graph, node, mod, [w[mod.block] for w in chosen], setting)
     _fixed_chunks(graph, at)
     graph.eliminate_dead_code()
     leftover = [n.format_node() for n in graph.nodes if n.op == "call_module"
@@ -155,6 +158,60 @@ def _fixed_chunks(graph: fx.Graph, at: set) -> None:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+
+
+def _bias(gm, graph, node, mod: Compensation, widths: list[int], setting) -> None:
+    """A compensation bias at the setting's width: one row per setting (zeros at full
+    width), picked by `setting` and added."""
+    y = node.args[0]
+    rows = [mod.row(w) for w in widths]
+    if all(r is None for r in rows):
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        return
+    name = f"{node.target}_rows"
+    zero = torch.zeros_like(mod.bias[0])
+    gm.register_buffer(name, torch.stack([zero if r is None else r.detach() for r in rows]))
+    with graph.inserting_before(node):
+        row = graph.call_function(operator.getitem, (graph.get_attr(name), setting))
+        new = graph.call_function(operator.add, (y, row))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _delta(gm, graph, node, mod: LowRankDelta, widths: list[int], setting) -> None:
+    """A low-rank compensation (passes/compensate.py) at the setting's width: the factors
+    of every setting stacked (zeros at full width; V padded with zero rows to the
+    weight's full length), the
+    setting's pair picked, V cut to the sliced weight's kept length, U V^T added."""
+    sliced, _, *factors = node.args
+    values = [attrgetter(f.target)(gm).detach() for f in factors]
+    us, vs = values[0::2], values[1::2]
+    full = mod.candidates[-1]
+    if all(w == full for w in widths):
+        node.replace_all_uses_with(sliced)
+        graph.erase_node(node)
+        return
+    weight = sliced.args[0]  # narrow(W, ...) or index_select(W, ...): V padded to W's axis
+    widest = attrgetter(weight.target)(gm).shape[mod.axis]
+    picked = [(torch.zeros_like(us[0]), torch.zeros(widest, us[0].shape[1], dtype=us[0].dtype))
+              if w == full else (us[mod.candidates.index(w)], vs[mod.candidates.index(w)])
+              for w in widths]
+    name = f"{node.target}_factors"
+    gm.register_buffer(f"{name}_u", torch.stack([u for u, _ in picked]))
+    gm.register_buffer(f"{name}_v", torch.stack([
+        torch.cat([v, v.new_zeros(widest - v.shape[0], v.shape[1])]) for _, v in picked]))
+    with graph.inserting_before(node):
+        u = graph.call_function(operator.getitem, (graph.get_attr(f"{name}_u"), setting))
+        v = graph.call_function(operator.getitem, (graph.get_attr(f"{name}_v"), setting))
+        kept = graph.call_function(torch.ops.aten.sym_size.int, (sliced, mod.axis))
+        v = graph.call_function(torch.narrow, (v, 0, 0, kept))
+        delta = graph.call_function(torch.matmul, (u, graph.call_function(torch.t, (v,))))
+        if mod.axis == 0:
+            delta = graph.call_function(torch.t, (delta,))
+        new = graph.call_function(operator.add, (sliced, delta))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _gather(gm, graph, node, weight, mod: WeightSlice, plans, setting, length):

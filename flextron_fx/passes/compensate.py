@@ -211,7 +211,7 @@ def _insert_delta(gm: fx.GraphModule, block: Block, comp: str, cands: tuple,
 
 def refuse_low_rank(gm: fx.GraphModule, what: str) -> None:
     """UnsupportedModelError if a block of `gm` has a low-rank compensation, which `what`
-    (an export that keeps several widths in one graph) cannot hold."""
+    (an export that runs several widths in one graph without slicing) cannot hold."""
     ranked = sorted(m.block for m in compensation_modules(gm).values() if m.rank)
     if ranked:
         raise UnsupportedModelError(
@@ -219,7 +219,8 @@ def refuse_low_rank(gm: fx.GraphModule, what: str) -> None:
             + (f" and {len(ranked) - 1} more blocks" if len(ranked) > 1 else "")
             + " (a different weight correction per width). Export one budget at a time "
             "(to_onnx, to_hf, `flextron export --budget`), which folds it into the "
-            "weights, or convert with compensation_rank=0")
+            "weights, use one elastic ONNX file (`to_elastic_onnx`) for static budgets, "
+            "or convert with compensation_rank=0")
 
 
 def compensation_modules(gm: fx.GraphModule) -> dict[str, Compensation]:
