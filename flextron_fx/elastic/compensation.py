@@ -45,6 +45,7 @@ class Compensation(nn.Module):
         if factors and len(factors) != len(self.candidates) - 1:
             raise ValueError(f"compensation of {block}: expected {len(self.candidates) - 1} "
                              f"(U, V) pairs, got {len(factors)}")
+
         def own(t: torch.Tensor) -> nn.Parameter:  # contiguous: optimiser state saves as is
             return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
 

@@ -72,21 +72,11 @@ def freeze(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_module" or not node.target.startswith(SLICE_PREFIX):
             continue
-        mod = gm.get_submodule(node.target)
-        src, width = node.args
-        with torch.no_grad():
-            value = mod(attrgetter(src.target)(gm), width).detach().clone().contiguous()
-        param = torch.nn.Parameter(value, requires_grad=False)
-        if len(src.users) == 1:  # the usual case: the weight now has its sliced shape
-            _assign(gm, src.target, param)
-            node.replace_all_uses_with(src)
-        else:
-            new_name = f"{src.target.replace('.', '_')}__{node.target}"
-            gm.register_parameter(new_name, param)
-            with graph.inserting_before(node):
-                node.replace_all_uses_with(graph.get_attr(new_name))
-        graph.erase_node(node)
-    _fold_deltas(gm)
+        _to_constant(gm, node)
+    for node in list(graph.nodes):  # low-rank compensations: into the sliced weights
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   LowRankDelta):
+            _to_constant(gm, node)
     graph.eliminate_dead_code()
     for name, _ in list(gm.named_children()):
         if name.startswith((SLICE_PREFIX, SIZE_PREFIX, WIDTH_PREFIX, SPAN_PREFIX, MLP_PREFIX,
@@ -125,29 +115,25 @@ def inline_regions(gm: fx.GraphModule) -> None:
         graph.erase_node(node)
 
 
-def _fold_deltas(gm: fx.GraphModule) -> None:
-    """Add each low-rank compensation (passes/compensate.py) into the sliced weight it
-    corrects, which is a constant by now."""
+def _to_constant(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace `node`, a module call on a parameter (a slice, or a low-rank compensation
+    of a sliced weight) whose other inputs are constants by now, by a parameter holding
+    its value: the weight itself when nothing else reads it, a new one otherwise."""
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
-                                                      LowRankDelta):
-            continue
-        src, width, *factors = node.args
-        with torch.no_grad():
-            value = gm.get_submodule(node.target)(
-                attrgetter(src.target)(gm), width,
-                *(attrgetter(f.target)(gm) for f in factors)).detach().clone().contiguous()
-        param = torch.nn.Parameter(value, requires_grad=False)
-        if len(src.users) == 1:
-            _assign(gm, src.target, param)
-            node.replace_all_uses_with(src)
-        else:
-            new_name = f"{src.target.replace('.', '_')}__{node.target}"
-            gm.register_parameter(new_name, param)
-            with graph.inserting_before(node):
-                node.replace_all_uses_with(graph.get_attr(new_name))
-        graph.erase_node(node)
+    src, *rest = node.args
+    args = [attrgetter(a.target)(gm) if isinstance(a, fx.Node) else a for a in rest]
+    with torch.no_grad():
+        value = gm.get_submodule(node.target)(attrgetter(src.target)(gm), *args)
+    param = torch.nn.Parameter(value.detach().clone().contiguous(), requires_grad=False)
+    if len(src.users) == 1:  # the usual case: the weight now has its sliced shape
+        _assign(gm, src.target, param)
+        node.replace_all_uses_with(src)
+    else:
+        new_name = f"{src.target.replace('.', '_')}__{node.target}"
+        gm.register_parameter(new_name, param)
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(graph.get_attr(new_name))
+    graph.erase_node(node)
 
 
 def _assign(gm, target: str, value) -> None:

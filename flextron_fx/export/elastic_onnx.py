@@ -182,8 +182,8 @@ def _bias(gm, graph, node, mod: Compensation, widths: list[int], setting) -> Non
 def _delta(gm, graph, node, mod: LowRankDelta, widths: list[int], setting) -> None:
     """A low-rank compensation (passes/compensate.py) at the setting's width: the factors
     of every setting stacked (zeros at full width; V padded with zero rows to the
-    weight's full length), the
-    setting's pair picked, V cut to the sliced weight's kept length, U V^T added."""
+    weight's full length), the setting's pair picked, V cut to the sliced weight's kept
+    length, U V^T added."""
     sliced, _, *factors = node.args
     values = [attrgetter(f.target)(gm).detach() for f in factors]
     us, vs = values[0::2], values[1::2]
@@ -192,7 +192,8 @@ def _delta(gm, graph, node, mod: LowRankDelta, widths: list[int], setting) -> No
         node.replace_all_uses_with(sliced)
         graph.erase_node(node)
         return
-    weight = sliced.args[0]  # narrow(W, ...) or index_select(W, ...): V padded to W's axis
+    # W itself, narrow(W, ...) or index_select(W, ...): V is padded to W's length
+    weight = sliced if sliced.op == "get_attr" else sliced.args[0]
     widest = attrgetter(weight.target)(gm).shape[mod.axis]
     picked = [(torch.zeros_like(us[0]), torch.zeros(widest, us[0].shape[1], dtype=us[0].dtype))
               if w == full else (us[mod.candidates.index(w)], vs[mod.candidates.index(w)])
