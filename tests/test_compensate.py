@@ -474,14 +474,35 @@ def test_save_load_and_training_keep_and_move_the_factors(tmp_path):
     assert_close(output(loaded, ids), output(em, ids))
 
 
-def test_low_rank_compensation_is_refused_by_the_routed_onnx_decoder():
-    """Its bands cannot hold a per-width correction; the error says what to do. A rank
-    without compensation is a clear config error."""
-    from flextron_fx.errors import UnsupportedModelError
-    from flextron_fx.export.routed_onnx import routed_step
-
-    _, em = converted("llama", "group", compensation_rank=2)
-    with pytest.raises(UnsupportedModelError, match="routed ONNX decoder.*one budget at a"):
-        routed_step(em)
+def test_a_rank_without_compensation_is_a_clear_config_error():
     with pytest.raises(ValueError, match="compensate is 'none'"):
         FlextronConfig(compensation_rank=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        FlextronConfig(compensate="all", compensation_rank=-1)
+
+
+def test_the_routed_onnx_correction_reorders_units_from_band_order_to_slice_order():
+    """Query heads kept inside KV groups: a candidate's units in band order (band 0's,
+    then band 1's) are not its slice order; U V^T applied to the band-order outputs
+    must equal it applied to the slice-order ones."""
+    from types import SimpleNamespace
+
+    from flextron_fx.export.routed_onnx import _Correction
+
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.tensor([0, 4]), torch.tensor([0, 1, 4, 5]), torch.arange(8)]
+    bands = [torch.tensor([0, 4]), torch.tensor([1, 5]), torch.tensor([2, 3, 6, 7])]
+    u = [torch.randn(3, 2, generator=g) for _ in range(2)]
+    v = [torch.randn(len(kept[k]), 2, generator=g) for k in range(2)]
+    comp = SimpleNamespace(rank=2, u=u, v=v, block="b")
+    region = SimpleNamespace(ref=torch.nn.Module())
+    corr = _Correction.of(SimpleNamespace(comp=comp, region=region), kept, bands)
+    assert corr.orders[0] is None and corr.orders[1].tolist() == [0, 2, 1, 3]
+    h = torch.randn(1, 1, 8, generator=g)  # every unit's output, by unit index
+    band_order = torch.cat([h[..., b] for b in bands], -1)
+    y = torch.zeros(1, 1, 3)
+    for k in range(2):
+        got = corr(y, band_order, torch.tensor(k))
+        want = (h[..., kept[k]] @ v[k]) @ u[k].t()
+        torch.testing.assert_close(got, want)
+    assert torch.equal(corr(y, band_order, torch.tensor(2)), y)  # full width: nothing

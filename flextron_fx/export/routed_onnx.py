@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._atomic import write_atomic
+from ..elastic.compensation import LowRankDelta
 from ..elastic.model import ElasticModel
 from ..errors import ExportError, OutputError, UnsupportedModelError
 from .decoder_onnx import _rename, _Step, cache_shapes
@@ -82,6 +83,59 @@ def _cond(index: torch.Tensor, band: int, add, operands: tuple) -> torch.Tensor:
     return torch.cond(index >= band, add, lambda y, *rest: y.clone(), operands)
 
 
+class _Correction(nn.Module):
+    """A block's low-rank compensation (passes/compensate.py) in the routed step: at the
+    token's candidate k below the full width, y + U_k V_k^T a, where `a` holds the unit
+    outputs of the bands the token ran (zeros for the others), in band order; `orders[k]`
+    puts V_k's rows (kept units in the slice's order) in that order (None: the same)."""
+
+    def __init__(self, comp, orders: list):
+        super().__init__()
+        self.comp, self.orders = comp, orders
+
+    def forward(self, y: torch.Tensor, a: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        for k, order in enumerate(self.orders):
+            u, v = self.comp.u[k], self.comp.v[k]
+            if order is not None:
+                v = v.index_select(0, order)
+            y = torch.cond(index == k,
+                           lambda y, a, u=u, v=v: y + (a[..., :v.shape[0]] @ v) @ u.t(),
+                           lambda y, a: y.clone(), (y, a))
+        return y
+
+    @staticmethod
+    def of(elastic: _Elastic, kept: list, bands: list) -> _Correction | None:
+        """The correction of `elastic`'s block, or None without a rank. `kept[k]`: the
+        units of candidate k in the slice's order; `bands[b]`: band b's units."""
+        comp = elastic.comp
+        if comp is None or not comp.rank:
+            return None
+        if any(getattr(m, "axis", 1) != 1 for m in elastic.region.ref.modules()
+               if isinstance(m, LowRankDelta)):
+            raise UnsupportedModelError(f"{comp.block}: a transposed output projection")
+        orders, ran = [], []
+        for k in range(len(kept) - 1):
+            ran = [*ran, *bands[k].tolist()]
+            where = {int(c): j for j, c in enumerate(kept[k])}
+            order = torch.tensor([where[c] for c in ran])
+            orders.append(None if torch.equal(order, torch.arange(len(order))) else order)
+        return _Correction(comp, orders)
+
+
+def _with_units(index: torch.Tensor, band: int, run, operands: tuple, units: int) -> tuple:
+    """`_cond` for a block with a correction: (the running sum, band `band`'s unit
+    outputs), zeros for the units when the token does not reach the band."""
+    y = operands[0]
+    zeros = y.new_zeros(*y.shape[:-1], units)  # made outside: both branches, one shape
+
+    def dense(zeros, *operands):  # both branches must give the same strides
+        y, out = run(*operands)
+        return y, out.clone(memory_format=torch.contiguous_format)
+
+    return torch.cond(index >= band, dense,
+                      lambda zeros, y, *rest: (y.clone(), zeros.clone()), (zeros, *operands))
+
+
 class _TokenMLP(nn.Module):
     """A routed MLP for one token, in bands: the neurons between consecutive candidates
     are one band, the smallest candidate's always runs, each wider band runs when the
@@ -98,8 +152,12 @@ class _TokenMLP(nn.Module):
             raise UnsupportedModelError(f"{region.block}: {spec}; the routed ONNX decoder "
                                         "splits recognised MLPs (prefix slices) into bands")
         self.spec, self.bands = spec, _bands(list(region.candidates))
+        self.correction = _Correction.of(
+            self.elastic, [torch.arange(c) for c in region.candidates],
+            [torch.arange(lo, lo + n) for lo, n in self.bands])
 
-    def _band(self, x: torch.Tensor, band: int) -> torch.Tensor:
+    def _band(self, x: torch.Tensor, band: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(band `band`'s part of the down projection, its neurons' outputs)."""
         from ..codegen.mlp import activation
 
         lo, n = self.bands[band]
@@ -111,13 +169,26 @@ class _TokenMLP(nn.Module):
             a = activation(self.spec.act, g) * a
         else:
             a = activation(self.spec.act, a)
-        return F.linear(a, down.narrow(1, lo, n))
+        return F.linear(a, down.narrow(1, lo, n)), a
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         index = self.token.choose(self.elastic, x)
-        y = self._band(x, 0)
+        y, a = self._band(x, 0)
+        units = [a]
         for band in range(1, len(self.bands)):
-            y = _cond(index, band, lambda y, x, band=band: y + self._band(x, band), (y, x))
+            if self.correction is None:
+                y = _cond(index, band, lambda y, x, band=band: y + self._band(x, band)[0],
+                          (y, x))
+                continue
+
+            def run(y, x, band=band):
+                part, a = self._band(x, band)
+                return y + part, a
+
+            y, a = _with_units(index, band, run, (y, x), self.bands[band][1])
+            units.append(a)
+        if self.correction is not None:
+            y = self.correction(y, torch.cat(units, -1), index)
         b_down = self.spec.operands(self.elastic.params)[-1]
         return self.token.compensate(self.elastic, y if b_down is None else y + b_down, index)
 
@@ -136,6 +207,7 @@ class _TokenAttention(nn.Module):
             raise UnsupportedModelError(f"{region.block}: no o_proj to slice")
         full_q, full_o = attn.q_proj.weight.shape[0], attn.o_proj.weight.shape[1]
         before = torch.zeros(0, dtype=torch.long)
+        kept = []  # each candidate's output-projection columns, in the slice's order
         # per band: q rows (their first and count, whether a range), its key/value heads
         # [start, stop), query heads per key/value head
         self.bands = []
@@ -155,6 +227,8 @@ class _TokenAttention(nn.Module):
             contiguous = torch.equal(new, torch.arange(lo, lo + len(new)))
             self.bands.append((new, lo, len(new), contiguous, start, stop, per))
             before = rows
+            kept.append(rows)
+        self.correction = _Correction.of(self.elastic, kept, [b[0] for b in self.bands])
 
     def _rows(self, band: int):
         """(q_proj weight rows, q bias rows, o_proj weight columns) of a band: views when
@@ -172,7 +246,8 @@ class _TokenAttention(nn.Module):
                 pick(attn.o_proj.weight, 1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: int):
-        """Band `band`'s part of the output projection, from its queries [b, heads, s, hd]."""
+        """(band `band`'s part of the output projection, its heads' outputs [b, s, units]),
+        from its queries [b, heads, s, hd]."""
         start, stop, per = self.bands[band][4:]
         b, s, length, hd = q.shape[0], q.shape[2], k.shape[2], q.shape[3]
 
@@ -182,7 +257,8 @@ class _TokenAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(q, share(k), share(v),
                                              scale=self.routed.attn.scaling)
-        return F.linear(out.transpose(1, 2).reshape(b, s, -1), self._rows(band)[2])
+        out = out.transpose(1, 2).reshape(b, s, self.bands[band][2])  # a static width
+        return F.linear(out, self._rows(band)[2]), out
 
     def _band(self, y, x, k, v, cos, sin, band: int):
         attn, hd = self.routed.attn, self.routed.head_dim
@@ -192,7 +268,8 @@ class _TokenAttention(nn.Module):
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
         q = self.routed.rotary(q, q, cos, sin)[0]
-        return y + self._attend(q, k, v, band)
+        part, out = self._attend(q, k, v, band)
+        return y + part, out
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask=None, cache=None, past_key_values=None, **kwargs):
@@ -200,11 +277,20 @@ class _TokenAttention(nn.Module):
         index = self.token.choose(self.elastic, hidden_states)
         weight, bias, _ = self._rows(0)
         q, k, v = self.routed.project(hidden_states, weight, bias, position_embeddings, cache)
-        y = self._attend(q, k, v, 0)
+        y, out = self._attend(q, k, v, 0)
+        units = [out]
         cos, sin = position_embeddings
+        operands = (hidden_states, k, v, cos, sin)
         for band in range(1, len(self.bands)):
-            y = _cond(index, band, lambda *a, band=band: self._band(*a, band),
-                      (y, hidden_states, k, v, cos, sin))
+            if self.correction is None:
+                y = _cond(index, band, lambda *a, band=band: self._band(*a, band)[0],
+                          (y, *operands))
+                continue
+            y, out = _with_units(index, band, lambda *a, band=band: self._band(*a, band),
+                                 (y, *operands), self.bands[band][2])
+            units.append(out)
+        if self.correction is not None:
+            y = self.correction(y, torch.cat(units, -1), index)
         bias = self.routed.attn.o_proj.bias
         return self.token.compensate(self.elastic, y if bias is None else y + bias, index), None
 
@@ -225,9 +311,6 @@ class _RoutedStep(_Step):
 def routed_step(em: ElasticModel) -> tuple[nn.Module, list[tuple[int, int]]]:
     """(the one-token step of `routed_hf(em)` that `to_routed_onnx` exports, the (key/value
     heads, head size) of each layer's cache)."""
-    from ..passes.compensate import refuse_low_rank
-
-    refuse_low_rank(em.graph_module, "the routed ONNX decoder")
     model = routed_hf(em)
     shapes = cache_shapes(model)
     token, slices = _Token(), em.weight_slices()

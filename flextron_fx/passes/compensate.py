@@ -45,7 +45,6 @@ from ..elastic.compensation import Compensation, LowRankDelta
 from ..elastic.model import width_nodes
 from ..elastic.ops import ElasticRegion, WeightSlice
 from ..elastic.widths import candidates, width_rule
-from ..errors import UnsupportedModelError
 from .scores import Stats
 
 COMP_PREFIX = "flextron_comp_"
@@ -207,20 +206,6 @@ def _insert_delta(gm: fx.GraphModule, block: Block, comp: str, cands: tuple,
     node.meta = dict(sliced.meta)
     owner.graph.lint()
     owner.recompile()
-
-
-def refuse_low_rank(gm: fx.GraphModule, what: str) -> None:
-    """UnsupportedModelError if a block of `gm` has a low-rank compensation, which `what`
-    (an export that runs several widths in one graph without slicing) cannot hold."""
-    ranked = sorted(m.block for m in compensation_modules(gm).values() if m.rank)
-    if ranked:
-        raise UnsupportedModelError(
-            f"{what} cannot hold the low-rank compensation of {ranked[0]}"
-            + (f" and {len(ranked) - 1} more blocks" if len(ranked) > 1 else "")
-            + " (a different weight correction per width). Export one budget at a time "
-            "(to_onnx, to_hf, `flextron export --budget`), which folds it into the "
-            "weights, use one elastic ONNX file (`to_elastic_onnx`) for static budgets, "
-            "or convert with compensation_rank=0")
 
 
 def compensation_modules(gm: fx.GraphModule) -> dict[str, Compensation]:

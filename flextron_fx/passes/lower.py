@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..elastic.compensation import LowRankDelta
 from ..elastic.model import ElasticModel, check_call
 from ..elastic.ops import ElasticRegion, WeightSlice, check_routed
 from ..errors import CodegenError, WidthError
@@ -61,6 +62,7 @@ class MLPSpec:
     b_gate: int | None
     b_up: int | None
     b_down: int | None
+    corrected: bool = False  # the down weight carries a low-rank compensation
 
     def operands(self, params) -> list:
         def w(entry):
@@ -143,6 +145,8 @@ def lower(em, backend: str, widths=None):
         if not isinstance(region, ElasticRegion) or region.kind != "mlp":
             continue
         spec = match_mlp(region)
+        if not isinstance(spec, str) and spec.corrected:
+            spec = "its low-rank compensation (compensation_rank) has no kernel"
         if isinstance(spec, str):
             log.info("%s keeps its reference (not lowered): %s", region.block, spec)
             continue
@@ -207,6 +211,7 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
     x, params = placeholders[0], placeholders[2:]
     position = {p: i for i, p in enumerate(params)}
     weights, biases = {}, {}  # matmul node -> (param position, transposed), bias position
+    corrected = set()  # matmul nodes whose weight goes through a LowRankDelta
     for n in graph.nodes:
         if n.op != "call_function":
             continue
@@ -220,6 +225,10 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
             continue
         if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES:
             w, transposed = w.args[0], not transposed
+        if isinstance(w, fx.Node) and w.op == "call_module" and isinstance(
+                region.ref.get_submodule(w.target), LowRankDelta):
+            w = w.args[0]
+            corrected.add(n)
         src = _source(region, w, position)
         if isinstance(src, str):
             return src
@@ -236,6 +245,8 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
     if len(outs) != 1 or len(reads_x) != len(weights) - 1:
         return "its products are not input projections on x and one output projection"
     down = outs[0]
+    if corrected - {down}:
+        return "a low-rank compensation on an input projection"
     gated = len(reads_x) == 2
     if gated != bool(pattern.get("gated")):
         return "its projection count does not match its gating"
@@ -248,7 +259,8 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
         up, gate = reads_x[0], None
     return MLPSpec(act=act, gate=None if gate is None else weights[gate], up=weights[up],
                    down=weights[down],
-                   b_gate=biases.get(gate), b_up=biases.get(up), b_down=biases.get(down))
+                   b_gate=biases.get(gate), b_up=biases.get(up), b_down=biases.get(down),
+                   corrected=down in corrected)
 
 
 def _source(region: ElasticRegion, node, position: dict) -> int | str:
