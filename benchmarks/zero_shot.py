@@ -1,4 +1,4 @@
-"""Zero-shot quality of SmolLM2's sub-networks: importance scores x bias compensation.
+"""Zero-shot quality of SmolLM2's sub-networks: importance scores x compensation.
 
     python benchmarks/zero_shot.py [--json runs/zero_shot.json]           # small (default)
     python benchmarks/zero_shot.py --calib 512 --tokens 32768 --domains all --configs all \
@@ -6,9 +6,10 @@
 
 Perplexity straight after conversion (no training) on the `test` split of each text
 domain (`flextron data fetch`), for every score pair (MLP score / head score of
-`flextron_fx/passes/scores.py`), without and with per-width bias compensation
-(`passes/compensate.py`), at the sub-networks MLP 25/50/75 %, heads 3/9 and 6/9 and the
-uniform budgets 0.75 and 0.5. Calibration: Wikipedia's `calibration` split; with
+`flextron_fx/passes/scores.py`), without and with per-width compensation
+(`passes/compensate.py`: the mean bias, or with `--rank R` the least-squares fit of rank
+R), at the sub-networks MLP 25/50/75 %, heads 3/9 and 6/9 and the uniform budgets 0.75
+and 0.5. Calibration: Wikipedia's `calibration` split; with
 `--mix`, also a mix of the calibration splits of every evaluated domain, for the score
 pairs of `--mix-pairs`. The model is calibrated once (all measures, Taylor included) and
 each score pair re-sorts a fresh trace, so all rows see the same calibration tokens.

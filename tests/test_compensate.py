@@ -390,7 +390,7 @@ def test_least_squares_reproduces_an_output_the_kept_units_determine():
                                             ("gpt2", "query")])
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
-def test_low_rank_compensated_elastic_equals_materialize_and_to_hf(arch, mode, data):
+def test_low_rank_compensated_elastic_equals_materialize_static_and_per_token(arch, mode, data):
     """Static widths: the elastic graph (low-rank correction inside the regions) equals
     materialize (folded into the weights); per-token widths equal per-token materialize."""
     _, em = converted(arch, mode, compensation_rank=3)
