@@ -433,6 +433,10 @@ def test_low_rank_compensation_fits_the_full_output_better_than_the_mean():
                 assert e_ls < e_mean, (widths, e_ls, e_mean)
     for m in compensation_modules(ls.graph_module).values():
         assert m.rank == 8 and len(m.u) == len(m.candidates) - 1
+    for f in (1.0, 0.5, 0.25):  # the factors fold into the sliced weights: no extra count
+        widths = ls.resolve(f)
+        assert ls.num_params(widths) == mean.num_params(widths) == sum(
+            p.numel() for p in ls.materialize(widths).parameters())
 
 
 def test_the_corrected_weight_follows_changes_to_weights_and_factors():

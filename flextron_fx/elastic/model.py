@@ -304,8 +304,15 @@ class ElasticModel(nn.Module):
         return total
 
     def _used_parameters(self) -> list:
-        """Parameters the graph reads (an exported model may keep unused ones, e.g. a pooler)."""
-        params = dict(self.graph_module.named_parameters(remove_duplicate=False))
+        """Parameters the graph reads (an exported model may keep unused ones, e.g. a pooler),
+        but not low-rank compensation factors: a sub-network has them folded into its
+        sliced weights (passes/compensate.py), so they add nothing to its count."""
+        from .compensation import Compensation
+
+        factors = {id(p) for m in self.graph_module.modules() if isinstance(m, Compensation)
+                   for p in (*m.u, *m.v)}
+        params = {k: p for k, p in self.graph_module.named_parameters(remove_duplicate=False)
+                  if id(p) not in factors}
         graph = self.graph_module.graph
         live = dataflow.live(graph)
         seen, out = set(), []
