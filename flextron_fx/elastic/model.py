@@ -14,6 +14,7 @@ from torch import fx, nn
 from ..analyze import Block, dataflow
 from ..config import FlextronConfig
 from ..errors import InputError, WidthError
+from .compensation import Compensation
 from .ops import ElasticRegion, WeightSlice, WidthSource, check_indices
 from .static import specialise
 from .widths import candidates, width_rule
@@ -307,8 +308,6 @@ class ElasticModel(nn.Module):
         """Parameters the graph reads (an exported model may keep unused ones, e.g. a pooler),
         but not low-rank compensation factors: a sub-network has them folded into its
         sliced weights (passes/compensate.py), so they add nothing to its count."""
-        from .compensation import Compensation
-
         factors = {id(p) for m in self.graph_module.modules() if isinstance(m, Compensation)
                    for p in (*m.u, *m.v)}
         params = {k: p for k, p in self.graph_module.named_parameters(remove_duplicate=False)

@@ -110,7 +110,7 @@ class _Correction(nn.Module):
         comp = elastic.comp
         if comp is None or not comp.rank:
             return None
-        if any(getattr(m, "axis", 1) != 1 for m in elastic.region.ref.modules()
+        if any(m.axis != 1 for m in elastic.region.ref.modules()
                if isinstance(m, LowRankDelta)):
             raise UnsupportedModelError(f"{comp.block}: a transposed output projection")
         orders, ran = [], []
