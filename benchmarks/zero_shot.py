@@ -88,8 +88,9 @@ def main() -> None:
     ap.add_argument("--mix", action="store_true",
                     help="also calibrate on a mix of every evaluated domain's calibration split")
     ap.add_argument("--mix-pairs", default="activation/contribution,taylor/taylor")
-    ap.add_argument("--rank", type=int, default=0,
-                    help="compensation_rank of the compensated rows (0: mean bias only)")
+    ap.add_argument("--rank", type=int, default=FlextronConfig().compensation_rank,
+                    help="compensation_rank of the compensated rows (0: mean bias only; "
+                         "default: FlextronConfig's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a bar chart (PNG) of the results here")
     ap.add_argument("--replot", default=None,

@@ -82,8 +82,7 @@ def ablate_sorting(args) -> dict:
     print(f"held-out: {heldout.numel()} tokens ({source}); calibration: {calib.shape[0]} seqs")
     result: dict = {"model": args.model, "eval_source": source,
                     "eval_tokens": int(heldout.shape[0] * (heldout.shape[1] - 1)),
-                    "calibration_sequences": int(calib.shape[0]),
-                    "head_mode": args.head_mode, "head_score": args.head_score}
+                    "calibration_sequences": int(calib.shape[0])}
     ppl = lambda m, what: perplexity(m, heldout, batch_size=args.batch_size, desc=what)["ppl"]
     unsorted = flextronize(model, sample, None, config=_config(args))
     if args.elastic:  # a model saved by `flextron convert` on the same calibration data
@@ -91,10 +90,11 @@ def ablate_sorting(args) -> dict:
 
         print(f"sorted model: {args.elastic}")
         sorted_em = load_elastic(args.elastic)
-        result["head_mode"] = sorted_em.config.head_mode
-        result["head_score"] = sorted_em.config.head_score
     else:
         sorted_em = flextronize(model, sample, calib, config=_config(args))
+    cfg = sorted_em.config
+    result.update(head_mode=cfg.head_mode, head_score=cfg.head_score, mlp_score=cfg.mlp_score,
+                  compensate=cfg.compensate, compensation_rank=cfg.compensation_rank)
     runs = {"unsorted": unsorted, "sorted": sorted_em}
     del model
     for label, em in runs.items():
@@ -135,6 +135,12 @@ def _kept(em, kind: str) -> float:
     return sum(em.widths[o.name] for o in ops) / sum(o.full for o in ops)
 
 
+def _compensation(r: dict) -> str:
+    if r.get("compensate", "none") == "none":
+        return ""
+    return " + LS comp." if r.get("compensation_rank") else " + mean comp."
+
+
 def _table(r: dict) -> str:
     return "\n".join([
         f"Held-out perplexity ({r['eval_tokens']} tokens, {r['eval_source']})",
@@ -142,7 +148,7 @@ def _table(r: dict) -> str:
         f"{'full (baseline)':<34}{r['full_ppl']:>12.2f}{r['full_ppl']:>12.2f}",
         (f"{'50 % w/o sorting':<34}{r['heads50_unsorted_ppl']:>12.2f}"
          f"{r['mlp50_unsorted_ppl']:>12.2f}"),
-        (f"{'50 % with sorting (flextron_fx)':<34}{r['heads50_sorted_ppl']:>12.2f}"
+        (f"{'50 % with sorting' + _compensation(r):<34}{r['heads50_sorted_ppl']:>12.2f}"
          f"{r['mlp50_sorted_ppl']:>12.2f}"),
         (f"(kept: {r['heads_fraction_kept']:.0%} of query heads, "
          f"{r['mlp_fraction_kept']:.0%} of MLP neurons per layer)"),

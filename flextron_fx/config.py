@@ -40,20 +40,24 @@ class FlextronConfig:
             projection, FLAP), "activation" (Eq. 4 on the neuron's output, the default
             before), "act_x_norm", "wanda", "taylor". Measured on SmolLM2
             (docs/RESULTS.md, "Zero-shot quality"), fluctuation cuts MLP 50 % best.
-        compensate: which blocks get per-width bias compensation (passes/compensate.py)
-            when calibrating: each width below the full one adds back the mean output of
-            the units it removes; "none" (default), "mlp", "attention" or "all" (True
-            means "all", False "none"). The full width is unchanged. Measured on SmolLM2
-            (docs/RESULTS.md, "Zero-shot quality") with Wikipedia calibration, it helps
-            only on Wikipedia-like text and hurts other domains; head_score
-            "fluctuation" needs it on attention (without, the cut model is broken).
-        compensation_rank: 0 (default) adds the mean output of the removed units only;
-            r > 0 also corrects the kept columns of the output projection at each width
-            with a rank-r matrix, fitted by least squares on the calibration activations
-            so that the cut block reproduces the full block's output (the bias is then
-            the least-squares one). Needs compensate != "none"; costs r * (out + kept)
-            parameters per width below the full one, and a [in, in] Gram matrix per block
-            while calibrating.
+        compensate: which blocks get per-width compensation (passes/compensate.py)
+            when calibrating: each width below the full one adds back what the units it
+            removes contributed; "all" (default), "mlp", "attention" or "none" (True
+            means "all", False "none"). The full width is unchanged.
+        compensation_rank: 128 (default): each width below the full one also corrects
+            the kept columns of the output projection with a rank-r matrix, fitted by
+            least squares on the calibration activations so that the cut block
+            reproduces the full block's output (the bias is then the least-squares one);
+            0 adds the mean output of the removed units only. Costs r * (out + kept)
+            parameters per width below the full one (folded into the sliced weights by
+            `materialize`), and an [in, in] float64 Gram matrix per block while
+            calibrating (0.65 GB for SmolLM2-135M; a clear error before calibrating if
+            they would not fit in memory). Ignored (stored as 0) when compensate is
+            "none". Measured on SmolLM2 (docs/RESULTS.md, "Zero-shot quality") with
+            Wikipedia calibration: MLP 50 % and heads 3/9 at about half the perplexity of
+            no compensation on prose in English, German and Korean; heads 3/9 worse on
+            HTML and Korean (calibrate on a mix, `flextron convert --calib-domains`, or
+            pass compensate="mlp" for those).
         calibration_batch_size: sequences per forward pass while ranking.
         seed: the seed that chose the calibration data (recorded with the model); the
             passes themselves are deterministic: the same data gives the same permutation.
@@ -67,8 +71,8 @@ class FlextronConfig:
     head_mode: str = "group"
     head_score: str = "contribution"
     mlp_score: str = "fluctuation"
-    compensate: str = "none"
-    compensation_rank: int = 0
+    compensate: str = "all"
+    compensation_rank: int = 128
     calibration_batch_size: int = 8
     seed: int = 0
     debug: bool = False
@@ -102,10 +106,8 @@ class FlextronConfig:
                     f"pass e.g. {name}=8")
         if self.compensation_rank < 0:
             raise ValueError(f"compensation_rank must be >= 0, got {self.compensation_rank!r}")
-        if self.compensation_rank and self.compensate == "none":
-            raise ValueError(f"compensation_rank={self.compensation_rank} corrects the "
-                             "blocks that compensate names, and compensate is 'none'; pass "
-                             "compensate='mlp', 'attention' or 'all' too")
+        if self.compensate == "none":  # the rank corrects compensated blocks only
+            object.__setattr__(self, "compensation_rank", 0)
         if self.calibration_batch_size < 1:
             raise ValueError("calibration_batch_size must be >= 1, "
                              f"got {self.calibration_batch_size!r}")

@@ -23,6 +23,10 @@ class CalibrationDataError(FlextronError, ValueError):
     """Calibration inputs have the wrong type, shape or values."""
 
 
+class MemoryBudgetError(FlextronError, MemoryError):
+    """A step would need more memory than the machine has; raised before it starts."""
+
+
 class CheckpointError(FlextronError):
     """A saved elastic model is missing, incomplete or does not match the model given."""
 

@@ -12,7 +12,7 @@ from .analyze import analyze
 from .config import FlextronConfig
 from .elastic.model import ElasticModel
 from .errors import FlextronError, UnsupportedModelError
-from .passes.compensate import compensate, compensation_tables
+from .passes.compensate import compensate, compensated_kinds, compensation_tables
 from .passes.elasticize import elasticize
 from .passes.permute import permute, sort_order
 from .passes.rank import measure, score_blocks
@@ -39,8 +39,9 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
     choose them yourself. A model whose code fixes the sequence length is traced for the
     sample's length only, with a warning; other lengths then raise `InputShapeError`.
     With calibration data, every width below the full one of the blocks that
-    `config.compensate` names also adds back the mean output of the units it drops
-    (`passes/compensate.py`).
+    `config.compensate` names (by default all) also adds back what the units it drops
+    contributed: a bias and a rank-`config.compensation_rank` correction of the kept
+    output-projection columns, fitted by least squares (`passes/compensate.py`).
     `resume` names a file for calibration progress, so an interrupted conversion picks
     up where it stopped. The user's model is not modified.
 
@@ -80,7 +81,8 @@ def flextronize(model: nn.Module, sample_inputs, calibration=None, *,
                         measures=needs(config.mlp_score, config.head_score)
                         | ({"gram"} if config.compensation_rank else set()),
                         batch_size=config.calibration_batch_size,
-                        sample_inputs=traced.sample_inputs, progress=progress, resume=resume)
+                        sample_inputs=traced.sample_inputs, progress=progress, resume=resume,
+                        gram_kinds=compensated_kinds(config))
         scores = score_blocks(gm, blocks, stats, mlp_score=config.mlp_score,
                               head_score=config.head_score)
         orders = {b.name: sort_order(b, scores[b.name]) for b in blocks}

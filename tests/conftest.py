@@ -43,20 +43,24 @@ def param_count(module: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="session")
 def zoo_converted():
-    """get(name, calibrated=True, head_mode="query") -> (original model, ElasticModel).
+    """get(name, calibrated=True, head_mode="query", compensate="all") -> (original
+    model, ElasticModel), with FlextronConfig's defaults otherwise (least-squares
+    compensation of every block); compensate="none" gives plain sorted slices.
 
     Conversions are cached for the session (each takes about a second); the elastic
     model is handed out at full width.
     """
     cache: dict = {}
 
-    def get(name: str, calibrated: bool = True, head_mode: str = "query"):
-        key = (name, calibrated, head_mode)
+    def get(name: str, calibrated: bool = True, head_mode: str = "query",
+            compensate: str = "all"):
+        key = (name, calibrated, head_mode, compensate)
         if key not in cache:
             model = ZOO[name]()
             em = flextron_fx.flextronize(
                 model, sample_inputs(name), calibration() if calibrated else None,
-                config=FlextronConfig(head_mode=head_mode), progress=False)
+                config=FlextronConfig(head_mode=head_mode, compensate=compensate),
+                progress=False)
             cache[key] = (model, em)
         model, em = cache[key]
         em.set_full()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from zoo import ZOO, sample_inputs
 
 import flextron_fx
-from flextron_fx import CheckpointError, OutputError
+from flextron_fx import CheckpointError, FlextronConfig, OutputError
 from flextron_fx.export import checkpoint
 
 
@@ -100,7 +100,7 @@ def test_checkpoint_of_another_model_is_rejected(zoo_converted, tmp_path):
 def test_same_calibration_gives_identical_weights(zoo_converted):
     model, first = zoo_converted("llama")
     second = flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), calibration(),
-                                     progress=False)
+                                     config=FlextronConfig(head_mode="query"), progress=False)
     a, b = first.graph_module.state_dict(), second.graph_module.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -149,7 +149,8 @@ def test_a_foreign_folder_is_refused_and_kept(zoo_converted, tmp_path):
         flextron_fx.save(em, a_file)
     assert a_file.read_text() == "x"
     flextron_fx.save(em, mine, overwrite=True)  # told to: replaced by the checkpoint
-    assert sorted(p.name for p in mine.iterdir()) == ["flextron.json", "model.safetensors"]
+    assert sorted(p.name for p in mine.iterdir()) == ["compensation.safetensors",
+                                                     "flextron.json", "model.safetensors"]
     (tmp_path / "empty").mkdir()
     flextron_fx.save(em, tmp_path / "empty")  # an empty folder is fine
     assert _load_nano(tmp_path / "empty").widths == em.widths

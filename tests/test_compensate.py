@@ -8,6 +8,7 @@ import torch
 from conftest import assert_close, calibration, output
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tqdm.auto import tqdm
 from zoo import ZOO, sample_inputs
 
 import flextron_fx
@@ -49,6 +50,7 @@ _CACHE: dict = {}
 
 def converted(name: str, head_mode: str = "group", **cfg):
     cfg.setdefault("compensate", "all")
+    cfg.setdefault("compensation_rank", 0)  # the mean bias; the least-squares tests ask
     key = (name, head_mode, tuple(sorted(cfg.items())))
     if key not in _CACHE:
         _CACHE[key] = _converted(name, head_mode, **cfg)
@@ -181,6 +183,23 @@ def test_to_hf_puts_the_biases_on_the_output_projections():
         with em.at(f):
             assert_close(output(small, ids), output(em, ids))
     assert not to_hf(em, 1.0).config.attention_bias  # full width: no bias needed
+
+
+def test_to_hf_of_a_class_without_bias_flags_gives_the_flextron_class_with_biases():
+    """Mistral's config has no mlp_bias / attention_bias: the compensated sub-network is
+    a Flextron<Class> whose layout adds the output-projection biases."""
+    from flextron_fx.export.hf import to_hf
+
+    _, em = converted("mistral")
+    ids = _ids(4)
+    small = to_hf(em, 0.5)
+    assert type(small).__name__ == "FlextronMistralForCausalLM"
+    down = em.block(next(n for n, op in em.ops.items() if op.kind == "mlp")).out_proj
+    assert small.get_parameter(down.weight[len(em.param_prefix):].removesuffix("weight")
+                               + "bias").abs().sum() > 0
+    with em.at(0.5):
+        assert_close(output(small, ids), output(em, ids))
+    assert type(to_hf(em, 1.0)).__name__ == "MistralForCausalLM"  # no bias at full width
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -478,11 +497,44 @@ def test_save_load_and_training_keep_and_move_the_factors(tmp_path):
     assert_close(output(loaded, ids), output(em, ids))
 
 
-def test_a_rank_without_compensation_is_a_clear_config_error():
-    with pytest.raises(ValueError, match="compensate is 'none'"):
-        FlextronConfig(compensation_rank=4)
+def test_the_default_is_least_squares_on_every_block_and_none_drops_the_rank():
+    assert (FlextronConfig().compensate, FlextronConfig().compensation_rank) == ("all", 128)
+    assert FlextronConfig(compensate="none", compensation_rank=4).compensation_rank == 0
+    assert FlextronConfig(compensate=False).compensation_rank == 0
     with pytest.raises(ValueError, match=">= 0"):
         FlextronConfig(compensate="all", compensation_rank=-1)
+
+
+def test_gram_matrices_are_taken_only_for_the_compensated_kinds():
+    from flextron_fx.analyze import analyze
+    from flextron_fx.passes.rank import measure
+    from flextron_fx.trace import trace
+
+    traced = trace(ZOO["llama"](), sample_inputs("llama"))
+    analysis = analyze(traced.graph_module, traced.sample_inputs)
+    stats = measure(traced.graph_module, analysis, analysis.blocks, calibration(n=4),
+                    measures={"gram"}, batch_size=2, sample_inputs=traced.sample_inputs,
+                    progress=False, gram_kinds=("attention",))
+    kinds = {b.name: b.kind for b in analysis.blocks}
+    assert {kinds[n] for n, st in stats.items() if st.gram is not None} == {"attention"}
+    assert all(st.gram is None for n, st in stats.items() if kinds[n] == "mlp")
+
+
+def test_gram_matrices_that_would_not_fit_in_memory_stop_before_calibrating(monkeypatch):
+    from flextron_fx.errors import MemoryBudgetError
+    from flextron_fx.passes import rank
+
+    calibrated = []
+    monkeypatch.setattr(rank, "tqdm", lambda *a, **k: calibrated.append(1) or tqdm(*a, **k))
+    # llama's blocks: 2 MLPs with 96 inputs and 2 attentions with 64; 8 * (2 * 96**2 +
+    # 2 * 64**2) = 212,992 bytes, more than half of 300 kB of memory
+    monkeypatch.setattr(rank.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE"
+                        else 300_000)
+    with pytest.raises(MemoryBudgetError, match=r"compensation_rank=0.*attention blocks only"):
+        _converted("llama", "group")
+    assert not calibrated  # stopped before the first batch
+    _converted("llama", "group", compensate="attention")  # 65,536 bytes fit
+    assert calibrated
 
 
 def test_the_routed_onnx_correction_reorders_units_from_band_order_to_slice_order():

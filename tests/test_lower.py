@@ -27,7 +27,7 @@ def _per_token(em, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("backend", ["torch", "inductor"])
 def test_lowered_equals_elastic_at_budgets_and_per_token(zoo_converted, backend):
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     lo = lower(em, backend)
     mlps = [n for n, op in em.ops.items() if op.kind == "mlp"]
     assert len(_lowered(lo)) == len(mlps)
@@ -52,7 +52,7 @@ def test_lowered_equals_elastic_at_budgets_and_per_token(zoo_converted, backend)
 
 
 def test_baked_widths_and_routed_gradients(zoo_converted):
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     ids = token_ids(2, 8)
     lo = lower(em, "torch", widths=0.5)
     assert {m.baked for m in _lowered(lo)} == {48}
@@ -78,7 +78,7 @@ def test_baked_widths_and_routed_gradients(zoo_converted):
 
 
 def test_inductor_with_baked_widths_compiles_the_whole_subnetwork(zoo_converted):
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     ids = token_ids(2, 8)
     lo = lower(em, "inductor", widths=0.5)
     net = lo.__dict__["_subnetwork"]
@@ -96,11 +96,31 @@ def test_inductor_with_baked_widths_compiles_the_whole_subnetwork(zoo_converted)
     assert len(calls) == 1
 
 
+def test_a_compensated_model_keeps_its_mlps_on_the_reference_or_compiles_them(zoo_converted):
+    """The default conversion corrects each down projection per width (a low-rank term no
+    kernel takes): the torch backend leaves those MLPs on their reference, inductor with
+    baked widths compiles the materialized sub-network, where the correction is folded."""
+    _, em = zoo_converted("llama")
+    ids = token_ids(2, 8)
+    lo = lower(em, "torch")
+    assert _lowered(lo) == []
+    with em.at(0.5), lo.at(0.5):
+        assert_close(output(lo, ids), output(em, ids))
+    lo = lower(em, "inductor", widths=0.5)
+    assert lo.__dict__["_subnetwork"] is not None
+    with em.at(0.5):
+        expected = output(em, ids)
+    _, plain = zoo_converted("llama", compensate="none")  # same sort, no compensation
+    with plain.at(0.5):
+        assert (expected - output(plain, ids)).abs().max() > 1e-3  # the correction counts
+    assert_close(output(lo, ids), expected)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "phi3"])
 def test_other_patterns_lower_or_keep_their_reference(zoo_converted, arch):
     """GPT-2: Conv1D weights, biases and the written-out tanh GELU are lowered; Phi-3's fused
     gate_up weight slices by a gather (not a prefix), so it keeps its reference."""
-    _, em = zoo_converted(arch)
+    _, em = zoo_converted(arch, compensate="none")
     lo = lower(em, "torch")
     assert len(_lowered(lo)) == (2 if arch == "gpt2" else 0)
     if arch == "gpt2":
@@ -115,7 +135,7 @@ def test_other_patterns_lower_or_keep_their_reference(zoo_converted, arch):
 
 
 def test_lowered_graph_compiles_and_exports(zoo_converted):
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     ids = token_ids(2, 8)
     lo = lower(em, "torch", widths=0.5)
     with em.at(0.5):
@@ -141,7 +161,7 @@ def test_lowered_graph_compiles_and_exports(zoo_converted):
 
 def test_triton_backend_in_the_interpreter(zoo_converted):
     load()
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     ids = token_ids(1, 5)
     lo = lower(em, "triton")
     assert len(_lowered(lo)) == 2
@@ -157,7 +177,7 @@ def test_triton_backend_in_the_interpreter(zoo_converted):
 
 
 def test_lower_refuses_unknown_backends(zoo_converted):
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     with pytest.raises(CodegenError, match="backend must be one of"):
         lower(em, "cuda")
     with pytest.raises(WidthError):
@@ -176,7 +196,8 @@ def test_smollm2_lowered_equals_elastic():
 
     model, tok = models.load("smollm2-135m")
     calib, held, _ = calibration_and_heldout(tok, seq_len=64, n_calib=8, n_heldout_tokens=128)
-    em = flextron_fx.flextronize(model, (calib[:2, :16],), calib, progress=False)
+    em = flextron_fx.flextronize(model, (calib[:2, :16],), calib, progress=False,
+                                 config=flextron_fx.FlextronConfig(compensate="none"))
     ids = held.reshape(-1)[:128].reshape(2, 64)
     g = torch.Generator().manual_seed(0)
     widths = {n: torch.randint(0, len(op.candidates), (2, 64), generator=g)
@@ -198,7 +219,7 @@ def test_smollm2_lowered_equals_elastic():
 def test_the_original_keeps_its_graph_and_can_still_be_rewritten(zoo_converted):
     from flextron_fx.passes.inject_routers import inject_routers, remove_routers
 
-    _, em = zoo_converted("llama")
+    _, em = zoo_converted("llama", compensate="none")
     ids = token_ids(2, 6)
     before = output(em, ids)
     lowered = lower(em, "torch")

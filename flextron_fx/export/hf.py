@@ -11,7 +11,8 @@ cannot hold (widths that differ across layers, fewer heads in those three) gives
 `Flextron<Class>` instead (export/sliced.py), which loads with `AutoModelForCausalLM`
 once `flextron_fx` is imported. Compensation biases (passes/compensate.py) of the chosen widths
 go to the output projections' biases; a Llama without biases gets `attention_bias` /
-`mlp_bias` switched on (the other projections' biases then hold zeros). The result is
+`mlp_bias` switched on (the other projections' biases then hold zeros), a class without
+such flags (Mistral, Qwen2, ...) gives the `Flextron<Class>`, whose layout adds them. The result is
 checked against the elastic graph on a short input before it is returned.
 """
 
@@ -76,6 +77,18 @@ def to_hf(em: ElasticModel, widths=None, *, check: bool = True):
     rows = {m.block: m.row(chosen[m.block]) for m in compensation_modules(em.graph_module).values()
             if m.row(chosen[m.block]) is not None}
     flags = _bias_flags(em, rows, config)
+    if flags is None:  # the class has no config flag for an output-projection bias
+        from .sliced import sliced_hf
+
+        try:
+            return sliced_hf(em, chosen, check=check)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(
+                f"{em.source['class']}'s config cannot switch on the output-projection "
+                "biases that compensation (passes/compensate.py) adds at these widths, and "
+                f"its per-layer Flextron class does not run either ({exc}); export "
+                "em.materialize() to ONNX instead, or convert with "
+                "FlextronConfig(compensate='none')") from exc
     if fields.heads:
         config.head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
@@ -122,8 +135,8 @@ _BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}  # Llama's conf
 
 def _bias_flags(em: ElasticModel, rows: dict, config) -> list[str]:
     """Config flags to switch on so the output projections of the blocks in `rows` (blocks
-    with a compensation bias at these widths) have a bias; UnsupportedModelError if the
-    class cannot have one."""
+    with a compensation bias at these widths) have a bias; None if the class has no such
+    flag (then `sliced_hf` adds the bias parameters)."""
     flags = []
     for block in rows:
         b = em.block(block)
@@ -131,11 +144,7 @@ def _bias_flags(em: ElasticModel, rows: dict, config) -> list[str]:
             continue
         flag = _BIAS_FLAGS[b.kind]
         if getattr(config, flag, None) is None:
-            raise UnsupportedModelError(
-                f"{block} adds a compensation bias at these widths (passes/compensate.py) "
-                f"but {em.source['class']} has no bias on its {b.kind} output projection; "
-                "export em.materialize() (ONNX) instead, or convert with "
-                f"FlextronConfig(compensate='none')")
+            return None
         if flag not in flags:
             flags.append(flag)
             setattr(config, flag, True)  # the other projections' biases stay zero

@@ -60,6 +60,12 @@ class Table(NamedTuple):
     factors: tuple = ()
 
 
+def compensated_kinds(config: FlextronConfig) -> tuple[str, ...]:
+    """The block kinds that `config.compensate` names."""
+    return {"none": (), "mlp": ("mlp",), "attention": ("attention",),
+            "all": ("mlp", "attention")}[config.compensate]
+
+
 def compensation_tables(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block],
                         stats: dict[str, Stats], orders: dict, config: FlextronConfig
                         ) -> dict[str, Table]:
@@ -67,8 +73,7 @@ def compensation_tables(gm: fx.GraphModule, analysis: Analysis, blocks: list[Blo
     candidate k removes (or, with `config.compensation_rank`, the least-squares bias next
     to a rank-r correction of the kept columns), from the weights as stored now (permuted
     by `orders`), for the blocks of the kinds `config.compensate` names."""
-    kinds = {"none": (), "mlp": ("mlp",), "attention": ("attention",),
-             "all": ("mlp", "attention")}[config.compensate]
+    kinds = compensated_kinds(config)
     tables = {}
     for block in blocks:
         cands = candidates(block, config)

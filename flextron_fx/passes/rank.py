@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..analyze import Analysis, Block
 from ..elastic import layout as L
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, MemoryBudgetError
 from ..trace import check_token_ids
 from . import scores as S
 from .scores import Stats
@@ -187,13 +187,15 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibration,
             *, measures=("abs",), batch_size: int = 8, sample_inputs: tuple = (),
-            progress: bool = True, resume: str | Path | None = None) -> dict[str, Stats]:
+            progress: bool = True, resume: str | Path | None = None,
+            gram_kinds: tuple[str, ...] = ("mlp", "attention")) -> dict[str, Stats]:
     """Sums over the calibration tokens at every block's output-projection input.
 
     `measures` names what to take besides |h|, h and h^2 (always taken): "contribution"
     (head output norms after the projection), "taylor" (|h * dL/dh|, one backward pass
     of the next-token loss per batch) and "gram" (the sum of h h^T, for least-squares
-    compensation). Returns {block name: `scores.Stats`}.
+    compensation; taken for the blocks of `gram_kinds` only). Returns {block name:
+    `scores.Stats`}.
     """
     measures = set(measures)
     unknown = measures - set(S.MEASURES)
@@ -211,6 +213,12 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
         _check(b, sample_inputs)
         check_token_ids(gm, b, f"calibration batch {k}", CalibrationDataError)
 
+    device = next((p.device for p in gm.parameters()), None)
+    gram_blocks = {b.name for b in blocks if b.kind in gram_kinds} if "gram" in measures \
+        else set()
+    if gram_blocks:
+        _check_gram_memory(analysis, [b for b in blocks if b.name in gram_blocks], device,
+                           copies=2 if resume else 1)
     observers: dict[str, _Observer] = {}
     graph = gm.graph
     A = analysis.atoms
@@ -218,7 +226,8 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
         out = block.out_proj
         lay = L.sized(A, out.layout)
         getter = functools.partial(attrgetter(out.weight), gm)
-        obs = _Observer(lay, getter, out.axis, measures)
+        obs = _Observer(lay, getter, out.axis,
+                        measures if block.name in gram_blocks else measures - {"gram"})
         if block.kind == "attention":
             g, r = block.classes.get("groups"), block.classes.get("per_group")
             G = A.size[g] if g is not None else 1
@@ -235,7 +244,6 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
         out.node.replace_input_with(x, seen)
         observers[block.name] = obs
     gm.recompile()
-    device = next((p.device for p in gm.parameters()), None)
     fingerprint = _fingerprint(batches, ",".join(sorted(measures)))
     done = _restore(resume, observers, fingerprint) if resume else 0
     taylor = "taylor" in measures
@@ -276,6 +284,28 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
                 delattr(gm, name)
         gm.recompile()
     return {name: obs.stats() for name, obs in observers.items()}
+
+
+def _check_gram_memory(analysis: Analysis, blocks: list[Block], device, copies: int) -> None:
+    """MemoryBudgetError, before calibrating, if the blocks' float64 Gram matrices (one
+    [in, in] per output projection; `copies` of them, two when progress is checkpointed)
+    would take more than half the memory where the sums live."""
+    sizes = [L.sized(analysis.atoms, b.out_proj.layout)[2] for b in blocks]
+    need = copies * 8 * sum(n * n for n in sizes)
+    if device is not None and device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in this machine"
+    if need > have / 2:
+        mlp = copies * 8 * sum(n * n for n, b in zip(sizes, blocks) if b.kind == "mlp")
+        raise MemoryBudgetError(
+            f"least-squares compensation (compensation_rank > 0) sums an [in, in] float64 "
+            f"Gram matrix per block while calibrating: {need / 2**30:.1f} GiB for these "
+            f"{len(blocks)} blocks (widest input {max(sizes)}), more than half of the "
+            f"{have / 2**30:.1f} GiB {where}. Pass FlextronConfig(compensation_rank=0) "
+            f"(`flextron convert --compensation-rank 0`) for the mean-bias compensation, or "
+            f"compensate='attention' to fit the attention blocks only "
+            f"({(need - mlp) / 2**30:.1f} GiB).")
 
 
 def _fingerprint(batches, what: str) -> str:
