@@ -52,7 +52,8 @@ def test_ablate_from_the_saved_model(converted, tmp_path, capsys):
     # even with 8 calibration sequences, sorting beats the stored order by far
     assert r["mlp50_sorted_ppl"] < r["mlp50_unsorted_ppl"] / 10
     assert r["full_ppl"] < r["mlp50_sorted_ppl"]
-    assert "with sorting" in capsys.readouterr().out
+    assert (r["compensate"], r["compensation_rank"]) == ("all", 128)  # the defaults
+    assert "with sorting + LS comp." in capsys.readouterr().out
 
 
 def test_train_elastic_needs_a_model(tmp_path, capsys):

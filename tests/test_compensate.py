@@ -133,7 +133,7 @@ def test_bias_equals_the_expected_removed_contribution_by_hand(seed, mlp_score):
     calib = torch.randn(16, 5, 8, generator=g)
     em = flextron_fx.flextronize(model, (calib[:2],), calib,
                                  config=FlextronConfig(mlp_multiple=8, mlp_score=mlp_score,
-                                                       compensate="mlp"),
+                                                       compensate="mlp", compensation_rank=0),
                                  progress=False)
     (name,) = em.ops
     order = torch.tensor(em.orders[name]["neurons"])  # stored neuron p = original order[p]
@@ -398,6 +398,9 @@ def test_least_squares_reproduces_an_output_the_kept_units_determine():
         return (fit - h @ w.t()).abs().max().item()
 
     assert error(2, 0.0) < 1e-8
+    _, u, v = C.least_squares(w, mean, gram, kept[:3], 4)  # fewer kept units than the rank:
+    assert u.shape == (out, 4) and v.shape == (3, 4)     # zero columns keep one rank per
+    assert not u[:, 3:].any() and not v[:, 3:].any()      # block (the ONNX file stacks them)
     assert error(1, 0.0) > 1e-3
     mean_bias = (h[:, kept] @ w[:, kept].t() + w[:, torch.ones(n, dtype=torch.bool)
                  .index_fill(0, kept, False)] @ mean[torch.ones(n, dtype=torch.bool)

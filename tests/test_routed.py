@@ -156,8 +156,9 @@ def test_routed_gradients_equal_the_reference(zoo_converted, arch, mode):
             with em.at(widths):
                 (em(ids[b:b + 1]) * weights[b:b + 1]).sum().backward()
         want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for a, b in zip(got, want):  # to 1e-4 of the gradient's scale (the compensation
+            scale = max(1.0, float(b.abs().max()))  # factors' reach the hundreds)
+            torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4)
         # only the slices some token used get a gradient
         widest = {n: em.ops[n].candidates[int(v.max())] for n, v in per_seq.items()}
         gm = em.graph_module

@@ -138,9 +138,10 @@ def _bias_flags(em: ElasticModel, rows: dict, config) -> list[str]:
     with a compensation bias at these widths) have a bias; None if the class has no such
     flag (then `sliced_hf` adds the bias parameters)."""
     flags = []
+    params = dict(em.graph_module.named_parameters())
     for block in rows:
         b = em.block(block)
-        if b.out_proj.bias is not None:
+        if b.out_proj.weight.removesuffix("weight") + "bias" in params:  # has one already
             continue
         flag = _BIAS_FLAGS[b.kind]
         if getattr(config, flag, None) is None:

@@ -138,6 +138,10 @@ def least_squares(w: torch.Tensor, mean: torch.Tensor, gram: torch.Tensor,
     u = left[:, :r] * s[:r]
     v = torch.linalg.solve_triangular(chol.t(), right[:r].t(), upper=True)  # L^-T V_r
     bias = w @ mean - (w[:, kept] + u @ v.t()) @ mean[kept]
+    pad = min(rank, w.shape[0]) - r  # zero columns: every width of a block has one rank
+    if pad > 0:                       # (a width with fewer kept units than r has less)
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1)
     return bias, u, v
 
 

@@ -244,7 +244,10 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
         out.node.replace_input_with(x, seen)
         observers[block.name] = obs
     gm.recompile()
-    fingerprint = _fingerprint(batches, ",".join(sorted(measures)))
+    what = ",".join(sorted(measures))
+    if gram_blocks:  # which blocks hold a Gram matrix is part of what a checkpoint holds
+        what += " gram:" + ",".join(sorted(gram_blocks))
+    fingerprint = _fingerprint(batches, what)
     done = _restore(resume, observers, fingerprint) if resume else 0
     taylor = "taylor" in measures
     try:

@@ -72,7 +72,9 @@ class LayerwiseModel:
         shared = {id(p): p for p in full_mod.parameters()}  # the memo shares, then we replace
         mod = copy.deepcopy(full_mod, memo=dict(shared))
         graph = em.graph_module
-        for proj in em.block(name).projections:
+        block = em.block(name)
+        comp = compensations(em).get(name)
+        for proj in block.projections:
             for path in (proj.weight, proj.bias):
                 if path is None:
                     continue
@@ -82,8 +84,15 @@ class LayerwiseModel:
                         f"{op.module}; the profiler needs each op to be one module")
                 with torch.no_grad():
                     value = slicers[path](graph.get_parameter(path), width).detach().clone()
+                    if comp is not None and proj is block.out_proj:
+                        value = _compensated(comp, width, value, path == proj.bias,
+                                             proj.axis)
                 _set_param(mod, path[len(prefix):],
                            value.to(device=device, dtype=dtype).contiguous())
+            row = None if comp is None else comp.row(width)
+            if proj is block.out_proj and proj.bias is None and row is not None:
+                _set_param(mod, proj.weight[len(prefix):].removesuffix("weight") + "bias",
+                           row.detach().clone().to(device=device, dtype=dtype))
         if op.kind == "attention":
             kv = em.kv_heads(name, width)
             for attr, value in (("num_key_value_groups", width // kv), ("num_heads", width),
@@ -128,6 +137,27 @@ class LayerwiseModel:
                 f"the per-layer {type(self.model).__name__} does not reproduce the elastic "
                 f"model at mixed widths (max logit difference {err:.3g}); its attention "
                 "class may keep head counts in attributes the profiler does not know")
+
+
+def compensations(em: ElasticModel) -> dict:
+    """{op name: its Compensation module} (passes/compensate.py)."""
+    from ..passes.compensate import compensation_modules
+
+    return {m.block: m for m in compensation_modules(em.graph_module).values()}
+
+
+def _compensated(comp, width: int, value: torch.Tensor, is_bias: bool, axis: int):
+    """An output projection's sliced weight or bias at `width` with the op's compensation:
+    the bias row added, the low-rank correction U_k V_k^T folded into the weight."""
+    if width == comp.candidates[-1]:
+        return value
+    if is_bias:
+        return value + comp.row(width).to(value.dtype)
+    if not comp.rank:
+        return value
+    k = comp.candidates.index(width)
+    delta = comp.u[k] @ comp.v[k].t()  # [out, kept]
+    return value + (delta if axis == 1 else delta.t()).to(value.dtype)
 
 
 def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
