@@ -20,7 +20,7 @@ from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
 
 CUTS = {"mlp50": ("MLP 50 %", 0.5, "mlp"), "heads3of9": ("heads 3/9", 3 / 9, "attention"),
-        "uniform50": ("uniform 0.5", 0.5, None)}
+        "heads6of9": ("heads 6/9", 6 / 9, "attention"), "uniform50": ("uniform 0.5", 0.5, None)}
 
 
 def main() -> None:
