@@ -73,7 +73,7 @@ class LayerwiseModel:
         mod = copy.deepcopy(full_mod, memo=dict(shared))
         graph = em.graph_module
         block = em.block(name)
-        comp = compensations(em).get(name)
+        comp = _compensations(em).get(name)
         for proj in block.projections:
             for path in (proj.weight, proj.bias):
                 if path is None:
@@ -91,8 +91,14 @@ class LayerwiseModel:
                            value.to(device=device, dtype=dtype).contiguous())
             row = None if comp is None else comp.row(width)
             if proj is block.out_proj and proj.bias is None and row is not None:
-                _set_param(mod, proj.weight[len(prefix):].removesuffix("weight") + "bias",
-                           row.detach().clone().to(device=device, dtype=dtype))
+                # no bias in the graph's view of it (or one it adds by addmm, as GPT-2's
+                # Conv1D): the module's own bias, if any, plus the row
+                path = proj.weight[len(prefix):].removesuffix("weight") + "bias"
+                owner_path, _, leaf = path.rpartition(".")
+                own = getattr(mod.get_submodule(owner_path) if owner_path else mod, leaf, None)
+                value = row.detach().clone() if own is None else \
+                    own.detach() + row.detach().to(own.dtype)
+                _set_param(mod, path, value.to(device=device, dtype=dtype))
         if op.kind == "attention":
             kv = em.kv_heads(name, width)
             for attr, value in (("num_key_value_groups", width // kv), ("num_heads", width),
@@ -139,7 +145,7 @@ class LayerwiseModel:
                 "class may keep head counts in attributes the profiler does not know")
 
 
-def compensations(em: ElasticModel) -> dict:
+def _compensations(em: ElasticModel) -> dict:
     """{op name: its Compensation module} (passes/compensate.py)."""
     from ..passes.compensate import compensation_modules
 
