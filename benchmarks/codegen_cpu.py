@@ -1,9 +1,13 @@
 """Lowered MLPs (inductor, torch backends) against the eager elastic and materialized models.
 
     python benchmarks/codegen_cpu.py [--reps 7] [--budgets 1.0,0.75,0.5] [--threads N]
-                                     [--shapes "prefill 1x256,decode-sized 1x2"] [--json out.json]
+                                     [--shapes "prefill 1x256,decode-sized 1x2"] [--calib N]
+                                     [--json out.json]
 
-SmolLM2-135M, flextronized, at each budget (every op at that fraction of its width):
+SmolLM2-135M, flextronized (with `--calib N`: calibrated on N random sequences, so every
+width below the full one carries the default conversion's compensation and each lowered MLP
+runs on its width's corrected down weight), at each budget (every op at that fraction of
+its width):
 
 - eager elastic: the ElasticModel itself (its static program at repeated widths);
 - eager materialized: `em.materialize(budget)`, a plain dense graph with sliced weights;
@@ -47,6 +51,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 gives steadier numbers on a busy machine)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {list(SHAPES)}")
+    ap.add_argument("--calib", type=int, default=0,
+                    help="calibrate on N random sequences of 64 tokens, which gives the "
+                         "default conversion's per-width compensation (0: none)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -56,8 +63,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, _ = load(args.model)
+    calib = torch.randint(0, model.config.vocab_size, (args.calib, 64)) if args.calib else None
     sample = torch.randint(0, model.config.vocab_size, (2, 16))
-    em = flextronize(model, (sample,), None, progress=False)
+    em = flextronize(model, (sample,), calib, progress=False)
     configs = {}
     for b in budgets:
         dense = em.materialize(b)

@@ -1,6 +1,7 @@
 """Forward latency of flextronized SmolLM2 against the original, side by side in one run.
 
-    python benchmarks/forward_speed.py [--batch 1] [--seq 256] [--reps 15] [--json out.json]
+    python benchmarks/forward_speed.py [--batch 1] [--seq 256] [--reps 15] [--calib N]
+                                       [--json out.json]
 
 Every configuration runs once per round, in a new random order each round, so drift in
 the machine's speed hits all of them alike; the table reports each one's median, and its
@@ -10,6 +11,9 @@ ratios), which a slow minute cannot bias.
 At repeated widths the elastic model runs its static program (elastic/static.py). Slices are views of the shared weights (a gather only for
 query heads kept inside KV groups, head mode "query"), so nothing is cached between
 forwards. Weights are random-order (no calibration): speed does not depend on the order.
+With `--calib N` the model is calibrated on N random sequences first, so it carries the
+default conversion's per-width compensation (a bias row, and at a static width a corrected
+down weight built once and cached).
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--calib", type=int, default=0,
+                    help="calibrate on N random sequences of 64 tokens, which gives the "
+                         "default conversion's per-width compensation (0: none)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model, _ = load(args.model)
+    calib = torch.randint(0, model.config.vocab_size, (args.calib, 64)) if args.calib else None
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
-    em = flextronize(model, (ids[:1].repeat(2, 1)[:, :16],), None, progress=False)
+    em = flextronize(model, (ids[:1].repeat(2, 1)[:, :16],), calib, progress=False)
 
     def setting(fraction: float, kind: str | None):
         def run():

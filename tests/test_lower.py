@@ -25,12 +25,16 @@ def _per_token(em, seed: int = 0) -> dict:
             for n, op in em.ops.items() if op.kind == "mlp"}
 
 
+@pytest.mark.parametrize("compensate", ["none", "all"])
 @pytest.mark.parametrize("backend", ["torch", "inductor"])
-def test_lowered_equals_elastic_at_budgets_and_per_token(zoo_converted, backend):
-    _, em = zoo_converted("llama", compensate="none")
+def test_lowered_equals_elastic_at_budgets_and_per_token(zoo_converted, backend, compensate):
+    """With compensation (the default) each width's down weight carries its low-rank
+    correction: lowered, every MLP runs its kernel on that width's corrected weight."""
+    _, em = zoo_converted("llama", compensate=compensate)
     lo = lower(em, backend)
     mlps = [n for n, op in em.ops.items() if op.kind == "mlp"]
     assert len(_lowered(lo)) == len(mlps)
+    assert all((m.spec.delta is not None) == (compensate == "all") for m in _lowered(lo))
     assert not any(isinstance(m, LoweredMLP) for m in em.graph_module.modules())
     ids = token_ids(2, 8)
     for budget in BUDGETS:
@@ -96,24 +100,38 @@ def test_inductor_with_baked_widths_compiles_the_whole_subnetwork(zoo_converted)
     assert len(calls) == 1
 
 
-def test_a_compensated_model_keeps_its_mlps_on_the_reference_or_compiles_them(zoo_converted):
-    """The default conversion corrects each down projection per width (a low-rank term no
-    kernel takes): the torch backend leaves those MLPs on their reference, inductor with
-    baked widths compiles the materialized sub-network, where the correction is folded."""
+def test_a_compensated_model_lowers_with_its_corrected_weights_and_trains(zoo_converted):
+    """The default conversion corrects each down projection per width (U_k V_k^T): lowered
+    MLPs give the elastic outputs at baked widths, and per-token gradients reach the
+    factors as the elastic model's do."""
     _, em = zoo_converted("llama")
+    _, plain = zoo_converted("llama", compensate="none")  # same sort, no compensation
     ids = token_ids(2, 8)
-    lo = lower(em, "torch")
-    assert _lowered(lo) == []
-    with em.at(0.5), lo.at(0.5):
-        assert_close(output(lo, ids), output(em, ids))
-    lo = lower(em, "inductor", widths=0.5)
-    assert lo.__dict__["_subnetwork"] is not None
+    lo = lower(em, "torch", widths=0.5)
+    assert len(_lowered(lo)) == 2 and all(m.spec.factors for m in _lowered(lo))
     with em.at(0.5):
         expected = output(em, ids)
-    _, plain = zoo_converted("llama", compensate="none")  # same sort, no compensation
     with plain.at(0.5):
         assert (expected - output(plain, ids)).abs().max() > 1e-3  # the correction counts
     assert_close(output(lo, ids), expected)
+    lo = lower(em, "inductor", widths=0.5)
+    assert lo.__dict__["_subnetwork"] is not None
+    assert_close(output(lo, ids), expected)
+    lo = lower(em, "torch")
+    widths = _per_token(em, seed=3)
+    grads = []
+    for model in (em, lo):
+        model.set_widths(widths)
+        model.zero_grad()
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    em.zero_grad()
+    em.set_full()
+    factors = [n for n in grads[0] if n.split(".")[-2] in ("u", "v")]
+    assert grads[0].keys() == grads[1].keys() and len(factors) >= 4
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "phi3"])
@@ -159,9 +177,10 @@ def test_lowered_graph_compiles_and_exports(zoo_converted):
     assert_close(output(lo.materialize(), ids), expected)
 
 
-def test_triton_backend_in_the_interpreter(zoo_converted):
+@pytest.mark.parametrize("compensate", ["none", "all"])
+def test_triton_backend_in_the_interpreter(zoo_converted, compensate):
     load()
-    _, em = zoo_converted("llama", compensate="none")
+    _, em = zoo_converted("llama", compensate=compensate)
     ids = token_ids(1, 5)
     lo = lower(em, "triton")
     assert len(_lowered(lo)) == 2
@@ -188,16 +207,16 @@ def test_lower_refuses_unknown_backends(zoo_converted):
 
 @pytest.mark.slow
 def test_smollm2_lowered_equals_elastic():
-    """The real SmolLM2 (calibrated, so neurons are sorted): torch and inductor lowerings
-    give the elastic model's logits at three budgets and with per-token widths."""
+    """The real SmolLM2 (calibrated with the default compensation, so neurons are sorted
+    and every width below the full one corrects its down projection): torch and inductor
+    lowerings give the elastic model's logits at three budgets and with per-token widths."""
     import flextron_fx
     from flextron_fx import models
     from flextron_fx.data import calibration_and_heldout
 
     model, tok = models.load("smollm2-135m")
     calib, held, _ = calibration_and_heldout(tok, seq_len=64, n_calib=8, n_heldout_tokens=128)
-    em = flextron_fx.flextronize(model, (calib[:2, :16],), calib, progress=False,
-                                 config=flextron_fx.FlextronConfig(compensate="none"))
+    em = flextron_fx.flextronize(model, (calib[:2, :16],), calib, progress=False)
     ids = held.reshape(-1)[:128].reshape(2, 64)
     g = torch.Generator().manual_seed(0)
     widths = {n: torch.randint(0, len(op.candidates), (2, 64), generator=g)

@@ -61,6 +61,26 @@ def elastic_mlp_ref(x: torch.Tensor, width: int, gate: torch.Tensor | None, up: 
     return F.linear(h, down.narrow(1, 0, width), b_down)
 
 
+def grouped(x: torch.Tensor, index: torch.Tensor, candidates, run) -> torch.Tensor:
+    """`run(width, rows)` on each width's tokens, the results back in token order.
+
+    Tokens (the rows of x flattened to [tokens, D]) are sorted by `index` (stable), each
+    non-empty group `c` goes to `run(candidates[c], rows)` -> [rows, out], and the outputs
+    are scattered back: [..., out] shaped like x. Each group is its own call, so `run` may
+    use weights of its own per width (a low-rank corrected down projection).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    idx = index.reshape(-1)
+    counts = torch.bincount(idx, minlength=len(candidates)).tolist()
+    order = torch.argsort(idx, stable=True)
+    parts = flat.index_select(0, order).split(counts)
+    outs = [run(candidates[c], p) for c, p in enumerate(parts) if p.shape[0]]
+    out = torch.cat(outs) if outs else run(candidates[0], parts[0])  # no tokens: empty
+    result = torch.empty_like(out)
+    result[order] = out
+    return result.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def routed_mlp_ref(x: torch.Tensor, index: torch.Tensor, candidates: list[int],
                    gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor,
                    b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
@@ -70,17 +90,8 @@ def routed_mlp_ref(x: torch.Tensor, index: torch.Tensor, candidates: list[int],
     Tokens are sorted by width (stable), each group runs `elastic_mlp_ref` on its prefix and
     the results go back in token order.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    idx = index.reshape(-1)
-    counts = torch.bincount(idx, minlength=len(candidates)).tolist()
-    order = torch.argsort(idx, stable=True)
-    parts = flat.index_select(0, order).split(counts)
-    outs = [elastic_mlp_ref(p, candidates[c], gate, up, down, b_gate, b_up, b_down, act)
-            for c, p in enumerate(parts) if p.shape[0]]
-    out = torch.cat(outs) if outs else flat.new_empty(0, down.shape[0])
-    result = torch.empty_like(out)
-    result[order] = out
-    return result.reshape(*x.shape[:-1], down.shape[0])
+    return grouped(x, index, candidates, lambda w, part: elastic_mlp_ref(
+        part, w, gate, up, down, b_gate, b_up, b_down, act))
 
 
-__all__ = ["ACTIVATIONS", "activation", "elastic_mlp_ref", "routed_mlp_ref"]
+__all__ = ["ACTIVATIONS", "activation", "elastic_mlp_ref", "grouped", "routed_mlp_ref"]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import CodegenError
-from .mlp import elastic_mlp_ref, routed_mlp_ref
+from .mlp import elastic_mlp_ref, grouped, routed_mlp_ref
 
 # (op, backend) -> implementation with the op's signature minus `backend`
 KERNELS: dict[tuple[str, str], Callable] = {}
@@ -92,17 +92,8 @@ def _elastic_inductor(x, width, gate, up, down, b_gate, b_up, b_down, act):
 
 @register("routed", "inductor")
 def _routed_inductor(x, index, candidates, gate, up, down, b_gate, b_up, b_down, act):
-    flat = x.reshape(-1, x.shape[-1])
-    idx = index.reshape(-1)
-    counts = torch.bincount(idx, minlength=len(candidates)).tolist()
-    order = torch.argsort(idx, stable=True)
-    parts = flat.index_select(0, order).split(counts)
-    outs = [_inductor(candidates[c], act, gate is not None, routed=True)(
-        p, gate, up, down, b_gate, b_up, b_down) for c, p in enumerate(parts) if p.shape[0]]
-    out = torch.cat(outs) if outs else flat.new_empty(0, down.shape[0])
-    result = torch.empty_like(out)
-    result[order] = out
-    return result.reshape(*x.shape[:-1], down.shape[0])
+    return grouped(x, index, candidates, lambda w, part: _inductor(
+        w, act, gate is not None, routed=True)(part, gate, up, down, b_gate, b_up, b_down))
 
 
 def _out(x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

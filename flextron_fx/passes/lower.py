@@ -6,10 +6,12 @@
 Requires: `em` is an ElasticModel; its MLPs are `ElasticRegion` nodes (elasticize).
 Ensures: a copy of `em` (em itself is not changed) in which every MLP region whose
 reference subgraph is a recognised MLP (gate/up -> named activation (x gate multiply) ->
-down, prefix slices, optional biases) is a `LoweredMLP`: the same node, the same
-parameters, the same `ref` (so materialize, num_params and routing still work), whose
-forward calls `torch.ops.flextron.elastic_mlp` for an int width and
-`torch.ops.flextron.routed_mlp` for per-token widths, with `backend`'s kernels. Each
+down, prefix slices, optional biases, an optional per-width low-rank correction of the
+down weight) is a `LoweredMLP`: the same node, the same parameters, the same `ref` (so
+materialize, num_params and routing still work), whose forward calls
+`torch.ops.flextron.elastic_mlp` for an int width and `torch.ops.flextron.routed_mlp` for
+per-token widths, with `backend`'s kernels. A corrected MLP hands the kernel its width's
+corrected down weight, and runs per-token widths as one fixed-width call per group. Each
 recognised region is checked numerically against its reference at lowering time; a region
 that is not recognised, or does not match, keeps its reference and the log says why.
 With `widths`, the copy is set to them and each lowered MLP accepts only its baked width
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..codegen.mlp import grouped
 from ..elastic.compensation import LowRankDelta
 from ..elastic.model import ElasticModel, check_call
 from ..elastic.ops import ElasticRegion, WeightSlice, check_routed
@@ -62,16 +65,28 @@ class MLPSpec:
     b_gate: int | None
     b_up: int | None
     b_down: int | None
-    corrected: bool = False  # the down weight carries a low-rank compensation
+    # the down weight's low-rank compensation: the LowRankDelta's name in the region's
+    # reference and the positions of its factors (u0, v0, u1, v1, ...), or None
+    delta: str | None = None
+    factors: tuple[int, ...] = ()
 
-    def operands(self, params) -> list:
+    def operands(self, params, width: int | None = None, region=None) -> list:
+        """The canonical operands; with a `delta`, `width` and the `region`, the down
+        weight is that width's corrected [D, width] weight (full buffers otherwise)."""
         def w(entry):
             if entry is None:
                 return None
             p = params[entry[0]]
             return p.t() if entry[1] else p
         b = lambda i: None if i is None else params[i]
-        return [w(self.gate), w(self.up), w(self.down), b(self.b_gate), b(self.b_up),
+        down = w(self.down)
+        if self.delta is not None and width is not None:
+            stored, transposed = params[self.down[0]], self.down[1]
+            kept = stored.narrow(0 if transposed else 1, 0, width)
+            fixed = region.ref.get_submodule(self.delta)(
+                kept, width, *(params[i] for i in self.factors))
+            down = fixed.t() if transposed else fixed
+        return [w(self.gate), w(self.up), down, b(self.b_gate), b(self.b_up),
                 b(self.b_down)]
 
 
@@ -109,19 +124,25 @@ class LoweredMLP(ElasticRegion):
     def forward(self, x: torch.Tensor, width, *params):
         from ..codegen import ops  # registers the custom ops
 
-        operands = self.spec.operands(params)
+        spec = self.spec
         if isinstance(width, torch.Tensor):
             if self.baked is not None:
                 raise WidthError(f"{self.block} was lowered for width {self.baked}; lower "
                                  "again without widths= to run per-token widths")
             if not torch.compiler.is_compiling():
                 check_routed(width, x, self.candidates, self.block)
-            return ops.routed_mlp(x, width, *operands, list(self.candidates), self.spec.act,
-                                  self.backend)
+            if spec.delta is None:  # nested weights: one routed call over all groups
+                return ops.routed_mlp(x, width, *spec.operands(params),
+                                      list(self.candidates), spec.act, self.backend)
+            # each width corrects its own down weight: one fixed-width call per group
+            return grouped(x, width, self.candidates, lambda w, part: ops.elastic_mlp(
+                part, *spec.operands(params, w, self), w, spec.act, self.backend))
         if self.baked is not None and width != self.baked:
             raise WidthError(f"{self.block} was lowered for width {self.baked}, got {width}; "
                              "lower again with the new widths (or without widths=)")
-        return ops.elastic_mlp(x, *operands, int(width), self.spec.act, self.backend)
+        width = int(width)
+        return ops.elastic_mlp(x, *spec.operands(params, width, self), width, spec.act,
+                               self.backend)
 
 
 def lower(em, backend: str, widths=None):
@@ -145,8 +166,6 @@ def lower(em, backend: str, widths=None):
         if not isinstance(region, ElasticRegion) or region.kind != "mlp":
             continue
         spec = match_mlp(region)
-        if not isinstance(spec, str) and spec.corrected:
-            spec = "its low-rank compensation (compensation_rank) has no kernel"
         if isinstance(spec, str):
             log.info("%s keeps its reference (not lowered): %s", region.block, spec)
             continue
@@ -211,7 +230,7 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
     x, params = placeholders[0], placeholders[2:]
     position = {p: i for i, p in enumerate(params)}
     weights, biases = {}, {}  # matmul node -> (param position, transposed), bias position
-    corrected = set()  # matmul nodes whose weight goes through a LowRankDelta
+    corrected = {}  # matmul node -> the LowRankDelta node its weight goes through
     for n in graph.nodes:
         if n.op != "call_function":
             continue
@@ -227,8 +246,8 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
             w, transposed = w.args[0], not transposed
         if isinstance(w, fx.Node) and w.op == "call_module" and isinstance(
                 region.ref.get_submodule(w.target), LowRankDelta):
+            corrected[n] = w
             w = w.args[0]
-            corrected.add(n)
         src = _source(region, w, position)
         if isinstance(src, str):
             return src
@@ -245,8 +264,15 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
     if len(outs) != 1 or len(reads_x) != len(weights) - 1:
         return "its products are not input projections on x and one output projection"
     down = outs[0]
-    if corrected - {down}:
+    if set(corrected) - {down}:
         return "a low-rank compensation on an input projection"
+    delta, factors = corrected.get(down), ()
+    if delta is not None:
+        if delta.args[1] is not placeholders[1]:
+            return "its low-rank compensation does not read the block's width"
+        factors = tuple(position.get(f) for f in delta.args[2:])
+        if None in factors:
+            return "its low-rank compensation's factors are not region inputs"
     gated = len(reads_x) == 2
     if gated != bool(pattern.get("gated")):
         return "its projection count does not match its gating"
@@ -260,7 +286,7 @@ def match_mlp(region: ElasticRegion) -> MLPSpec | str:
     return MLPSpec(act=act, gate=None if gate is None else weights[gate], up=weights[up],
                    down=weights[down],
                    b_gate=biases.get(gate), b_up=biases.get(up), b_down=biases.get(down),
-                   corrected=down in corrected)
+                   delta=None if delta is None else delta.target, factors=factors)
 
 
 def _source(region: ElasticRegion, node, position: dict) -> int | str:
@@ -307,11 +333,10 @@ def _verify(region: ElasticRegion, spec: MLPSpec, params: list, rank: int) -> st
     gen = torch.Generator().manual_seed(0)
     lead = [1] * (rank - 2)
     x = torch.randn(*lead, 3, d_in, generator=gen).to(device=p0.device, dtype=p0.dtype)
-    operands = spec.operands(params)
     with torch.no_grad():
         for width in (region.candidates[0], region.candidates[-1]):
             expected = region._static(width)(region.ref, x, width, *params)
-            got = elastic_mlp_ref(x, width, *operands, spec.act)
+            got = elastic_mlp_ref(x, width, *spec.operands(params, width, region), spec.act)
             if got.shape != expected.shape:
                 return f"lowered output shape {tuple(got.shape)} != {tuple(expected.shape)}"
             scale = float(expected.abs().max()) + 1e-6
