@@ -502,6 +502,9 @@ def test_save_load_and_training_keep_and_move_the_factors(tmp_path):
 
 def test_the_default_is_least_squares_on_every_block_and_none_drops_the_rank():
     assert (FlextronConfig().compensate, FlextronConfig().compensation_rank) == ("all", 128)
+    # chosen from the eight-domain zero-shot table (docs/RESULTS.md, "The default MLP score")
+    assert (FlextronConfig().mlp_score, FlextronConfig().head_score) == \
+        ("activation", "contribution")
     assert FlextronConfig(compensate="none", compensation_rank=4).compensation_rank == 0
     assert FlextronConfig(compensate=False).compensation_rank == 0
     with pytest.raises(ValueError, match=">= 0"):

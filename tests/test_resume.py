@@ -59,6 +59,48 @@ def test_interrupted_calibration_resumes(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
 
 
+def test_large_sums_are_copied_and_saved_only_when_a_checkpoint_is_due(tmp_path, monkeypatch):
+    """Sums over SNAPSHOT_BYTES (Gram matrices) are not copied after every batch: a crash
+    keeps the last checkpoint (here none: the interval never passed), and the rerun
+    measures everything again and gives the same model."""
+    reference = _convert()
+    monkeypatch.setattr(rank_mod, "SNAPSHOT_BYTES", 0)
+    monkeypatch.setattr(rank_mod, "CHECKPOINT_SECONDS", 1e9)
+    copies = {"n": 0}
+    real_sums = rank_mod._sums
+
+    def counting_sums(observers):
+        copies["n"] += 1
+        return real_sums(observers)
+
+    monkeypatch.setattr(rank_mod, "_sums", counting_sums)
+    state = tmp_path / "calib.safetensors"
+    real_observer_forward = rank_mod._Observer.forward
+    calls = {"n": 0}
+
+    def interrupt_in_batch_four(self, x):
+        calls["n"] += 1
+        if calls["n"] > 3 * 4 + 1:
+            raise KeyboardInterrupt
+        return real_observer_forward(self, x)
+
+    monkeypatch.setattr(rank_mod._Observer, "forward", interrupt_in_batch_four)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(state)
+    monkeypatch.setattr(rank_mod._Observer, "forward", real_observer_forward)
+    assert copies["n"] == 0 and not state.is_file()
+    resumed = _convert(state)  # 6 batches, one copy: the final checkpoint
+    assert copies["n"] == 1 and load_file(str(state))  # the finished sums are kept
+    assert resumed.orders == reference.orders
+
+
+def test_the_checkpoint_interval_grows_with_the_sums_and_slow_writes():
+    gb = 2**30
+    assert rank_mod.checkpoint_interval(1024) == rank_mod.CHECKPOINT_SECONDS
+    assert rank_mod.checkpoint_interval(2 * gb) == 2 * rank_mod.SECONDS_PER_GB
+    assert rank_mod.checkpoint_interval(1024, write_seconds=10.0) == 200.0
+
+
 def test_progress_for_other_data_is_ignored(tmp_path):
     state = tmp_path / "calib.safetensors"
     _convert(state)

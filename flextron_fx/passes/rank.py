@@ -39,6 +39,13 @@ from .scores import Stats
 log = logging.getLogger(__name__)
 
 OBSERVER_PREFIX = "flextron_observer_"
+# Calibration progress (resume=): sums up to SNAPSHOT_BYTES are copied after every batch,
+# so a crash saves the last whole batch; larger ones (a Gram matrix per block: 0.65 GB for
+# SmolLM2) only when a checkpoint is written, at most one interval behind on a crash. The
+# interval is CHECKPOINT_SECONDS, longer for large sums (SECONDS_PER_GB) or slow writes.
+SNAPSHOT_BYTES = 64 * 2**20
+CHECKPOINT_SECONDS = 30.0
+SECONDS_PER_GB = 120.0
 
 
 class _Observer(torch.nn.Module):
@@ -145,8 +152,8 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
     `calibration` is a tensor [n, seq] (split into batches of `batch_size`) or an iterable
     of input tensors. Returns {block: {"neurons": [hidden]} or {"heads": [groups, per_group]}}.
     `mlp_score` and `head_score` name scores of `passes/scores.py`. With `resume`, running
-    sums are saved to that file every ~30 s and a rerun on the same data continues after
-    the last saved batch. `measure` + `score_blocks` do the same in two steps.
+    sums are saved to that file every 30 s or more (`checkpoint_interval`: longer for
+    large sums) and a rerun on the same data continues after the last saved batch. `measure` + `score_blocks` do the same in two steps.
     """
     S.check(mlp_score, "mlp")
     S.check(head_score, "attention")
@@ -255,7 +262,9 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
         with torch.enable_grad() if taylor else torch.no_grad():
             bar = tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                        initial=done, total=len(batches))
-            finished, good = done, _sums(observers) if resume else None
+            finished, good, good_at, saved_at = done, None, done, done
+            size = _nbytes(observers)
+            interval = checkpoint_interval(size)
             try:
                 for b in batches[done:]:
                     b = b.to(device) if device is not None else b
@@ -266,14 +275,19 @@ def measure(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibra
                     del out
                     finished += 1
                     bar.update(1)
-                    if resume:
-                        good = _sums(observers)  # sums after whole batches only
-                        if time.monotonic() - last > 30 or finished == len(batches):
-                            _checkpoint(resume, good, fingerprint, finished)
-                            last = time.monotonic()
+                    if not resume:
+                        continue
+                    due = time.monotonic() - last > interval or finished == len(batches)
+                    if due or size <= SNAPSHOT_BYTES:  # sums after whole batches only
+                        good, good_at = _sums(observers), finished
+                    if due:
+                        t0 = time.monotonic()
+                        _checkpoint(resume, good, fingerprint, finished)
+                        last, saved_at = time.monotonic(), finished
+                        interval = checkpoint_interval(size, last - t0)
             except BaseException:  # Ctrl-C or a crash: keep what was measured
-                if resume and finished > done:
-                    _checkpoint(resume, good, fingerprint, finished)
+                if resume and good_at > saved_at:
+                    _checkpoint(resume, good, fingerprint, good_at)
                 raise
             finally:
                 bar.close()
@@ -318,6 +332,17 @@ def _fingerprint(batches, what: str) -> str:
         # raw bytes: numpy has no bfloat16, so .numpy() would fail for bf16 batches
         h.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def checkpoint_interval(nbytes: int, write_seconds: float = 0.0) -> float:
+    """Seconds between calibration checkpoints: CHECKPOINT_SECONDS, longer for large sums
+    (SECONDS_PER_GB) or when a write took long (at most ~5 % of the time spent writing)."""
+    return max(CHECKPOINT_SECONDS, SECONDS_PER_GB * nbytes / 2**30, 20 * write_seconds)
+
+
+def _nbytes(observers) -> int:
+    return sum(t.numel() * t.element_size() for obs in observers.values()
+               for t in (obs.count, *obs.sums.values(), *obs.heads.values()))
 
 
 def _sums(observers) -> dict[str, torch.Tensor]:
