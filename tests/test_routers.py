@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close, calibration, output, perturb_routers, width_share_costs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -422,6 +423,47 @@ def test_the_surrogate_target_is_the_true_loss_of_the_sampled_sub_network(zoo_co
     assert torch.allclose(r.sum(-1), torch.full((4,), float(len(em.ops))))
 
 
+def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted):
+    """surrogate_level="token": the memory holds tokens, each with its own sampled widths
+    (one-hot per op) and the true next-token loss of the sampled sub-network there."""
+    _, em = zoo_converted("llama")
+    ids = _ids(6, batch=3, seq=8)
+    table = CostTable.coerce(em, width_share_costs(em))
+    routers = inject_routers(em, "dynamic", seed=2)
+    n = 3 * 7  # tokens with a next token
+    try:
+        config = RouterConfig(steps=1, mode="dynamic", batch=3, budget_range=(0.5, 1.0),
+                              surrogate_level="token", memory=8 * n)  # keeps every token
+        dim = sum(len(r.candidates) for r in routers.values())
+        from flextron_fx.route.surrogate import Surrogate
+        from flextron_fx.route.train import _hidden_dim, token_losses
+
+        hd = _hidden_dim(em)
+        state = RouterTraining(routers, Surrogate(dim, 16, hd), dim, hd, config.memory)
+        router_step(em, state, table, ids, config, torch.Generator().manual_seed(3))
+        sampled = {name: k.clone() for name, k in _choices(em).items()}
+    finally:
+        remove_routers(em)
+    assert int(state.mem_n) == n
+    with em.at(sampled):
+        expected = token_losses(output(em, ids), ids)
+    got = state.mem_y[:n]
+    torch.testing.assert_close(got.sort().values, expected.flatten().sort().values,
+                               atol=1e-5, rtol=0)
+    # each remembered row is one token's decisions: a one-hot per op, matching its loss
+    r = state.mem_r[:n]  # straight-through values: one-hot up to rounding
+    torch.testing.assert_close(r, r.round(), atol=1e-6, rtol=0)
+    r = r.round()
+    assert torch.equal(r.sum(-1), torch.full((n,), float(len(em.ops))))
+    onehots = torch.cat([F.one_hot(k[:, :-1], len(em.ops[name].candidates))
+                         for name, k in sampled.items()], -1).flatten(0, 1).float()
+    for row, y in zip(r, got):
+        t = int(((onehots == row).all(-1) & ((expected.flatten() - y).abs() < 1e-5)).sum())
+        assert t >= 1
+    with pytest.raises(flextron_fx.FlextronError, match="per-token widths"):
+        RouterConfig(steps=1, mode="static", surrogate_level="token").validate()
+
+
 def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:
     """Text drawn from the full model itself: the full model is then the best predictor
     of it, and narrower sub-networks lose more (a learnable signal on random weights)."""
@@ -480,10 +522,11 @@ def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):
         _config(surrogate_explained=1.5).validate()
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted, mode):
+@pytest.mark.parametrize("mode,level", [("static", "sequence"), ("dynamic", "sequence"),
+                                        ("dynamic", "token")])
+def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted, mode, level):
     config = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,
-                     surrogate_threshold=10.0)
+                     surrogate_threshold=10.0, surrogate_level=level, memory=64)
     _, em = zoo_converted("llama")
     tokens = _self_sampled_tokens(em, n=8, seq=6)
     cost = width_share_costs(em)
@@ -512,7 +555,7 @@ def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted,
             [{k: v for k, v in r.items() if k not in drop} for r in b]
         remove_routers(em)
         other = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,
-                        surrogate_threshold=10.0, lr=0.5)
+                        surrogate_threshold=10.0, surrogate_level=level, memory=64, lr=0.5)
         with pytest.raises(flextron_fx.FlextronError, match="different settings"):
             train_routers(em, tokens, tmp_path / "b", other, cost, progress=False, resume=True)
     finally:

@@ -46,6 +46,13 @@ def add_parser(sub) -> None:
     p.add_argument("--target", choices=["loss", "excess"], default="loss",
                    help="what the surrogate predicts: the loss, or the loss above the full "
                         "model's on the same sequence (less noisy, one more forward)")
+    p.add_argument("--surrogate-level", choices=["sequence", "token"], default="sequence",
+                   help="dynamic/capacity: the surrogate predicts each sequence's loss from "
+                        "its token shares (Eq. 10), or each token's loss from its own widths "
+                        "and hidden state, so routers learn which tokens need width")
+    p.add_argument("--surrogate-memory", type=int, default=512,
+                   help="samples (sequences, or tokens with --surrogate-level token) the "
+                        "surrogate refits on every step")
     p.add_argument("--init-from", default=None, metavar="STATIC_RUN",
                    help="dynamic/capacity: start every router as this static router run's "
                         "(a train-routers run or its final/), trained on the same elastic "
@@ -97,7 +104,8 @@ def run_train(args) -> dict:
         budget_range=tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         surrogate_explained=args.surrogate_explained,
-        target=args.target, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
         init_from=args.init_from,
         extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
                "domains": domains})

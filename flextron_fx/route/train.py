@@ -65,6 +65,7 @@ from .costs import CostTable
 from .surrogate import Surrogate
 
 TARGETS = ("loss", "excess")
+LEVELS = ("sequence", "token")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class RouterConfig:
     surrogate_explained: float | None = None  # trust by explained variance instead
     surrogate_warmup: int = 20  # first steps: only the surrogate learns (Figure 12, stage 1)
     target: str = "loss"  # "loss" (Eq. 10) or "excess": loss minus the full model's
+    # "sequence" (Eq. 10: a sequence's loss from its token shares and pooled hidden state)
+    # or "token" (dynamic/capacity: each token's loss from its own widths and hidden state,
+    # so routers learn which tokens need width; the memory then holds sampled tokens)
+    surrogate_level: str = "sequence"
     surrogate_hidden: int = 128
     memory: int = 512
     hidden: int = 64  # static router MLP width
@@ -120,6 +125,13 @@ class RouterConfig:
                 raise TrainingError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
+        if self.surrogate_level not in LEVELS:
+            raise TrainingError(f"surrogate_level must be one of {list(LEVELS)}, got "
+                                f"{self.surrogate_level!r}")
+        if self.surrogate_level == "token" and self.mode == "static":
+            raise TrainingError("a token-level surrogate needs per-token widths: use mode "
+                                "'dynamic' or 'capacity' (static routers pick one "
+                                "sub-network per sequence)")
         if self.init_from is not None and self.mode == "static":
             raise TrainingError("init_from starts dynamic or capacity routers from trained "
                                 "static ones; a static run starts from scratch")
@@ -146,13 +158,17 @@ class RouterTraining(nn.Module):
         self.register_buffer("mse_ema", torch.full((), -1.0))
 
     def remember(self, r: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
-        m = self.mem_y.shape[0]
-        for i in range(y.shape[0]):
-            j = int(self.mem_n) % m
-            self.mem_r[j], self.mem_y[j] = r[i], y[i]
-            if h.shape[-1]:
-                self.mem_h[j] = h[i]
-            self.mem_n += 1
+        """Append samples (rows) to the ring buffer, overwriting the oldest."""
+        m, n = self.mem_y.shape[0], y.shape[0]
+        if n > m:  # only the last m fit
+            r, h, y = r[-m:], h[-m:], y[-m:]
+            self.mem_n += n - m
+            n = m
+        j = (int(self.mem_n) + torch.arange(n, device=y.device)) % m
+        self.mem_r[j], self.mem_y[j] = r, y
+        if h.shape[-1]:
+            self.mem_h[j] = h
+        self.mem_n += n
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         n = min(int(self.mem_n), self.mem_y.shape[0])
@@ -160,23 +176,30 @@ class RouterTraining(nn.Module):
         return self.mem_r[:n], h, self.mem_y[:n]
 
 
-def sequence_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence: [batch]."""
+def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position but the last: [batch, seq - 1]."""
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                            reduction="none")
-    return loss.view(ids.shape[0], -1).mean(1)
+    return loss.view(ids.shape[0], -1)
 
 
-def router_outputs(em: ElasticModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def sequence_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence: [batch]."""
+    return token_losses(logits, ids).mean(1)
+
+
+def router_outputs(em: ElasticModel, per_token: bool = False) -> tuple[torch.Tensor,
+                                                                       list[torch.Tensor]]:
     """After a sampling forward: the surrogate input r [batch, sum K] (per op: the one-hot
-    sample, or the share of tokens per candidate) with straight-through gradients, and
-    per op the expected candidate distribution [batch, K] (softmax, token-averaged)."""
+    sample, or the share of tokens per candidate; with `per_token`, [batch, seq, sum K]:
+    each token's one-hot samples) with straight-through gradients, and per op the expected
+    candidate distribution [batch, K] (softmax, token-averaged)."""
     decisions, probs = [], []
     for name, r in routers_of(em).items():
         if r.record is None:
             raise TrainingError(f"the router of {name} did not sample in the last forward")
         p, s = r.record
-        decisions.append(s if s.dim() == 2 else s.mean(1))
+        decisions.append(s if s.dim() == 2 or per_token else s.mean(1))
         probs.append(p if p.dim() == 2 else p.mean(1))
     return torch.cat(decisions, -1), probs
 
@@ -192,12 +215,15 @@ def latency_loss(cost: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return torch.relu(cost - budget).mean()
 
 
-def _pooled_hidden(em: ElasticModel, batch: int) -> torch.Tensor:
+def _final_hidden(em: ElasticModel, batch: int, per_token: bool = False) -> torch.Tensor:
+    """The recorded final hidden state pooled over tokens [batch, H], or with `per_token`
+    [batch, seq, H]; [batch, 0] when the graph has no tap (static routers)."""
     tap = final_hidden_tap(em)
     if tap is None or tap.last is None:
         return torch.zeros(batch, 0)
     h = tap.last.float()
-    return h.reshape(batch, -1, h.shape[-1]).mean(1)
+    h = h.reshape(batch, -1, h.shape[-1])
+    return h if per_token else h.mean(1)
 
 
 def _hidden_dim(em: ElasticModel) -> int:
@@ -214,14 +240,16 @@ def _hidden_dim(em: ElasticModel) -> int:
 
 
 @torch.no_grad()
-def full_losses(em: ElasticModel, ids: torch.Tensor) -> torch.Tensor:
-    """Each sequence's loss under the full model (every router gives its widest width)."""
+def full_losses(em: ElasticModel, ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Each sequence's loss (with `per_token`, each token's) under the full model (every
+    router gives its widest width)."""
     routers = list(routers_of(em).values())
     saved = [(r.full, r.record, r.last_index) for r in routers]
     try:
         for r in routers:
             r.full = True
-        return sequence_losses(_logits(em(ids)), ids)
+        logits = _logits(em(ids))
+        return token_losses(logits, ids) if per_token else sequence_losses(logits, ids)
     finally:
         for r, (full, record, last) in zip(routers, saved):
             r.full, r.record, r.last_index = full, record, last
@@ -258,14 +286,21 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
     budget = low + (high - low) * torch.rand(ids.shape[0], generator=gen)
     budget = budget.to(ids.device)
     set_budget(em, budget)
+    token = config.surrogate_level == "token"
     with _Sampling(em, gen, config.tau), torch.enable_grad():
         logits = _logits(em(ids))
-        target = sequence_losses(logits.detach(), ids)
+        target = (token_losses if token else sequence_losses)(logits.detach(), ids)
         del logits
-        r, probs = router_outputs(em)
-        h = _pooled_hidden(em, ids.shape[0]).to(ids.device)
+        r, probs = router_outputs(em, per_token=token)
+        h = _final_hidden(em, ids.shape[0], per_token=token).to(ids.device)
     if config.target == "excess":
-        target = target - full_losses(em, ids)
+        target = target - full_losses(em, ids, per_token=token)
+    fresh = None
+    if token:  # the widths and hidden state at position t predict the loss of token t + 1
+        r, h, target = r[:, :-1].flatten(0, 1), h[:, :-1].flatten(0, 1), target.flatten()
+        # the memory gets a random sample of this step's tokens (a share of its size)
+        keep = max(1, config.memory // 8)
+        fresh = torch.randperm(target.shape[0], generator=gen)[:keep].to(target.device)
     names = list(routers_of(em))
     cost = expected_cost(probs, table, names)
     lat = latency_loss(cost, budget)
@@ -286,7 +321,10 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
     else:
         good = fresh_explained is not None and fresh_explained >= config.surrogate_explained
     trusted = good and int(state.mem_n) >= config.surrogate_warmup * ids.shape[0]
-    state.remember(r.detach(), h, target)
+    if fresh is None:
+        state.remember(r.detach(), h, target)
+    else:
+        state.remember(r.detach()[fresh], h[fresh], target[fresh])
     mr, mh, my = state.memory()
     fit = ((sur(mr, mh) - my) ** 2).mean()
     spread = float(my.var(unbiased=False)) if my.numel() > 1 else 0.0
