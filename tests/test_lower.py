@@ -25,6 +25,24 @@ def _per_token(em, seed: int = 0) -> dict:
             for n, op in em.ops.items() if op.kind == "mlp"}
 
 
+def _routed_grads(em, lo, widths: dict, ids) -> dict:
+    """Gradients of one loss through `em` and its lowering `lo` at per-token `widths`:
+    asserted equal (the lowered op's backward is the torch reference); returns em's."""
+    grads = []
+    for model in (em, lo):
+        model.set_widths(widths)
+        model.zero_grad()
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    em.zero_grad()
+    em.set_full()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+    return grads[0]
+
+
 @pytest.mark.parametrize("compensate", ["none", "all"])
 @pytest.mark.parametrize("backend", ["torch", "inductor"])
 def test_lowered_equals_elastic_at_budgets_and_per_token(zoo_converted, backend, compensate):
@@ -65,20 +83,8 @@ def test_baked_widths_and_routed_gradients(zoo_converted):
     with pytest.raises(WidthError, match="lowered for width 48"), lo.at(1.0, kind="mlp"):
         lo(ids)
     # gradients through the routed op (backward: the torch reference) equal the elastic ones
-    lo = lower(em, "torch")
-    widths = _per_token(em, seed=1)
-    grads = []
-    for model in (em, lo):
-        model.set_widths(widths)
-        model.zero_grad()
-        model(ids).float().pow(2).mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
-                      if p.grad is not None and "mlp" in n})
-    em.zero_grad()
-    em.set_full()
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 6
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+    grads = _routed_grads(em, lower(em, "torch"), _per_token(em, seed=1), ids)
+    assert len([n for n in grads if "mlp" in n]) >= 6
 
 
 def test_inductor_with_baked_widths_compiles_the_whole_subnetwork(zoo_converted):
@@ -117,21 +123,8 @@ def test_a_compensated_model_lowers_with_its_corrected_weights_and_trains(zoo_co
     lo = lower(em, "inductor", widths=0.5)
     assert lo.__dict__["_subnetwork"] is not None
     assert_close(output(lo, ids), expected)
-    lo = lower(em, "torch")
-    widths = _per_token(em, seed=3)
-    grads = []
-    for model in (em, lo):
-        model.set_widths(widths)
-        model.zero_grad()
-        model(ids).float().pow(2).mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
-                      if p.grad is not None})
-    em.zero_grad()
-    em.set_full()
-    factors = [n for n in grads[0] if n.split(".")[-2] in ("u", "v")]
-    assert grads[0].keys() == grads[1].keys() and len(factors) >= 4
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+    grads = _routed_grads(em, lower(em, "torch"), _per_token(em, seed=3), ids)
+    assert len([n for n in grads if n.split(".")[-2] in ("u", "v")]) >= 4  # the factors
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "phi3"])

@@ -19,22 +19,28 @@ def _convert(resume=None, n=12):
                                    progress=False, resume=resume)
 
 
-def test_interrupted_calibration_resumes(tmp_path, monkeypatch):
-    reference = _convert()
-    state = tmp_path / "calib.safetensors"
+def _interrupt_in_batch_four(state, monkeypatch):
+    """Run _convert(state) and stop it with Ctrl-C inside its fourth batch."""
     calls = {"n": 0}
     real_observer_forward = rank_mod._Observer.forward
 
-    def interrupt_after_three_batches(self, x):
+    def interrupt(self, x):
         calls["n"] += 1
         if calls["n"] > 3 * 4 + 1:  # 4 blocks observe each batch: stop inside batch 4
             raise KeyboardInterrupt
         return real_observer_forward(self, x)
 
-    monkeypatch.setattr(rank_mod._Observer, "forward", interrupt_after_three_batches)
+    monkeypatch.setattr(rank_mod._Observer, "forward", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _convert(state)
     monkeypatch.setattr(rank_mod._Observer, "forward", real_observer_forward)
+
+
+def test_interrupted_calibration_resumes(tmp_path, monkeypatch):
+    reference = _convert()
+    state = tmp_path / "calib.safetensors"
+    real_observer_forward = rank_mod._Observer.forward
+    _interrupt_in_batch_four(state, monkeypatch)
     assert state.is_file(), "progress must be saved when the run is interrupted"
     # what was saved is exactly the sums over the 3 whole batches, nothing of batch 4
     three = tmp_path / "three.safetensors"
@@ -75,19 +81,7 @@ def test_large_sums_are_copied_and_saved_only_when_a_checkpoint_is_due(tmp_path,
 
     monkeypatch.setattr(rank_mod, "_sums", counting_sums)
     state = tmp_path / "calib.safetensors"
-    real_observer_forward = rank_mod._Observer.forward
-    calls = {"n": 0}
-
-    def interrupt_in_batch_four(self, x):
-        calls["n"] += 1
-        if calls["n"] > 3 * 4 + 1:
-            raise KeyboardInterrupt
-        return real_observer_forward(self, x)
-
-    monkeypatch.setattr(rank_mod._Observer, "forward", interrupt_in_batch_four)
-    with pytest.raises(KeyboardInterrupt):
-        _convert(state)
-    monkeypatch.setattr(rank_mod._Observer, "forward", real_observer_forward)
+    _interrupt_in_batch_four(state, monkeypatch)
     assert copies["n"] == 0 and not state.is_file()
     resumed = _convert(state)  # 6 batches, one copy: the final checkpoint
     assert copies["n"] == 1 and load_file(str(state))  # the finished sums are kept
