@@ -236,6 +236,45 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     assert (part / "curves.png").stat().st_size > 10_000
 
 
+def test_resume_when_some_parameters_never_had_a_gradient(tmp_path):
+    """The default conversion compensates attention too; training only MLP widths never
+    uses the attention compensation, so Adam holds no state for it. Resuming such a run
+    (it failed: "Missing optimizer state for parameter ... flextron_comp_0.bias") is
+    exact."""
+    from conftest import calibration
+    from zoo import ZOO, sample_inputs
+
+    import flextron_fx
+
+    def compensated():
+        torch.manual_seed(0)
+        return flextron_fx.flextronize(ZOO["llama"](), sample_inputs("llama"), calibration(),
+                                       progress=False)
+
+    cfg = TrainConfig(steps=4, batch=4, samples=1, vary="mlp", lr=1e-3, warmup=1,
+                      checkpoint_every=2, eval_every=0)
+    em = compensated()
+    unused = [n for n, p in em.named_parameters() if "flextron_comp" in n]
+    assert unused
+    train_elastic(em, tokens(), tmp_path / "whole", cfg, progress=False)
+    stopped = train_elastic(compensated(), tokens(), tmp_path / "part", cfg, progress=False,
+                            max_seconds=0.0)
+    assert stopped["status"] == "stopped" and stopped["step"] == 1
+    state = load_file(str(tmp_path / "part" / "checkpoints" / "step-0000001" /
+                          "optimizer.safetensors"))
+    assert any(k.startswith(n + "::") for n in unused for k in state)  # MLP ones
+    assert not all(any(k.startswith(n + "::") for k in state) for n in unused)
+    resumed = compensated()
+    out = train_elastic(resumed, tokens(), tmp_path / "part", cfg, progress=False, resume=True)
+    assert out["status"] == "done" and out["step"] == 4
+    for (k, a), (_, b) in zip(em.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        # the uncompensated model: the checkpoint's factors do not fit it
+        train_elastic(tiny_elastic(), tokens(), tmp_path / "part", cfg, progress=False,
+                      resume=True)
+
+
 def _script(*args, env_extra=None, **kw):
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1",
                **(env_extra or {}))

@@ -125,6 +125,11 @@ def _damaged(path: Path, name: str, what: str) -> CheckpointError:
                            f"{way}")
 
 
+def _names_of(module: torch.nn.Module, param: torch.Tensor) -> list[str]:
+    """Every name of `param` in `module` (tied weights have several)."""
+    return [n for n, p in module.named_parameters(remove_duplicate=False) if p is param]
+
+
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, gen: torch.Generator) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns its state.json.
@@ -147,14 +152,30 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     if "sampler" not in rng or "torch" not in rng:
         raise _damaged(path, RNG, f"it holds {sorted(rng)}, not the 'sampler' and 'torch' "
                        "generator states")
+    # The weights must match exactly (checked here); the optimizer state may lack
+    # parameters that never had a gradient (Adam makes its state at the first one: with
+    # `vary="mlp"` the attention blocks' compensation is never used), hence strict=False.
+    names = set(dcp.get_model_state_dict(module).keys())
+    if names != set(model_sd):
+        missing, extra = sorted(names - set(model_sd)), sorted(set(model_sd) - names)
+        raise TrainingError(f"checkpoint {path} does not fit this model (missing "
+                            f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                            f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the "
+                            "same model and settings that started the run")
     try:
         dcp.set_state_dict(module, optimizer, model_state_dict=model_sd,
                            optim_state_dict=optim_sd,
-                           options=dcp.StateDictOptions(full_state_dict=True))
+                           options=dcp.StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise TrainingError(f"checkpoint {path} does not fit this model or optimizer ({exc}); "
                             "resume with the same model and settings that started the run") \
             from exc
+    # set_state_dict first gives every parameter a state (a zero-gradient step); one that
+    # had none when saved must have none now, or its first real step would differ
+    saved = set(optim_state)
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if name not in saved and not any(n in saved for n in _names_of(module, param)):
+            optimizer.state.pop(param, None)
     try:
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(rng["sampler"])
