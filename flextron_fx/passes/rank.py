@@ -153,7 +153,8 @@ def rank(gm: fx.GraphModule, analysis: Analysis, blocks: list[Block], calibratio
     of input tensors. Returns {block: {"neurons": [hidden]} or {"heads": [groups, per_group]}}.
     `mlp_score` and `head_score` name scores of `passes/scores.py`. With `resume`, running
     sums are saved to that file every 30 s or more (`checkpoint_interval`: longer for
-    large sums) and a rerun on the same data continues after the last saved batch. `measure` + `score_blocks` do the same in two steps.
+    large sums) and a rerun on the same data continues after the last saved batch.
+    `measure` + `score_blocks` do the same in two steps.
     """
     S.check(mlp_score, "mlp")
     S.check(head_score, "attention")

@@ -125,11 +125,6 @@ def _damaged(path: Path, name: str, what: str) -> CheckpointError:
                            f"{way}")
 
 
-def _names_of(module: torch.nn.Module, param: torch.Tensor) -> list[str]:
-    """Every name of `param` in `module` (tied weights have several)."""
-    return [n for n, p in module.named_parameters(remove_duplicate=False) if p is param]
-
-
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, gen: torch.Generator) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns its state.json.
@@ -172,9 +167,10 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
             from exc
     # set_state_dict first gives every parameter a state (a zero-gradient step); one that
     # had none when saved must have none now, or its first real step would differ
-    saved = set(optim_state)
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if name not in saved and not any(n in saved for n in _names_of(module, param)):
+    named = list(module.named_parameters(remove_duplicate=False))  # tied: several names
+    kept = {id(p) for n, p in named if n in optim_state}
+    for _, param in named:
+        if id(param) not in kept:
             optimizer.state.pop(param, None)
     try:
         scheduler.load_state_dict(state["scheduler"])
