@@ -8,7 +8,10 @@ elastic model and cost table. For each budget T, on the first `--blocks` x 256 t
 Wikipedia domain's validation split (never trained on), in batches of `--batch`:
 
 - static: `flextron select`'s sub-network (argmax widths, then fitted to the budget);
-- dynamic: the dynamic routers' argmax per token; its cost is the token mean;
+- dynamic: the dynamic routers' argmax per token; its cost is the token mean; the
+  budget goes through the routers' budget calibration (`calibrate_budget`, saved by
+  `train-routers`, or measured here on `--calib-blocks` x 256 calibration tokens when the
+  folder has none; `--raw-budget`: the routers read T itself);
 - capacity: the same routers in capacity mode (a number of tokens per candidate in every
   batch, so each batch's cost is within the budget), the budget split over the ops the way
   the routers spend it on `--calib-blocks` x 256 tokens of the calibration split
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 from flextron_fx.data import calibration_and_heldout
 from flextron_fx.eval import perplexity
 from flextron_fx.models import tokenizer
-from flextron_fx.passes.inject_routers import calibrate_capacity
+from flextron_fx.passes.inject_routers import budget_source, calibrate_budget, calibrate_capacity
 from flextron_fx.route import remove_routers, routers_of, select, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import load_routers, router_folder
@@ -94,6 +97,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
     ap.add_argument("--calib-blocks", type=int, default=8)
     ap.add_argument("--uniform-shares", action="store_true")
+    ap.add_argument("--raw-budget", action="store_true",
+                    help="dynamic routers read T itself, not their calibrated input for T")
     ap.add_argument("--kinds", default="static,dynamic,capacity",
                     help="which of static, dynamic, capacity to run")
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
@@ -124,7 +129,12 @@ def main() -> None:
     folder = router_folder(args.dynamic)
     em, table, meta = load_router_run(folder, "dynamic")
     if "dynamic" in kinds:
-        print("dynamic")
+        source = budget_source(em)
+        if args.raw_budget:
+            source.calibration = None
+        elif source.calibration is None:
+            calibrate_budget(em, table, calib, batch=args.batch)
+        print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))
         dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
     if "capacity" in kinds:
         remove_routers(em)
@@ -147,7 +157,8 @@ def main() -> None:
             "static": str(args.static), "dynamic": str(folder), "metric": table.metric,
             "text": f"validation split of {source}, {held.shape[0]} x {held.shape[1]} tokens",
             "timing": f"batches of {args.batch}, {args.reps} interleaved rounds vs the full "
-                      "width through the same graph", "rows": rows}, indent=1))
+                      "width through the same graph", "budget_calibration": not args.raw_budget,
+            "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, table.metric, args.plot)
 

@@ -19,6 +19,8 @@ from zoo import ZOO, sample_inputs
 import flextron_fx
 from flextron_fx import ProfileError, WidthError
 from flextron_fx.passes.inject_routers import (
+    budget_source,
+    calibrate_budget,
     calibrate_capacity,
     capacity_shares,
     fix_budget,
@@ -31,6 +33,7 @@ from flextron_fx.passes.inject_routers import (
 from flextron_fx.profiler import Budget, CostModel
 from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
 from flextron_fx.route.routers import (
+    BudgetSource,
     DynamicRouter,
     StaticRouter,
     assign_by_preference,
@@ -320,6 +323,81 @@ def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zo
         set_budget(em, budget)
         with torch.no_grad():
             assert torch.equal(output(em, tokens), want)
+    finally:
+        remove_routers(em)
+
+
+def test_a_calibrated_budget_is_the_widest_input_that_spent_no_more():
+    source = BudgetSource()
+    assert source.router_input(0.55) == 0.55  # no calibration: T itself
+    source.calibration = {"inputs": [0.8, 0.2, 0.4, 0.6, 1.0],
+                          "costs": [0.7, 0.5, 0.45, 0.6, 0.9]}
+    for budget, want in [(0.3, 0.2), (0.44, 0.2), (0.47, 0.4), (0.5, 0.4), (0.6, 0.6),
+                         (0.65, 0.6), (0.75, 0.8), (0.95, 1.0)]:
+        assert source.router_input(budget) == want
+    got = source.router_input(torch.tensor([0.55, 0.95]))
+    assert torch.equal(got, torch.tensor([0.4, 1.0])) and got.dtype == torch.float32
+
+
+def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
+        tmp_path, zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    tokens = _ids(7, batch=8, seq=6)
+
+    def spent(budget: float) -> float:
+        set_budget(em, budget)
+        costs = []
+        for i in range(0, 8, 4):
+            output(em, tokens[i:i + 4])
+            costs.append(chosen_cost(em, table) / table.full)
+        return sum(costs) / len(costs)
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # each op widens at its own budget, tokens a little apart
+        for r in inject_routers(em, "dynamic", seed=3).values():
+            k = torch.arange(len(r.candidates), dtype=torch.float32)
+            r.w_out.weight.copy_(k[:, None].expand_as(r.w_out.weight))
+            r.w_out.bias.copy_(-k * r.w_budget.numel() * (0.3 + 0.6 * torch.rand((), generator=g)))
+            r.w_hidden.weight.normal_(0, 2 / r.w_hidden.in_features ** 0.5, generator=g)
+    source = budget_source(em)
+    try:
+        grid = [g / 20 for g in range(4, 21)]
+        cal = calibrate_budget(em, table, tokens, grid=grid)
+        assert cal["inputs"] == grid and source.value == 1.0  # the budget is restored
+        calibrated = source.calibration
+        source.calibration = None
+        raw = [spent(g) for g in grid]
+        assert cal["costs"] == pytest.approx(raw, abs=1e-7)  # what the routers really spend
+        assert len({round(c, 9) for c in raw}) > 5  # the routers follow the budget
+        source.calibration = calibrated
+        for budget in [0.3, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 1.0]:
+            got = spent(budget)
+            # the widest input whose calibrated cost fits
+            fits = [g for g, c in zip(grid, cal["costs"]) if c <= budget]
+            if not fits:  # below what the smallest input spent: that input
+                assert source.value == grid[0]
+                continue
+            assert got <= budget + 1e-7
+            assert source.value == max(fits)
+            assert got == pytest.approx(raw[grid.index(max(fits))], abs=1e-7)
+        save_routers(em, tmp_path / "r", table)
+        with torch.no_grad():
+            set_budget(em, 0.62)
+            want = output(em, tokens)
+    finally:
+        remove_routers(em)
+    load_routers(em, tmp_path / "r")
+    try:
+        assert budget_source(em).calibration == calibrated
+        set_budget(em, 0.62)
+        with torch.no_grad():
+            assert torch.equal(output(em, tokens), want)
+    finally:
+        remove_routers(em)
+    load_routers(em, tmp_path / "r", "capacity")  # capacity routers split budgets their way
+    try:
+        assert budget_source(em).calibration is None
     finally:
         remove_routers(em)
 

@@ -157,19 +157,20 @@ def final_hidden_tap(em: ElasticModel) -> HiddenTap | None:
 
 def set_budget(em: ElasticModel, budget) -> None:
     """Set the budget T the routers read: a fraction of the full cost in (0, 1], or a
-    [batch] tensor of them (one budget per sequence)."""
+    [batch] tensor of them (one budget per sequence). Dynamic routers with a budget
+    calibration (`calibrate_budget`) read the input that spent T on calibration text."""
     src = budget_source(em)
     if isinstance(budget, torch.Tensor):
         b = budget.detach().float()
         if b.numel() == 0 or not bool(((b > 0) & (b <= 1)).all()):
             raise WidthError("budgets are fractions of the full model's cost in (0, 1]")
-        src.value = b
+        src.value = src.router_input(b)
         return
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
             or not 0 < float(budget) <= 1:
         raise WidthError(f"a budget is a fraction of the full model's cost in (0, 1], got "
                          f"{budget!r}")
-    src.value = float(budget)
+    src.value = src.router_input(float(budget))
 
 
 def fix_budget(em: ElasticModel, budget: float) -> dict[str, int]:
@@ -251,6 +252,36 @@ def set_capacity(routers: dict[str, Router], table: CostTable,
         r.profile = profile
 
 
+def _spent(em: ElasticModel, table: CostTable, tokens: torch.Tensor, grid,
+           batch: int) -> dict[str, list[float]]:
+    """Per op, the mean cost per token (table units) the routers spend on `tokens` at each
+    router input of `grid`, choosing per token (dynamic mode); the routers' mode and the
+    budget are restored after."""
+    routers = routers_of(em)
+    device = next(em.parameters()).device
+    spent = {n: [] for n in routers}
+    source = budget_source(em)
+    saved = (source.value, source.calibration, [r.capacity for r in routers.values()])
+    try:
+        source.calibration = None
+        for r in routers.values():
+            r.capacity = False
+        for g in grid:
+            set_budget(em, g)
+            total = {n: 0.0 for n in routers}
+            for i in range(0, tokens.shape[0], batch):
+                em(tokens[i:i + batch].to(device))
+                for n, r in routers.items():
+                    total[n] += float(table.tensor(n)[r.last_index.cpu()].sum())
+            for n in routers:
+                spent[n].append(total[n] / tokens.numel())
+    finally:
+        source.value, source.calibration = saved[0], saved[1]
+        for r, was in zip(routers.values(), saved[2]):
+            r.capacity = was
+    return spent
+
+
 @torch.no_grad()
 def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
                        grid=None, batch: int = 4) -> dict:
@@ -268,30 +299,34 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
     grid = sorted(g for g in grid if g * table.full >= table.minimum)
     if not grid:
         raise WidthError("no budget of the grid is above the cheapest sub-network")
-    device = next(em.parameters()).device
-    spent = {n: [] for n in routers}
-    source = budget_source(em)
-    saved = source.value
-    try:
-        for r in routers.values():
-            r.capacity = False
-        for g in grid:
-            set_budget(em, g)
-            total = {n: 0.0 for n in routers}
-            for i in range(0, tokens.shape[0], batch):
-                ids = tokens[i:i + batch].to(device)
-                em(ids)
-                for n, r in routers.items():
-                    total[n] += float(r.costs[r.last_index.cpu()].sum())
-            for n in routers:
-                spent[n].append(total[n] / tokens.numel())
-    finally:
-        for r in routers.values():
-            r.capacity = True
-        source.value = saved
-    profile = {"grid": grid, "ops": spent}
+    profile = {"grid": grid, "ops": _spent(em, table, tokens, grid, batch)}
     set_capacity(routers, table, profile)
     return profile
+
+
+@torch.no_grad()
+def calibrate_budget(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
+                     grid=None, batch: int = 4) -> dict:
+    """Dynamic routers: run `tokens` [n, seq] at each router input of `grid` (default
+    0.3-1.0 in steps of 0.01), record the token-mean cost they spend (a fraction of the
+    full model's), and from then on give them, for a budget T, the input that spent T
+    (`BudgetSource.router_input`). The routers learn the budget only through the hinge of
+    Eq. 8, so their own reading of T over- or undershoots it by a few per cent; this is
+    their counterpart of `select`'s fitting of static routers to the budget. Returns the
+    calibration (`save_routers` keeps it)."""
+    routers = routers_of(em)
+    if not routers or any(r.kind != "dynamic" for r in routers.values()):
+        raise WidthError("calibrate_budget needs dynamic routers (inject_routers(em, "
+                         "'dynamic'); capacity routers have calibrate_capacity)")
+    grid = sorted(set(grid if grid is not None else [g / 100 for g in range(30, 101)]))
+    if not grid or not 0 < grid[0] <= grid[-1] <= 1:
+        raise WidthError(f"router inputs are fractions in (0, 1], got {grid}")
+    spent = _spent(em, table, tokens, grid, batch)
+    costs = [(table.fixed + sum(s[i] for s in spent.values())) / table.full
+             for i in range(len(grid))]
+    calibration = {"inputs": grid, "costs": costs}
+    budget_source(em).calibration = calibration
+    return calibration
 
 
 def _block_input(em: ElasticModel, name: str, src: fx.Node) -> fx.Node:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,11 +31,31 @@ from ..errors import WidthError
 
 class BudgetSource(nn.Module):
     """The budget T as a graph node: a fraction of the full model's cost, one float for the
-    batch or a [batch] tensor (one budget per sequence). `set_budget` changes it."""
+    batch or a [batch] tensor (one budget per sequence). `set_budget` changes it.
+
+    `calibration` ({"inputs": budgets the routers read, "costs": the token-mean cost they
+    spent there}, `calibrate_budget`) makes `set_budget(T)` give dynamic routers the input
+    at which they spent T on calibration text, instead of T itself."""
 
     def __init__(self, value: float = 1.0):
         super().__init__()
         self.value: float | torch.Tensor = value
+        self.calibration: dict | None = None
+
+    def router_input(self, budget: float | torch.Tensor) -> float | torch.Tensor:
+        """The value the routers read for budget T: T itself, or with a calibration the
+        largest calibrated input whose cost was at most T (so on the calibration text the
+        routers spend at most T; below the cheapest calibrated cost, the smallest input)."""
+        if self.calibration is None:
+            return budget
+        inputs = np.asarray(self.calibration["inputs"], dtype=np.float64)
+        costs = np.asarray(self.calibration["costs"], dtype=np.float64)
+        b = np.asarray(budget, dtype=np.float64)[..., None]
+        fitting = np.where(costs <= b + 1e-12, inputs, -np.inf).max(-1)
+        mapped = np.where(np.isfinite(fitting), fitting, inputs.min())
+        if isinstance(budget, torch.Tensor):
+            return torch.as_tensor(mapped, dtype=budget.dtype, device=budget.device)
+        return float(mapped)
 
     def forward(self):
         return self.value

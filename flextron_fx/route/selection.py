@@ -19,7 +19,13 @@ from safetensors.torch import load_file, save_file
 from .._atomic import replace_folder
 from ..elastic.model import ElasticModel
 from ..errors import CheckpointError, WidthError
-from ..passes.inject_routers import inject_routers, router_mode, routers_of, set_capacity
+from ..passes.inject_routers import (
+    budget_source,
+    inject_routers,
+    router_mode,
+    routers_of,
+    set_capacity,
+)
 from .costs import CostTable
 from .routers import StaticRouter
 
@@ -142,6 +148,8 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
             "cost": table.to_dict() if table is not None else None, "extra": extra or {}}
     if getattr(first, "profile", None) is not None:
         meta["capacity_profile"] = first.profile
+    if budget_source(em).calibration is not None:
+        meta["budget_calibration"] = budget_source(em).calibration
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, r in enumerate(routers.values()) for k, v in r.state_dict().items()}
     path = Path(path)
@@ -223,6 +231,8 @@ def load_routers(em: ElasticModel, path: str | Path,
         _load_state(r, states.get(i, {}), path)
     if mode_used == "capacity" and meta.get("capacity_profile") and table is not None:
         set_capacity(routers, table, meta["capacity_profile"])
+    if mode_used == "dynamic" and meta.get("budget_calibration"):
+        budget_source(em).calibration = meta["budget_calibration"]
     return routers, table, meta
 
 

@@ -42,6 +42,8 @@ from ..elastic.model import ElasticModel
 from ..errors import TrainingError
 from ..passes.inject_routers import (
     MODES,
+    budget_source,
+    calibrate_budget,
     calibrate_capacity,
     final_hidden_tap,
     inject_routers,
@@ -399,6 +401,7 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         raise TrainingError(f"the model already has {mode} routers, not {config.mode} ones; "
                             "remove_routers(em) first")
     routers = routers_of(em)
+    budget_source(em).calibration = None  # it was measured on the routers before training
     device = next(em.parameters()).device
     frozen = {p: p.requires_grad for p in em.parameters()}
     for p in em.parameters():
@@ -469,8 +472,10 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
                "wall_s": time.perf_counter() - t_run, "mode": config.mode,
                "metric": config.metric}
-    if config.mode == "capacity" and status == "done":  # split budgets as the routers spend
+    if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
         calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch)
+    elif status == "done" and config.mode == "dynamic":  # spend T where they are asked for T
+        calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch)
     if heldout is not None and status == "done":
         summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
     return summary
