@@ -5,7 +5,9 @@
 
 STATIC and DYNAMIC are `flextron train-routers` runs (or their `final/` folders) on the same
 elastic model and cost table. For each budget T, on the first `--blocks` x 256 tokens of the
-Wikipedia domain's validation split (never trained on), in batches of `--batch`:
+Wikipedia domain's validation split (never trained on; with `--domains`, an equal number of
+blocks of each named domain's validation split, and their calibration splits for the
+calibrations), in batches of `--batch`:
 
 - static: `flextron select`'s sub-network (argmax widths, then fitted to the budget);
 - dynamic: the dynamic routers' argmax per token; its cost is the token mean; the
@@ -35,7 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from flextron_fx.data import calibration_and_heldout
+from flextron_fx.data.domains import resolve_domains
 from flextron_fx.eval import perplexity
+from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
 from flextron_fx.passes.inject_routers import budget_source, calibrate_budget, calibrate_capacity
 from flextron_fx.route import remove_routers, routers_of, select, set_budget
@@ -87,6 +91,17 @@ def per_token(em, table, held, budgets, batch: int, reps: int) -> dict[float, di
     return out
 
 
+def mixed_blocks(tok, domains: str, blocks: int, calib_blocks: int):
+    """(calibration, held-out, description): blocks of 256 tokens from every domain's
+    calibration and validation splits, as equal a number per domain as fits."""
+    names = resolve_domains(domains)
+    per, per_calib = -(-blocks // len(names)), -(-calib_blocks // len(names))
+    held = torch.cat([domain_tokens(tok, d, "validation", 256, per * 256) for d in names])
+    calib = torch.cat([domain_tokens(tok, d, "calibration", 256, per_calib * 256)
+                       for d in names])
+    return calib, held, f"{', '.join(names)} ({per} blocks each)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("static", help="flextron train-routers run (static) or its final/")
@@ -102,13 +117,20 @@ def main() -> None:
     ap.add_argument("--kinds", default="static,dynamic,capacity",
                     help="which of static, dynamic, capacity to run")
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
+    ap.add_argument("--domains", default=None,
+                    help="comma-separated fetched domains (or 'all') to evaluate on, mixed; "
+                         "default: Wikipedia")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    calib, held, source = calibration_and_heldout(tokenizer(args.model),
-                                                  n_calib=args.calib_blocks)
-    held = held[:args.blocks]
+    if args.domains:
+        calib, held, source = mixed_blocks(tokenizer(args.model), args.domains, args.blocks,
+                                           args.calib_blocks)
+    else:
+        calib, held, source = calibration_and_heldout(tokenizer(args.model),
+                                                      n_calib=args.calib_blocks)
+        held = held[:args.blocks]
 
     kinds = args.kinds.split(",")
     static, dynamic, capacity = {}, {}, {}
