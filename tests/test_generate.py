@@ -409,8 +409,11 @@ def test_the_routed_onnx_decoder_generates_what_routed_pytorch_does(name, head_m
     decoder's."""
     from flextron_fx.export.generate import OrtRoutedDecoder, RoutedDecoder
     from flextron_fx.export.routed_onnx import to_routed_onnx
+    from flextron_fx.passes.inject_routers import budget_source
 
     em, table = _dynamic(name, head_mode, rank)
+    # a budget calibration (calibrate_budget) travels in the file: 0.55 -> 0.4, 0.8 -> 0.8
+    budget_source(em).calibration = {"inputs": [0.4, 0.8, 0.55], "costs": [0.1, 0.6, 0.9]}
     path = to_routed_onnx(em, tmp_path / "routed.onnx")
     ids = token_ids(1, 4)
     costs = []

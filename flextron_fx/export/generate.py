@@ -201,11 +201,16 @@ class OrtRoutedDecoder:
     def __init__(self, path, table, budget: float, threads: int | None = None):
         import json
 
-        from .routed_onnx import OPS_KEY
+        from ..route.routers import BudgetSource
+        from .routed_onnx import CALIBRATION_KEY, OPS_KEY
 
         self.decoder = OrtDecoder(path, threads)
         self.table, self.budget = table, budget
         meta = self.decoder.session.get_modelmeta().custom_metadata_map
+        source = BudgetSource()  # the routers' input for the budget, as set_budget gives it
+        source.calibration = json.loads(meta[CALIBRATION_KEY]) if CALIBRATION_KEY in meta \
+            else None
+        self.router_input = source.router_input(float(budget))
         if OPS_KEY not in meta:
             raise InputError(f"{path} is no routed decoder (`to_routed_onnx`): its metadata "
                              f"lists no {OPS_KEY}")
@@ -229,7 +234,7 @@ class OrtRoutedDecoder:
         if len(self.caches) != ids.shape[0]:
             raise InputError(f"this generation has {len(self.caches)} sequences, the step "
                              f"got {ids.shape[0]}; reset() to start another")
-        budget = np.array(self.budget, dtype=np.float32)
+        budget = np.array(self.router_input, dtype=np.float32)
         last, chosen = [], []
         for row, cache in enumerate(self.caches):
             self.decoder.cache = cache

@@ -3,7 +3,9 @@ choose, with a key/value cache, in onnxruntime.
 
 `to_routed_onnx(em, path)` exports `routed_hf(em)` for one token per step:
 
-    inputs   input_ids [1, 1], budget [] (float32, a fraction of the full model's cost),
+    inputs   input_ids [1, 1], budget [] (float32, what the routers read: a fraction of
+             the full model's cost, or with a budget calibration, which the metadata
+             `flextron_budget_calibration` holds, `BudgetSource.router_input` of it),
              past_key_i / past_value_i [1, kv_i, past, head_dim]
     outputs  logits [1, 1, vocab], present_key_i / present_value_i
              [1, kv_i, past + 1, head_dim], widths [ops] (int64: the candidate index each
@@ -47,6 +49,7 @@ from .onnx import compare, export_program
 from .routed_hf import RoutedAttention, RoutedMLP, _Elastic, plan_indices, routed_hf
 
 OPS_KEY = "flextron_ops"  # metadata: the op names of the `widths` output, in order
+CALIBRATION_KEY = "flextron_budget_calibration"  # metadata: the routers' budget calibration
 
 
 class _Token:
@@ -336,6 +339,8 @@ def to_routed_onnx(em: ElasticModel, path: str | os.PathLike, *, check: bool = T
         >>> load_routers(em, "runs/routers", "dynamic")              # doctest: +SKIP
         >>> to_routed_onnx(em, "routed.onnx")                       # doctest: +SKIP
     """
+    from ..passes.inject_routers import budget_source
+
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name ending in .onnx")
@@ -355,6 +360,10 @@ def to_routed_onnx(em: ElasticModel, path: str | os.PathLike, *, check: bool = T
             _rename(proto.graph, o.name, name)
     entry = proto.metadata_props.add()  # which op each entry of `widths` is
     entry.key, entry.value = OPS_KEY, json.dumps(list(em.ops))
+    calibration = budget_source(em).calibration
+    if calibration is not None:  # the runtime maps T to the routers' input, as set_budget
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = CALIBRATION_KEY, json.dumps(calibration)
     blob = proto.SerializeToString()
     if check:
         _check(step, blob, em, shapes, tol)
