@@ -554,6 +554,33 @@ def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:
     return ids
 
 
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_the_surrogate_warmup_counts_steps_at_either_level(zoo_converted, level):
+    """For the first `surrogate_warmup` steps only the surrogate learns (no latency loss,
+    no trust), whether the memory holds sequences or tokens (a step keeps many tokens)."""
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    routers = inject_routers(em, "dynamic", seed=2)
+    try:
+        config = RouterConfig(steps=6, mode="dynamic", batch=3, budget_range=(0.3, 0.35),
+                              surrogate_level=level, surrogate_warmup=3, memory=64,
+                              surrogate_threshold=1e9)
+        dim = sum(len(r.candidates) for r in routers.values())
+        from flextron_fx.route.surrogate import Surrogate
+        from flextron_fx.route.train import _hidden_dim
+
+        hd = _hidden_dim(em)
+        state = RouterTraining(routers, Surrogate(dim, 16, hd), dim, hd, config.memory)
+        g = torch.Generator().manual_seed(3)
+        rows = [router_step(em, state, table, _ids(s, batch=3, seq=8), config, g)[0]
+                for s in range(6)]
+    finally:
+        remove_routers(em)
+    assert [r["router_loss"] for r in rows[:3]] == [0.0] * 3
+    assert not any(r["trusted"] for r in rows[:3])
+    assert all(r["router_loss"] > 0 and r["trusted"] for r in rows[3:])
+
+
 def _config(**kw) -> RouterConfig:
     base = {"steps": 30, "mode": "static", "batch": 8, "budget_range": (0.5, 0.8),
             "target": "excess", "surrogate_warmup": 8, "surrogate_threshold": 0.1,

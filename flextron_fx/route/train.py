@@ -322,7 +322,9 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
         good = ema < config.surrogate_threshold
     else:
         good = fresh_explained is not None and fresh_explained >= config.surrogate_explained
-    trusted = good and int(state.mem_n) >= config.surrogate_warmup * ids.shape[0]
+    # samples remembered per step: sequences, or the tokens kept (warm-up counts steps)
+    per_step = ids.shape[0] if fresh is None else fresh.shape[0]
+    trusted = good and int(state.mem_n) >= config.surrogate_warmup * per_step
     if fresh is None:
         state.remember(r.detach(), h, target)
     else:
@@ -330,7 +332,7 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
     mr, mh, my = state.memory()
     fit = ((sur(mr, mh) - my) ** 2).mean()
     spread = float(my.var(unbiased=False)) if my.numel() > 1 else 0.0
-    warm = int(state.mem_n) > config.surrogate_warmup * ids.shape[0]
+    warm = int(state.mem_n) > config.surrogate_warmup * per_step
     router_loss = config.latency_weight * lat * float(warm)
     predicted = torch.zeros(())
     if trusted:
