@@ -151,10 +151,10 @@ def main() -> None:
     folder = router_folder(args.dynamic)
     em, table, meta = load_router_run(folder, "dynamic")
     if "dynamic" in kinds:
-        source = budget_source(em)
+        reader = budget_source(em)
         if args.raw_budget:
-            source.calibration = None
-        elif source.calibration is None:
+            reader.calibration = None
+        elif reader.calibration is None:
             calibrate_budget(em, table, calib, batch=args.batch)
         print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))
         dynamic = per_token(em, table, held, budgets, args.batch, args.reps)

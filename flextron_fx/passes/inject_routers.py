@@ -309,8 +309,8 @@ def calibrate_budget(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
                      grid=None, batch: int = 4) -> dict:
     """Dynamic routers: run `tokens` [n, seq] at each router input of `grid` (default
     0.3-1.0 in steps of 0.01), record the token-mean cost they spend (a fraction of the
-    full model's), and from then on give them, for a budget T, the input that spent T
-    (`BudgetSource.router_input`). The routers learn the budget only through the hinge of
+    full model's), and from then on give them, for a budget T, the widest input that spent
+    at most T (`BudgetSource.router_input`). The routers learn the budget only through the hinge of
     Eq. 8, so their own reading of T over- or undershoots it by a few per cent; this is
     their counterpart of `select`'s fitting of static routers to the budget. Returns the
     calibration (`save_routers` keeps it)."""
