@@ -207,13 +207,13 @@ class OrtRoutedDecoder:
         self.decoder = OrtDecoder(path, threads)
         self.table, self.budget = table, budget
         meta = self.decoder.session.get_modelmeta().custom_metadata_map
+        if OPS_KEY not in meta:
+            raise InputError(f"{path} is no routed decoder (`to_routed_onnx`): its metadata "
+                             f"lists no {OPS_KEY}")
         source = BudgetSource()  # the routers' input for the budget, as set_budget gives it
         source.calibration = json.loads(meta[CALIBRATION_KEY]) if CALIBRATION_KEY in meta \
             else None
         self.router_input = source.router_input(float(budget))
-        if OPS_KEY not in meta:
-            raise InputError(f"{path} is no routed decoder (`to_routed_onnx`): its metadata "
-                             f"lists no {OPS_KEY}")
         self.ops = json.loads(meta[OPS_KEY])
         if sorted(self.ops) != sorted(table.costs):
             raise InputError(f"the cost table does not fit {path}: it has costs for "

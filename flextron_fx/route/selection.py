@@ -148,8 +148,9 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
             "cost": table.to_dict() if table is not None else None, "extra": extra or {}}
     if getattr(first, "profile", None) is not None:
         meta["capacity_profile"] = first.profile
-    if budget_source(em).calibration is not None:
-        meta["budget_calibration"] = budget_source(em).calibration
+    calibration = budget_source(em).calibration
+    if calibration is not None:
+        meta["budget_calibration"] = calibration
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, r in enumerate(routers.values()) for k, v in r.state_dict().items()}
     path = Path(path)
