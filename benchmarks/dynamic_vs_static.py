@@ -17,7 +17,9 @@ calibrations), in batches of `--batch`:
 - capacity: the same routers in capacity mode (a number of tokens per candidate in every
   batch, so each batch's cost is within the budget), the budget split over the ops the way
   the routers spend it on `--calib-blocks` x 256 tokens of the calibration split
-  (`calibrate_capacity`; `--uniform-shares`: every op the same fraction of its range).
+  (`calibrate_capacity`; `--uniform-shares`: every op the same fraction of its range),
+  and, on the same tokens, planned at the budget whose measured time was T
+  (`--capacity-timing-reps` rounds per batch, 0: plan on the table's prediction only).
 
 Loss is the mean next-token loss; cost is the predicted fraction of the full model's cost
 in the runs' table. For dynamic and capacity, every batch's forward is also timed against
@@ -30,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from flextron_fx.data import calibration_and_heldout
 from flextron_fx.data.domains import resolve_domains
@@ -42,40 +42,11 @@ from flextron_fx.eval import perplexity
 from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
 from flextron_fx.passes.inject_routers import budget_source, calibrate_budget, calibrate_capacity
-from flextron_fx.route import remove_routers, routers_of, select, set_budget
+from flextron_fx.route import remove_routers, select, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import load_routers, router_folder
+from flextron_fx.route.timing import routed_time_ratios
 from flextron_fx.route.train import evaluate_routers
-
-
-def batch_ratios(em, held: torch.Tensor, batch: int, reps: int) -> list[float]:
-    """Per batch: median over rounds of (routed forward time / full forward time), the two
-    back to back in alternating order, at the budget set on `em`."""
-    routers = list(routers_of(em).values())
-
-    def timed(ids, full: bool) -> float:
-        for r in routers:
-            r.full = full
-        try:
-            t0 = time.perf_counter()
-            em(ids)
-            return time.perf_counter() - t0
-        finally:
-            for r in routers:
-                r.full = False
-
-    out = []
-    with torch.inference_mode():
-        for i in tqdm(range(0, held.shape[0], batch), desc="timing", leave=False):
-            ids = held[i:i + batch]
-            timed(ids, True), timed(ids, False)
-            ratios = []
-            for r in range(reps):
-                order = (False, True) if r % 2 else (True, False)
-                t = {full: timed(ids, full) for full in order}
-                ratios.append(t[False] / t[True])
-            out.append(statistics.median(ratios))
-    return out
 
 
 def per_token(em, table, held, budgets, batch: int, reps: int) -> dict[float, dict]:
@@ -83,7 +54,7 @@ def per_token(em, table, held, budgets, batch: int, reps: int) -> dict[float, di
     out = {}
     for t in budgets:
         set_budget(em, t)
-        ratios = batch_ratios(em, held, batch, reps) if reps else []
+        ratios = routed_time_ratios(em, held, batch, reps) if reps else []
         out[t] = {**res[str(t)], "ratios": ratios}
         print(f"  T={t:.2f}: loss {out[t]['loss']:.4f}, predicted {out[t]['cost']:.3f}"
               + (f", measured median {statistics.median(ratios):.3f} worst {max(ratios):.3f}"
@@ -112,6 +83,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
     ap.add_argument("--calib-blocks", type=int, default=8)
     ap.add_argument("--uniform-shares", action="store_true")
+    ap.add_argument("--capacity-timing-reps", type=int, default=3,
+                    help="calibrate capacity routing on measured time too, this many "
+                         "rounds per calibration batch (0: on the table's prediction only)")
     ap.add_argument("--raw-budget", action="store_true",
                     help="dynamic routers read T itself, not their calibrated input for T")
     ap.add_argument("--kinds", default="static,dynamic,capacity",
@@ -162,7 +136,8 @@ def main() -> None:
         remove_routers(em)
         routers = load_routers(em, folder, "capacity")[0]
         if not args.uniform_shares and next(iter(routers.values())).profile is None:
-            calibrate_capacity(em, table, calib, batch=args.batch)
+            calibrate_capacity(em, table, calib, batch=args.batch,
+                               timing_reps=args.capacity_timing_reps)
         print("capacity")
         capacity = per_token(em, table, held, budgets, args.batch, args.reps)
 

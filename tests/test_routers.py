@@ -25,6 +25,7 @@ from flextron_fx.passes.inject_routers import (
     capacity_shares,
     fix_budget,
     inject_routers,
+    measured_budget,
     remove_routers,
     routers_of,
     set_budget,
@@ -39,6 +40,7 @@ from flextron_fx.route.routers import (
     assign_by_preference,
     capacity_counts,
 )
+from flextron_fx.route.timing import routed_time_ratios
 from flextron_fx.route.train import (
     RouterTraining,
     chosen_cost,
@@ -323,6 +325,78 @@ def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zo
         set_budget(em, budget)
         with torch.no_grad():
             assert torch.equal(output(em, tokens), want)
+    finally:
+        remove_routers(em)
+
+
+@pytest.mark.filterwarnings("ignore:capacity routing plans")  # budgets below the cheapest
+@settings(max_examples=60, deadline=None)
+@given(measured=st.lists(st.floats(0.3, 1.3), min_size=3, max_size=3),
+       budget=st.floats(0.05, 1.0))
+@example(measured=[0.6, 0.58, 0.9], budget=0.59)  # slower, then faster: the slower kept
+def test_a_measured_capacity_profile_plans_the_budget_that_measured_t(measured, budget):
+    grid = [0.5, 0.75, 1.0]
+    planned = measured_budget(grid, measured)(budget)
+    slowest = [max(measured[:i + 1]) for i in range(3)]  # what each grid budget may take
+    if budget < slowest[0]:  # below the grid: T scaled by the first point's ratio
+        assert math.isclose(planned, budget * grid[0] / measured[0], rel_tol=1e-9)
+    elif budget >= slowest[-1]:
+        assert planned == grid[-1]
+    else:  # the grid's budget whose measured time is T, interpolated
+        i = max(j for j in range(3) if slowest[j] <= budget)
+        assert grid[i] - 1e-9 <= planned <= grid[i + 1] + 1e-9
+        at = slowest[i] + (planned - grid[i]) / (grid[i + 1] - grid[i]) \
+            * (slowest[i + 1] - slowest[i])
+        assert at <= budget + 1e-9
+    assert planned <= measured_budget(grid, measured)(min(1.0, budget + 0.05)) + 1e-12
+
+    costs = {"a": [1.0, 2.0, 4.0], "b": [1.0, 3.0, 5.0]}
+    table = CostTable("latency", costs, fixed=1.0)
+    profile = {"grid": grid, "ops": {"a": [2.0, 3.0, 4.0], "b": [2.0, 4.0, 5.0]},
+               "measured": measured}
+    budget = max(budget, table.minimum / table.full)
+    got = capacity_shares(table, list(costs), profile)(budget)
+    room = measured_budget(grid, measured)(budget) * table.full
+    assert table.fixed + sum(got.values()) <= max(room, table.minimum) * (1 + 1e-9)
+    with pytest.raises(WidthError, match="one positive time ratio per budget"):
+        measured_budget(grid, measured[:2])
+
+
+def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_path,
+                                                                        zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    tokens = _ids(5, batch=4, seq=6)
+    with pytest.raises(WidthError, match="no routers to time"):
+        routed_time_ratios(em, tokens)
+    routers = inject_routers(em, "capacity", cost=table, seed=2)
+    perturb_routers(routers, 2)
+    try:
+        with pytest.raises(WidthError, match="at least 1"):
+            routed_time_ratios(em, tokens, reps=0)
+        set_budget(em, 0.8)
+        ratios = routed_time_ratios(em, tokens, batch=2, reps=2, progress=False)
+        assert len(ratios) == 2 and all(r > 0 for r in ratios)
+        assert all(not r.full for r in routers.values())  # timing leaves the routers deciding
+        profile = calibrate_capacity(em, table, tokens, timing_reps=1, progress=False)
+        assert len(profile["measured"]) == len(profile["grid"])
+        assert budget_source(em).value == 0.8  # the budget set before is kept
+        plan = max(measured_budget(profile["grid"], profile["measured"])(0.8),
+                   table.minimum / table.full)  # tiny models: routing dwarfs the matmuls
+        unmeasured = capacity_shares(table, list(routers),
+                                     {k: v for k, v in profile.items() if k != "measured"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for name, r in routers.items():  # each op's share is that of the planned budget
+                assert math.isclose(r.share(0.8), unmeasured(plan)[name], rel_tol=1e-9)
+        if plan == table.minimum / table.full:
+            assert "below the cheapest sub-network" in str(caught[0].message)
+        save_routers(em, tmp_path / "r", table)
+    finally:
+        remove_routers(em)
+    loaded = load_routers(em, tmp_path / "r")[0]
+    try:
+        assert next(iter(loaded.values())).profile["measured"] == profile["measured"]
     finally:
         remove_routers(em)
 

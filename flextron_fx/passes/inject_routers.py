@@ -18,16 +18,20 @@ and gives back the `WidthSource` nodes (their values unchanged), so the same out
 from __future__ import annotations
 
 import heapq
+import statistics
+import warnings
 
 import numpy as np
 import torch
 from torch import fx
+from tqdm.auto import tqdm
 
 from ..elastic.model import ElasticModel, width_nodes
 from ..elastic.ops import ElasticRegion
 from ..errors import WidthError
 from ..route.costs import CostTable
 from ..route.routers import BudgetSource, DynamicRouter, HiddenTap, Router, StaticRouter
+from ..route.timing import routed_time_ratios
 from .elasticize import _activation_input
 
 MODES = ("static", "dynamic", "capacity")
@@ -207,21 +211,32 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None):
     what the dynamic routers spent there, interpolated. Room left is shared in proportion
     to each op's headroom up to its widest candidate; a shortfall is taken in proportion
     to each op's target above its cheapest. Without a profile every op gets the same
-    fraction of its cost range."""
+    fraction of its cost range. A profile with "measured" (the measured time of capacity
+    routing at each budget of its grid, a fraction of the full width's) splits, for a
+    budget T, the grid's budget whose measured time was T (`measured_budget`)."""
     low = {n: min(table.costs[n]) for n in names}
     high = {n: max(table.costs[n]) for n in names}
     cache: dict[float, dict[str, float]] = {}
+    planned = (lambda t: t) if not (profile or {}).get("measured") else \
+        measured_budget(profile["grid"], profile["measured"])
 
     def shares(budget: float) -> dict[str, float]:
         if budget in cache:
             return cache[budget]
         table.refuse_below_minimum(budget)
-        room = budget * table.full - table.fixed
+        plan = planned(budget)
+        room = plan * table.full - table.fixed
+        if room + table.fixed < table.minimum * (1 - 1e-9):
+            warnings.warn(f"capacity routing plans budget {budget:g} below the cheapest "
+                          f"sub-network, from its measured times ({profile['measured'][0]:.3g}"
+                          f" of the full model's at budget {profile['grid'][0]:g}): every "
+                          "token takes its cheapest width and the measured time will be "
+                          "over the budget", stacklevel=2)
         if profile is None:
             want = dict(low)
         else:
             want = {n: min(high[n], max(low[n], float(np.interp(
-                budget, profile["grid"], profile["ops"][n])))) for n in names}
+                plan, profile["grid"], profile["ops"][n])))) for n in names}
         spare = room - sum(want.values())
         if spare >= 0:
             head = sum(high[n] - want[n] for n in names)
@@ -235,6 +250,29 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None):
         return out
 
     return shares
+
+
+def measured_budget(grid, measured):
+    """budget T -> the budget to plan for so that measured time is T: the widest budget of
+    the grid whose measured time (made non-decreasing in the budget: a budget is charged
+    the slowest time of any budget up to it) is at most T, interpolated towards the next;
+    below the grid, T scaled by the first point's ratio."""
+    if len(grid) != len(measured) or not grid or min(measured) <= 0:
+        raise WidthError(f"a measured capacity profile has one positive time ratio per "
+                         f"budget of its grid; got {len(measured)} for {len(grid)} budgets")
+    xs = np.maximum.accumulate(np.asarray(measured, dtype=float))
+    gs = np.asarray(grid, dtype=float)
+
+    def planned(budget: float) -> float:
+        within = np.flatnonzero(xs <= budget)
+        if not within.size:
+            return budget * gs[0] / xs[0]
+        i = int(within[-1])  # the widest grid budget that measured at most T
+        if i == len(gs) - 1:
+            return float(gs[-1])
+        return float(gs[i] + (budget - xs[i]) / (xs[i + 1] - xs[i]) * (gs[i + 1] - gs[i]))
+
+    return planned
 
 
 def set_capacity(routers: dict[str, Router], table: CostTable,
@@ -284,12 +322,21 @@ def _spent(em: ElasticModel, table: CostTable, tokens: torch.Tensor, grid,
 
 @torch.no_grad()
 def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
-                       grid=None, batch: int = 4) -> dict:
+                       grid=None, batch: int = 4, timing_reps: int = 0,
+                       progress: bool = True) -> dict:
     """Capacity routers: run `tokens` [n, seq] through the routers in dynamic mode at each
     budget of `grid` (default 0.5-1.0 in steps of 0.05, those the table can meet), record
     each op's mean cost per token, and make those the ops' capacity targets (see
     `capacity_shares`): the budget is then split the way the routers spend it, not in
-    equal fractions. Returns the profile (`save_routers` keeps it)."""
+    equal fractions. Returns the profile (`save_routers` keeps it).
+
+    With `timing_reps`, then also time capacity routing at each budget of the grid against
+    the full width on this machine (`route.timing.routed_time_ratios`, that many rounds
+    per batch, the median over batches) as the profile's "measured": a budget T is then
+    planned at the grid's budget that measured T, so that the measured time, not only
+    the table's prediction, stays within T. Routed execution costs more than the table's
+    sum of per-op widths (the routers' own compute, the per-token gathers and scatters),
+    and the table does not see it."""
     routers = routers_of(em)
     if not routers or any(r.kind != "capacity" for r in routers.values()):
         raise WidthError("calibrate_capacity needs capacity routers "
@@ -301,6 +348,18 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
         raise WidthError("no budget of the grid is above the cheapest sub-network")
     profile = {"grid": grid, "ops": _spent(em, table, tokens, grid, batch)}
     set_capacity(routers, table, profile)
+    if timing_reps:
+        source = budget_source(em)
+        saved, measured = source.value, []
+        try:
+            for g in tqdm(grid, desc="timing capacity", leave=False, disable=not progress):
+                set_budget(em, g)
+                measured.append(statistics.median(
+                    routed_time_ratios(em, tokens, batch, timing_reps, progress=False)))
+        finally:
+            source.value = saved
+        profile["measured"] = measured
+        set_capacity(routers, table, profile)
     return profile
 
 
