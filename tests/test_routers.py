@@ -378,6 +378,12 @@ def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_pat
         ratios = routed_time_ratios(em, tokens, batch=2, reps=2, progress=False)
         assert len(ratios) == 2 and all(r > 0 for r in ratios)
         assert all(not r.full for r in routers.values())  # timing leaves the routers deciding
+        params = CostTable("params", table.costs, table.fixed)
+        with pytest.raises(WidthError, match="calibrates latency budgets"):
+            calibrate_capacity(em, params, tokens, timing_reps=1)
+        with pytest.raises(flextron_fx.FlextronError, match="latency budgets only"):
+            RouterConfig(steps=1, mode="capacity", metric="params",
+                         capacity_timing_reps=3).validate()
         profile = calibrate_capacity(em, table, tokens, timing_reps=1, progress=False)
         assert len(profile["measured"]) == len(profile["grid"])
         assert budget_source(em).value == 0.8  # the budget set before is kept

@@ -346,6 +346,9 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
     grid = sorted(g for g in grid if g * table.full >= table.minimum)
     if not grid:
         raise WidthError("no budget of the grid is above the cheapest sub-network")
+    if timing_reps and table.metric != "latency":
+        raise WidthError(f"measured time calibrates latency budgets; this table's metric is "
+                         f"{table.metric!r} (use timing_reps=0)")
     profile = {"grid": grid, "ops": _spent(em, table, tokens, grid, batch)}
     set_capacity(routers, table, profile)
     if timing_reps:

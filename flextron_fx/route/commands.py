@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
                    help="dynamic/capacity: start every router as this static router run's "
                         "(a train-routers run or its final/), trained on the same elastic "
                         "model")
+    p.add_argument("--capacity-timing-reps", type=int, default=None, metavar="N",
+                   help="capacity, latency: after training, time capacity routing against "
+                        "the full width on this machine, N rounds per batch, and plan each "
+                        "budget so the measured time stays within it (default 3; 0: plan on "
+                        "the table's prediction only)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--max-minutes", type=float, default=None)
@@ -107,6 +112,9 @@ def run_train(args) -> dict:
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         init_from=args.init_from,
+        capacity_timing_reps=(args.capacity_timing_reps if args.capacity_timing_reps is not None
+                              else 3 if args.mode == "capacity" and args.metric == "latency"
+                              else 0),
         extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
                "domains": domains})
     config.validate()

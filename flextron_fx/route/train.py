@@ -109,6 +109,8 @@ class RouterConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     init_from: str | None = None  # dynamic/capacity: start from this static router run
+    # capacity, latency: rounds per batch of the end-of-run timing (calibrate_capacity)
+    capacity_timing_reps: int = 0
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -125,6 +127,11 @@ class RouterConfig:
         for name in ("lr", "surrogate_lr", "tau", "surrogate_threshold"):
             if not getattr(self, name) > 0:
                 raise TrainingError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.capacity_timing_reps < 0 or (self.capacity_timing_reps
+                                             and self.metric != "latency"):
+            raise TrainingError(f"capacity_timing_reps is a number of timing rounds >= 0, "
+                                f"for latency budgets only; got {self.capacity_timing_reps} "
+                                f"with metric {self.metric!r}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
         if self.surrogate_level not in LEVELS:
@@ -475,7 +482,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
                "wall_s": time.perf_counter() - t_run, "mode": config.mode,
                "metric": config.metric}
     if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
-        calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch)
+        calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch,
+                           timing_reps=config.capacity_timing_reps, progress=progress)
     elif status == "done" and config.mode == "dynamic":  # spend T where they are asked for T
         calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch)
     if heldout is not None and status == "done":
