@@ -107,7 +107,7 @@ def main() -> None:
         held = held[:args.blocks]
 
     kinds = args.kinds.split(",")
-    static, dynamic, capacity = {}, {}, {}
+    static, dynamic, capacity, profile = {}, {}, {}, None
     em, table, meta = load_router_run(args.static)
     if meta["mode"] != "static":
         raise SystemExit(f"{args.static} holds {meta['mode']} routers, not static ones")
@@ -138,6 +138,10 @@ def main() -> None:
         if not args.uniform_shares and next(iter(routers.values())).profile is None:
             calibrate_capacity(em, table, calib, batch=args.batch,
                                timing_reps=args.capacity_timing_reps)
+        profile = next(iter(routers.values())).profile
+        if profile and profile.get("measured"):
+            print("capacity routing measured (grid budget: time / full): " + ", ".join(
+                f"{g:.2f}: {m:.3f}" for g, m in zip(profile["grid"], profile["measured"])))
         print("capacity")
         capacity = per_token(em, table, held, budgets, args.batch, args.reps)
 
@@ -155,7 +159,7 @@ def main() -> None:
             "text": f"validation split of {source}, {held.shape[0]} x {held.shape[1]} tokens",
             "timing": f"batches of {args.batch}, {args.reps} interleaved rounds vs the full "
                       "width through the same graph", "budget_calibration": not args.raw_budget,
-            "rows": rows}, indent=1))
+            "capacity_profile": profile, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, table.metric, args.plot)
 

@@ -581,9 +581,11 @@ def test_the_surrogate_target_is_the_true_loss_of_the_sampled_sub_network(zoo_co
     assert torch.allclose(r.sum(-1), torch.full((4,), float(len(em.ops))))
 
 
-def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted):
+@pytest.mark.parametrize("context", [False, True])
+def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted, context):
     """surrogate_level="token": the memory holds tokens, each with its own sampled widths
-    (one-hot per op) and the true next-token loss of the sampled sub-network there."""
+    (one-hot per op) and the true next-token loss of the sampled sub-network there; with
+    `surrogate_context`, also the mean one-hots of the token and the tokens before it."""
     _, em = zoo_converted("llama")
     ids = _ids(6, batch=3, seq=8)
     table = CostTable.coerce(em, width_share_costs(em))
@@ -591,8 +593,9 @@ def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted):
     n = 3 * 7  # tokens with a next token
     try:
         config = RouterConfig(steps=1, mode="dynamic", batch=3, budget_range=(0.5, 1.0),
-                              surrogate_level="token", memory=8 * n)  # keeps every token
-        dim = sum(len(r.candidates) for r in routers.values())
+                              surrogate_level="token", memory=8 * n,  # keeps every token
+                              surrogate_context=context)
+        dim = sum(len(r.candidates) for r in routers.values()) * (2 if context else 1)
         from flextron_fx.route.surrogate import Surrogate
         from flextron_fx.route.train import _hidden_dim, token_losses
 
@@ -610,16 +613,23 @@ def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted):
                                atol=1e-5, rtol=0)
     # each remembered row is one token's decisions: a one-hot per op, matching its loss
     r = state.mem_r[:n]  # straight-through values: one-hot up to rounding
-    torch.testing.assert_close(r, r.round(), atol=1e-6, rtol=0)
-    r = r.round()
-    assert torch.equal(r.sum(-1), torch.full((n,), float(len(em.ops))))
-    onehots = torch.cat([F.one_hot(k[:, :-1], len(em.ops[name].candidates))
-                         for name, k in sampled.items()], -1).flatten(0, 1).float()
+    own = r[:, :dim // 2] if context else r
+    torch.testing.assert_close(own, own.round(), atol=1e-6, rtol=0)
+    assert torch.equal(own.round().sum(-1), torch.full((n,), float(len(em.ops))))
+    onehots = torch.cat([F.one_hot(k, len(em.ops[name].candidates))
+                         for name, k in sampled.items()], -1).float()  # [batch, seq, dim]
+    if context:  # position t: the mean over positions 0..t of its sequence
+        before = torch.stack([onehots[:, :t + 1].mean(1) for t in range(onehots.shape[1])], 1)
+        onehots = torch.cat([onehots, before], -1)
+    rows = onehots[:, :-1].flatten(0, 1)
     for row, y in zip(r, got):
-        t = int(((onehots == row).all(-1) & ((expected.flatten() - y).abs() < 1e-5)).sum())
+        t = int(((rows - row).abs().amax(-1).lt(1e-5)
+                 & ((expected.flatten() - y).abs() < 1e-5)).sum())
         assert t >= 1
     with pytest.raises(flextron_fx.FlextronError, match="per-token widths"):
         RouterConfig(steps=1, mode="static", surrogate_level="token").validate()
+    with pytest.raises(flextron_fx.FlextronError, match="surrogate_level='token'"):
+        RouterConfig(steps=1, mode="dynamic", surrogate_context=True).validate()
 
 
 def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                    help="dynamic/capacity: the surrogate predicts each sequence's loss from "
                         "its token shares (Eq. 10), or each token's loss from its own widths "
                         "and hidden state, so routers learn which tokens need width")
+    p.add_argument("--surrogate-context", action="store_true",
+                   help="token level: the surrogate also reads the mean widths of the "
+                        "token's context (itself and the tokens before it)")
     p.add_argument("--surrogate-memory", type=int, default=512,
                    help="samples (sequences, or tokens with --surrogate-level token) the "
                         "surrogate refits on every step")
@@ -110,6 +113,7 @@ def run_train(args) -> dict:
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         surrogate_explained=args.surrogate_explained,
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
+        surrogate_context=args.surrogate_context,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         init_from=args.init_from,
         capacity_timing_reps=(args.capacity_timing_reps if args.capacity_timing_reps is not None

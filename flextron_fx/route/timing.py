@@ -35,6 +35,8 @@ def routed_time_ratios(em: ElasticModel, tokens: torch.Tensor, batch: int = 4,
     device = next(em.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    was = [r.full for r in routers]
+
     def timed(ids: torch.Tensor, full: bool) -> float:
         for r in routers:
             r.full = full
@@ -45,8 +47,8 @@ def routed_time_ratios(em: ElasticModel, tokens: torch.Tensor, batch: int = 4,
             sync()
             return time.perf_counter() - t0
         finally:
-            for r in routers:
-                r.full = False
+            for r, w in zip(routers, was):
+                r.full = w
 
     out = []
     with torch.inference_mode():
@@ -55,8 +57,8 @@ def routed_time_ratios(em: ElasticModel, tokens: torch.Tensor, batch: int = 4,
             ids = tokens[i:i + batch].to(device)
             timed(ids, True), timed(ids, False)
             ratios = []
-            for r in range(reps):
-                order = (False, True) if r % 2 else (True, False)
+            for k in range(reps):
+                order = (False, True) if k % 2 else (True, False)
                 t = {full: timed(ids, full) for full in order}
                 ratios.append(t[False] / t[True])
             out.append(statistics.median(ratios))

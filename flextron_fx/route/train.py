@@ -16,7 +16,9 @@ One step on a batch of B sequences:
    `surrogate_threshold`, its predicted loss.
 
 Dynamic routers start from scratch (the paper) or, with `init_from`, as a trained static
-router run's routers (`DynamicRouter.start_from`).
+router run's routers (`DynamicRouter.start_from`). With `surrogate_level="token"` the
+surrogate predicts each token's loss from its own decisions and final hidden state (and,
+with `surrogate_context`, the mean decisions of the token and those before it).
 
 Checkpoints, exact resume, SIGTERM safety and the metrics log work as in `train-elastic`
 (the same helpers); `curves.png` shows surrogate MSE, LM loss and latency loss over steps
@@ -101,6 +103,9 @@ class RouterConfig:
     # or "token" (dynamic/capacity: each token's loss from its own widths and hidden state,
     # so routers learn which tokens need width; the memory then holds sampled tokens)
     surrogate_level: str = "sequence"
+    # token level: the surrogate also reads the mean decisions of the token's context
+    # (itself and every earlier token), whose widths its loss depends on through attention
+    surrogate_context: bool = False
     surrogate_hidden: int = 128
     memory: int = 512
     hidden: int = 64  # static router MLP width
@@ -137,6 +142,9 @@ class RouterConfig:
         if self.surrogate_level not in LEVELS:
             raise TrainingError(f"surrogate_level must be one of {list(LEVELS)}, got "
                                 f"{self.surrogate_level!r}")
+        if self.surrogate_context and self.surrogate_level != "token":
+            raise TrainingError("surrogate_context adds a token's context to a token-level "
+                                "surrogate; use surrogate_level='token'")
         if self.surrogate_level == "token" and self.mode == "static":
             raise TrainingError("a token-level surrogate needs per-token widths: use mode "
                                 "'dynamic' or 'capacity' (static routers pick one "
@@ -211,6 +219,12 @@ def router_outputs(em: ElasticModel, per_token: bool = False) -> tuple[torch.Ten
         decisions.append(s if s.dim() == 2 or per_token else s.mean(1))
         probs.append(p if p.dim() == 2 else p.mean(1))
     return torch.cat(decisions, -1), probs
+
+
+def causal_mean(r: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, D] -> at each position, the mean over it and every earlier position."""
+    count = torch.arange(1, r.shape[1] + 1, device=r.device, dtype=r.dtype)
+    return r.cumsum(1) / count[:, None]
 
 
 def expected_cost(probs: list[torch.Tensor], table: CostTable, names) -> torch.Tensor:
@@ -301,6 +315,8 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
         target = (token_losses if token else sequence_losses)(logits.detach(), ids)
         del logits
         r, probs = router_outputs(em, per_token=token)
+        if config.surrogate_context:
+            r = torch.cat([r, causal_mean(r)], -1)
         h = _final_hidden(em, ids.shape[0], per_token=token).to(ids.device)
     if config.target == "excess":
         target = target - full_losses(em, ids, per_token=token)
@@ -415,7 +431,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     frozen = {p: p.requires_grad for p in em.parameters()}
     for p in em.parameters():
         p.requires_grad_(False)
-    router_dim = sum(len(r.candidates) for r in routers.values())
+    router_dim = sum(len(r.candidates) for r in routers.values()) \
+        * (2 if config.surrogate_context else 1)
     hidden_dim = _hidden_dim(em) if config.mode != "static" else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
