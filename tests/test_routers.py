@@ -412,13 +412,19 @@ def test_a_calibrated_budget_is_the_widest_input_that_spent_no_more():
     assert source.router_input(0.55) == 0.55  # no calibration: T itself
     source.calibration = {"inputs": [0.8, 0.2, 0.4, 0.6, 1.0],
                           "costs": [0.7, 0.5, 0.45, 0.6, 0.9]}
-    for budget, want in [(0.3, 0.2), (0.44, 0.2), (0.47, 0.4), (0.5, 0.4), (0.6, 0.6),
-                         (0.65, 0.6), (0.75, 0.8), (0.95, 1.0)]:
-        assert source.router_input(budget) == want
-    got = source.router_input(torch.tensor([0.55, 0.95]))
+    for budget, want in [(0.3, 0.2), (0.44, 0.2)]:  # below every calibrated cost
+        with pytest.warns(UserWarning, match="spent at least 0.450 .* will spend more"):
+            assert source.router_input(budget) == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the calibration: no warning
+        for budget, want in [(0.47, 0.4), (0.5, 0.4), (0.6, 0.6), (0.65, 0.6), (0.75, 0.8),
+                             (0.95, 1.0)]:
+            assert source.router_input(budget) == want
+        got = source.router_input(torch.tensor([0.55, 0.95]))
     assert torch.equal(got, torch.tensor([0.4, 1.0])) and got.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:these dynamic routers spent at least")  # T = 0.3
 def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
         tmp_path, zoo_converted):
     _, em = zoo_converted("llama")

@@ -20,6 +20,7 @@ the backbone (hidden states are detached).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -45,13 +46,19 @@ class BudgetSource(nn.Module):
     def router_input(self, budget: float | torch.Tensor) -> float | torch.Tensor:
         """The value the routers read for budget T: T itself, or with a calibration the
         largest calibrated input whose cost was at most T (so on the calibration text the
-        routers spend at most T; below the cheapest calibrated cost, the smallest input)."""
+        routers spend at most T; below the cheapest calibrated cost, the smallest input,
+        with a warning that they will spend more than T)."""
         if self.calibration is None:
             return budget
         inputs = np.asarray(self.calibration["inputs"], dtype=np.float64)
         costs = np.asarray(self.calibration["costs"], dtype=np.float64)
         b = np.asarray(budget, dtype=np.float64)[..., None]
         fitting = np.where(costs <= b + 1e-12, inputs, -np.inf).max(-1)
+        if not np.isfinite(fitting).all():
+            warnings.warn(f"these dynamic routers spent at least {costs.min():.3f} of the full "
+                          f"cost on their calibration text; a budget of "
+                          f"{float(b.min()):.3f} is below that, so they get their smallest "
+                          "input and will spend more than the budget", stacklevel=3)
         mapped = np.where(np.isfinite(fitting), fitting, inputs.min())
         if isinstance(budget, torch.Tensor):
             return torch.as_tensor(mapped, dtype=budget.dtype, device=budget.device)
