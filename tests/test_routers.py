@@ -381,9 +381,11 @@ def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_pat
         params = CostTable("params", table.costs, table.fixed)
         with pytest.raises(WidthError, match="calibrates latency budgets"):
             calibrate_capacity(em, params, tokens, timing_reps=1)
-        with pytest.raises(flextron_fx.FlextronError, match="latency budgets only"):
-            RouterConfig(steps=1, mode="capacity", metric="params",
-                         capacity_timing_reps=3).validate()
+        for mode, metric in [("capacity", "params"), ("dynamic", "latency")]:
+            with pytest.raises(flextron_fx.FlextronError, match="latency budgets only"):
+                RouterConfig(steps=1, mode=mode, metric=metric,
+                             capacity_timing_reps=3).validate()
+        RouterConfig(steps=1, mode="capacity", capacity_timing_reps=3).validate()
         profile = calibrate_capacity(em, table, tokens, timing_reps=1, progress=False)
         assert len(profile["measured"]) == len(profile["grid"])
         assert budget_source(em).value == 0.8  # the budget set before is kept

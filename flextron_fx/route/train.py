@@ -132,11 +132,12 @@ class RouterConfig:
         for name in ("lr", "surrogate_lr", "tau", "surrogate_threshold"):
             if not getattr(self, name) > 0:
                 raise TrainingError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.capacity_timing_reps < 0 or (self.capacity_timing_reps
-                                             and self.metric != "latency"):
+        if self.capacity_timing_reps < 0 or (self.capacity_timing_reps and (
+                self.metric != "latency" or self.mode != "capacity")):
             raise TrainingError(f"capacity_timing_reps is a number of timing rounds >= 0, "
-                                f"for latency budgets only; got {self.capacity_timing_reps} "
-                                f"with metric {self.metric!r}")
+                                f"for capacity routers and latency budgets only; got "
+                                f"{self.capacity_timing_reps} with mode {self.mode!r} and "
+                                f"metric {self.metric!r}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
         if self.surrogate_level not in LEVELS:
