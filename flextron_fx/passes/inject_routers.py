@@ -259,7 +259,7 @@ def measured_budget(grid, measured):
     below the grid, T scaled by the first point's ratio."""
     if len(grid) != len(measured) or not grid or min(measured) <= 0:
         raise WidthError(f"a measured capacity profile has one positive time ratio per "
-                         f"budget of its grid; got {len(measured)} for {len(grid)} budgets")
+                         f"budget of its grid; got {list(measured)} for grid {list(grid)}")
     xs = np.maximum.accumulate(np.asarray(measured, dtype=float))
     gs = np.asarray(grid, dtype=float)
 
