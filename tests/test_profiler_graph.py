@@ -8,6 +8,7 @@ structure (timings of tiny models are noise)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import random
@@ -19,7 +20,7 @@ from zoo import ZOO
 import flextron_fx
 from flextron_fx import cli
 from flextron_fx.elastic.ops import ElasticRegion
-from flextron_fx.errors import UnsupportedModelError
+from flextron_fx.errors import ProfileError, UnsupportedModelError
 from flextron_fx.profiler import CostModel, LatencyTable, ProfileConfig, check, profile
 from flextron_fx.profiler.commands import summary
 from flextron_fx.profiler.graphrun import GraphModel, _first_tensor, block_extents
@@ -196,6 +197,51 @@ def test_drift_during_the_check_cancels_in_the_ratio(warmup, zoo_converted):
                   clock=clock)["shapes"]["1x8"]
     assert r["all"]["worst_abs_rel_error"] > 0.3
     assert r["all"]["worst_abs_ratio_error"] == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("noisy_are", ["smallest", "all but the smallest"])
+def test_networks_with_noisy_ratios_get_more_rounds(noisy_are, zoo_converted):
+    """The forwards of noisy networks take 0 or 1 x FIXED ms longer (in turn, per network;
+    the runner's untimed forwards count, three per round); the others' are exact.
+
+    Only the smallest network noisy: it gets rounds beyond `repeats`, up to
+    `max_repeats`; the others stop at `repeats`, their ratios exact. All but the smallest
+    noisy: the machine is noisy, so the smallest, whose rounds agree, gets as many rounds
+    as the rest (its spread is floored at the median spread of all networks)."""
+    _, em = zoo_converted("llama")
+    table = _fake_table(em)
+    smallest = tuple(min(op.candidates) for op in em.ops.values())
+    clock = FakeClock()
+    forwards = collections.Counter()
+
+    def noise(_m, _a):
+        key = tuple(em.widths.values())
+        if (key == smallest) == (noisy_are == "smallest"):
+            clock.advance(FIXED * (forwards[key] % 2))
+            forwards[key] += 1
+
+    with fake_costs(em, clock):
+        hook = em.graph_module.register_forward_pre_hook(noise)
+        try:
+            r = check(em, table, n=6, repeats=3, warmup=1, precision=0.01, max_repeats=7,
+                      progress=False, clock=clock)
+        finally:
+            hook.remove()
+    points = r["shapes"]["1x8"]["points"]
+    small = [p for p in points if tuple(p["widths"]) == smallest]
+    others = [p for p in points if tuple(p["widths"]) != smallest]
+    assert small and others
+    assert r["max_repeats"] == 7
+    if noisy_are == "smallest":
+        assert all(p["rounds"] == 7 and p["ratio_se"] > 0.01 for p in small)
+        assert all(p["rounds"] == 3 and p["ratio_se"] < 1e-12 for p in others)
+        assert all(p["ratio_error"] == pytest.approx(0, abs=1e-12) for p in others)
+        assert r["shapes"]["1x8"]["all"]["rounds"] == [3, 7]
+    else:
+        assert all(p["measured_p75_ms"] - p["measured_p25_ms"] < 1e-9 for p in small)
+        assert all(p["rounds"] == 7 for p in points)
+    with pytest.raises(ProfileError, match="max_repeats >= repeats"):
+        check(em, table, repeats=3, max_repeats=2, progress=False)
 
 
 def test_profile_check_on_gpt2_reports_ratio_and_absolute_errors(zoo_converted, tmp_path,

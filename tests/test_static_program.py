@@ -238,3 +238,50 @@ def test_compact_locals_reuses_only_dead_names():
     assert run["forward"].__code__.co_nlocals < old_fn.__code__.co_nlocals
     looped = "def forward(self, x):\n    for i in x:\n        y = i\n    return y\n"
     assert compact_locals(looped) == looped  # control flow: left as it is
+
+
+def test_train_and_eval_set_the_flag_and_the_traced_graph_keeps_no_dropout(zoo_converted):
+    """GPT-2 with its default dropout 0.1: nn.Module.train() on the elastic model used to
+    raise NotImplementedError from the exported graph. Now both modes run the graph as
+    traced (eval mode): train() warns once, outputs stay deterministic, gradients flow."""
+    _, em = zoo_converted("gpt2")
+    ids = _ids()
+    expected = output(em, ids)
+    with pytest.warns(UserWarning, match="dropout .* stays off"):
+        assert em.train() is em
+    assert all(m.training for m in em.modules())
+    torch.testing.assert_close(output(em, ids), expected, rtol=0, atol=0)
+    out = em(ids)
+    getattr(out, "logits", out).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
+    em.zero_grad(set_to_none=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        em.train()  # once is enough
+        assert em.eval() is em
+    assert not any(m.training for m in em.modules())
+    with pytest.raises(TypeError, match="True or False"):
+        em.train("yes")
+
+
+def test_the_least_recently_used_program_is_dropped_first(zoo_converted):
+    """With room for two programs, running A, B, A, then C drops B: the full model that a
+    profile check runs between every other network stays built."""
+    _, em = zoo_converted("llama")
+    ids = _ids()
+    em._programs.clear()
+    kept = em.programs_kept
+    em.programs_kept = 2
+    try:
+        keys = {}
+        for name, widths in (("A", 1.0), ("B", 0.5), ("A", 1.0), ("C", 0.25)):
+            em.set_widths(widths)
+            em(ids)
+            em(ids)
+            keys[name] = tuple(em.widths.values())
+        assert list(em._programs) == [keys["A"], keys["C"]]
+    finally:
+        em.programs_kept = kept
+        em.set_full()

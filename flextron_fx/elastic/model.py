@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
@@ -18,8 +19,6 @@ from .compensation import Compensation
 from .ops import ElasticRegion, WeightSlice, WidthSource, check_indices
 from .static import specialise
 from .widths import candidates, width_rule
-
-_PROGRAMS = 8  # static programs kept per model (one per recently used set of widths)
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,8 @@ class ElasticModel(nn.Module):
         self.skipped: list = []  # blocks left dense, with reasons (analyze.Skipped)
         self.orders: dict = {}  # block -> axis -> stored order of original indices
         self._programs: dict[tuple, object] = {}  # widths -> static program (see forward)
+        # How many static programs to keep: the most recently used sets of widths.
+        self.programs_kept = 8
         self._programs_of = self._last_key = None
         self._width_targets: list[str] = []
 
@@ -235,6 +236,25 @@ class ElasticModel(nn.Module):
         return out
 
     # ---- running and exporting ----------------------------------------------------------
+    def train(self, mode: bool = True) -> ElasticModel:
+        """Set the `training` flag of this model and every submodule; returns self.
+
+        The graph was traced in eval mode, so it holds no dropout and no train-only branch,
+        and gradients flow in either mode: the flag changes nothing the graph computes.
+        (nn.Module.train would call the exported graph's own train(), which torch.export
+        refuses.) `train(True)` warns once that dropout stays off.
+        """
+        if not isinstance(mode, bool):
+            raise TypeError(f"train(mode) takes True or False, got {mode!r}")
+        for module in self.modules():
+            module.training = mode
+        if mode and not getattr(self, "_warned_train", False):
+            self._warned_train = True
+            warnings.warn("ElasticModel.train(): the graph was traced in eval mode, so the "
+                          "model's dropout (if it had any) stays off; training works as "
+                          "usual otherwise", stacklevel=2)
+        return self
+
     def forward(self, *inputs):
         check_call(inputs, self.sample_shape)
         gm = self.graph_module
@@ -266,10 +286,12 @@ class ElasticModel(nn.Module):
         key = tuple(gm.get_submodule(t).value for t in self._width_targets)
         if any(isinstance(w, torch.Tensor) for w in key):
             return None
-        program = self._programs.get(key)
+        program = self._programs.pop(key, None)
         if program is None and key == self._last_key:
-            program = self._programs[key] = specialise(gm)
-            while len(self._programs) > _PROGRAMS:
+            program = specialise(gm)
+        if program is not None:
+            self._programs[key] = program  # now the most recently used
+            while len(self._programs) > self.programs_kept:
                 self._programs.pop(next(iter(self._programs)))
         self._last_key = key
         return program

@@ -43,10 +43,15 @@ def add_parser(sub) -> None:
     p.add_argument("--low", type=float, default=0.4,
                    help="spread random sub-networks over this fraction of full latency to 1")
     p.add_argument("--shapes", default=None, help="subset of the table's shapes")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per sub-network")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds for every sub-network")
+    p.add_argument("--precision", type=float, default=0.02,
+                   help="then more rounds for each sub-network whose measured ratio to full "
+                        "has a relative standard error above this (0 turns it off)")
+    p.add_argument("--max-repeats", type=int, default=None,
+                   help="at most this many rounds per sub-network (default 4 x --repeats)")
     p.add_argument("--warmup", type=int, default=2,
-                   help="warm-up forwards after every switch in the first round (later: 1, "
-                        "or none with 0)")
+                   help="warm-up forwards the first time each sub-network runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every point and the metrics here")
     p.add_argument("--plot", default=None, help="scatter plot PNG")
@@ -88,8 +93,12 @@ def run_check(args) -> dict:
     if args.repeats < 1 or args.warmup < 0:
         raise ProfileError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and "
                            f"{args.warmup}")
+    if args.max_repeats is not None and args.max_repeats < args.repeats:
+        raise ProfileError(f"--max-repeats {args.max_repeats} is below --repeats "
+                           f"{args.repeats}; give at least as many")
     result = check(em, table, n=args.n, seed=args.seed, low=args.low, repeats=args.repeats,
-                   warmup=args.warmup, shapes=args.shapes, progress=not args.no_progress)
+                   warmup=args.warmup, shapes=args.shapes, precision=args.precision or None,
+                   max_repeats=args.max_repeats, progress=not args.no_progress)
     print(report(result))
     if args.json:
         from .._atomic import write_atomic

@@ -12,10 +12,17 @@ the table's own anchors.
 Why ratios. Budgets are fractions of the full model, and a machine's speed drifts (load,
 clocks, thermals): the full SmolLM2 once took 450 ms while a table was measured and 605 ms
 minutes later. So every network is timed right between two forwards of the full model
-(full, net a, full, net b, full, ... in rounds, one warm-up forward after every switch),
-and its measured ratio is its time over the mean of those two. A change of speed slower
-than a few forwards cancels in that ratio; the absolute error still shows it. (onnxruntime
-exports one network at a time, so there the ratio is to the full model's median.)
+(full, net a, full, net b, full, ... in rounds; warm-up forwards only the first time a
+network runs), and its measured ratio is the median over rounds of its time over the mean
+of those two. A change of speed slower than a few forwards cancels in that ratio; the
+absolute error still shows it. (onnxruntime exports one network at a time, so there the
+ratio is to the full model's median.)
+
+Why more rounds for some networks. A shared machine also has fast noise: one forward of
+SmolLM2 at 1x256 varied from 670 to 1210 ms within a minute, so the ratio of one pair is
+off by 10-15 % and a median of 5 by up to 8 %. With `precision`, every network whose
+ratio's standard error (from the spread of its pair ratios) is above it gets more rounds,
+up to `max_repeats`; each point records its rounds and standard error.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 
 from .._atomic import savefig_atomic
 from ..elastic.model import ElasticModel
+from ..errors import ProfileError
 from . import onnxrt
 from .backends import get_backend
 from .cost import CostModel
@@ -39,6 +47,7 @@ from .measure import (
     busy_warning,
     make_runner,
     method_for,
+    programs_kept,
     quiet_gc,
     uniform_grid,
 )
@@ -108,23 +117,36 @@ def metrics(points: list[dict]) -> dict:
             "median_abs_ratio_error": float(np.median(ratio)),
             "worst_abs_ratio_error": float(ratio.max()),
             "spearman": spearman(pred, meas) if len(points) > 2 else None,
+            "rounds": [min(p["rounds"] for p in points), max(p["rounds"] for p in points)],
+            "worst_ratio_se": max(p["ratio_se"] for p in points),
             "measured_fraction_range": [float(min(frac)), float(max(frac))]}
 
 
 def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
           low: float = 0.4, repeats: int = 5, warmup: int = 2, shapes=None,
+          precision: float | None = None, max_repeats: int | None = None,
           progress: bool = True, clock=None) -> dict:
     """Predicted vs measured latency of random and uniform sub-networks: absolute (ms) and
     as a ratio to the full model measured right beside each of them.
 
-    The table must match this machine, the model and (if given) `shapes`. `clock`
-    replaces the backend's clock (tests inject a fake one).
+    Every network gets `repeats` rounds; with `precision` (a relative standard error,
+    e.g. 0.02), those whose measured ratio is less certain get more, up to `max_repeats`
+    rounds (default 4 x `repeats`). The table must match this machine, the model and (if
+    given) `shapes`. `clock` replaces the backend's clock (tests inject a fake one).
 
     Example:
         >>> r = check(em, LatencyTable.load("lut.json"), n=30)                # doctest: +SKIP
         >>> r["shapes"]["1x256"]["random"]["median_abs_ratio_error"]         # doctest: +SKIP
         0.021
     """
+    max_repeats = max_repeats if max_repeats is not None else (
+        4 * repeats if precision is not None else repeats)
+    if repeats < 1 or max_repeats < repeats:
+        raise ProfileError(f"repeats must be >= 1 and max_repeats >= repeats, got {repeats} "
+                           f"and {max_repeats}")
+    if precision is not None and not 0 < precision < 1:
+        raise ProfileError(f"precision is a relative standard error such as 0.02, got "
+                           f"{precision}")
     fp = table.fingerprint
     backend = get_backend(fp["backend"])
     clock = clock if clock is not None else backend.clock()
@@ -141,7 +163,8 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
         cost = CostModel(em, table)
         net = build_runtime(em, method, table.mode, fp["dtype"], backend.device)
         out = {"table": table.source, "fingerprint": fp, "n": n, "seed": seed, "low": low,
-               "repeats": repeats, "method": METHODS[method],
+               "repeats": repeats, "max_repeats": max_repeats, "precision": precision,
+               "method": METHODS[method],
                "interleaved": method != "onnxruntime", "shapes": {}}
         grid = uniform_grid(em)
         full_index = next(i for i, (_, w) in enumerate(grid) if w == em.full_widths())
@@ -161,8 +184,11 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
             else:
                 runner = make_runner(net, clock, table.mode, shape, seed)
                 bar = _bar(repeats * len(nets), 0, progress, f"check {key}")
-                times, ratios = time_beside_full(net, runner, nets, full_index, repeats,
-                                                 warmup, bar)
+                with programs_kept(em, len(nets)):
+                    times, ratios = time_beside_full(net, runner, nets, full_index,
+                                                     repeats, warmup, bar,
+                                                     precision=precision,
+                                                     max_repeats=max_repeats)
             bar.close()
             if method != "graph":
                 net.set(em.full_widths())
@@ -178,6 +204,7 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
 def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
     """Points and metrics of one shape from measured times and ratios."""
     full_ms = float(np.median(times[full_index]))
+    floor = pooled_sigma(ratios)
     full_pred = cost.latency(None, key)
     points = []
     for i, (group, label, widths) in enumerate(nets):
@@ -193,6 +220,7 @@ def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
             "rel_error": pred / med - 1, "measured_fraction": med / full_ms,
             "predicted_ratio": pred / full_pred, "measured_ratio": ratio,
             "ratio_error": (pred / full_pred) / ratio - 1,
+            "rounds": len(t), "ratio_se": ratio_se(ratios[i], floor),
             "params_fraction": cost.fraction("params", widths)})
     anchor = next((a["measured"]["median_ms"] for a in table.data["anchors"].get(key, [])
                    if a["widths"] == list(em.full_widths().values())), None)
@@ -204,12 +232,40 @@ def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
             "all": metrics(points)}
 
 
-def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar):
+def ratio_sigma(ratios) -> float:
+    """Relative spread of one network's pair ratios: a normal's sigma from the interquartile
+    range (IQR / 1.349) over the median; infinite below 3 values."""
+    r = np.asarray(ratios, dtype=float)
+    if len(r) < 3:
+        return float("inf")
+    q25, q50, q75 = np.percentile(r, [25, 50, 75])
+    return float((q75 - q25) / 1.349 / q50)
+
+
+def ratio_se(ratios, floor: float = 0.0) -> float:
+    """Relative standard error of the median of `ratios` (1.2533 sigma / sqrt n), with
+    sigma at least `floor`: the machine's noise, pooled over all networks, so that a few
+    rounds that agree by luck do not pass for a precise ratio."""
+    return float(1.2533 * max(ratio_sigma(ratios), floor) / np.sqrt(max(len(ratios), 1)))
+
+
+def pooled_sigma(ratios: dict) -> float:
+    """The median over networks of their ratios' relative spread (`ratio_sigma`)."""
+    sigmas = [ratio_sigma(r) for r in ratios.values() if len(r) >= 3]
+    return float(np.median(sigmas)) if sigmas else 0.0
+
+
+def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar, *,
+                     precision=None, max_repeats=None):
     """Every network timed right after and before the full model, in rounds:
     full, net a, full, net b, full, ... (the order of the nets alternates between rounds).
 
-    Warm-up forwards after every switch: `warmup` in the first round, then one (none
-    when `warmup` is 0).
+    `warmup` warm-up forwards the first time each network runs (round one), none later:
+    the first forward after a switch measured no slower than the second on SmolLM2
+    (median 0.93 over 24 switches, prefill 1x256). After `repeats` rounds, with
+    `precision`, further rounds (up to `max_repeats`) time only the networks whose ratio's
+    standard error (`ratio_se`, its spread floored at the median spread over all
+    networks) is still above it.
 
     Returns ({i: [ms per round]}, {i: [ms / mean of the two full forwards beside it]}):
     a drift of the machine's speed slower than one forward cancels in the ratio.
@@ -217,16 +273,28 @@ def time_beside_full(net, runner, nets, full_index, repeats, warmup, bar):
     times: dict[int, list[float]] = {i: [] for i in range(len(nets))}
     ratios: dict[int, list[float]] = {i: [] for i in range(len(nets))}
     full_widths = nets[full_index][2]
+    max_repeats = repeats if max_repeats is None else max_repeats
 
     def timed(i, widths, first):
         net.set(widths)
         runner.prepare(i)
-        for _ in range(warmup if first else min(warmup, 1)):
+        for _ in range(warmup if first else 0):
             runner.run(i)
         return runner.run(i)
 
-    for r in quiet_gc(range(repeats)):
-        order = list(range(len(nets)))
+    def unsettled():
+        if precision is None:
+            return []
+        floor = pooled_sigma(ratios)
+        return [i for i in range(len(nets)) if ratio_se(ratios[i], floor) > precision]
+
+    for r in quiet_gc(range(max_repeats)):
+        order = list(range(len(nets))) if r < repeats else unsettled()
+        if not order:
+            break
+        if r >= repeats:
+            bar.total += len(order)
+            bar.refresh()
         if r % 2:
             order.reverse()
         before = timed(full_index, full_widths, r == 0)
@@ -266,6 +334,11 @@ def report(result: dict) -> str:
                          f"{m['median_abs_rel_error']:6.1%}  worst "
                          f"{m['worst_abs_rel_error']:6.1%};  Spearman {rho}"
                          f"  (measured {lo:.0%}-{hi:.0%} of full)")
+            if g != "all":
+                lo_r, hi_r = m["rounds"]
+                rounds = f"{lo_r}" if lo_r == hi_r else f"{lo_r}-{hi_r}"
+                lines.append(f"  {'':<8} {rounds} rounds per network; worst standard error "
+                             f"of a measured ratio {m['worst_ratio_se']:.1%}")
     return "\n".join(lines)
 
 
