@@ -114,6 +114,30 @@ def test_the_graph_table_holds_each_blocks_cost_exactly(name, zoo_converted):
     assert em.widths == em.full_widths()  # the profiler gives the widths back
 
 
+def test_blocks_that_cost_more_in_the_whole_forward_are_scaled_to_it(zoo_converted):
+    """Each forward costs 25 % of its blocks' hooked time more, outside the hooks (as a
+    per-call overhead that grows with the work does). A constant "other" would then
+    overprice small sub-networks next to the full one; the fitted scale is 1.25 and the
+    table predicts every sub-network's whole forward exactly."""
+    _, em = zoo_converted("llama")
+    clock = FakeClock()
+    with fake_costs(em, clock):
+        hook = em.graph_module.register_forward_pre_hook(lambda _m, _a: clock.advance(
+            0.25 * (predicted_by_hand(em, em.widths) - FIXED)))
+        try:
+            table = profile(em, CONFIG, progress=False, clock=clock)
+        finally:
+            hook.remove()
+    assert table.data["block_scale"]["1x8"] == pytest.approx(1.25)
+    assert table.fixed_ms("1x8") == pytest.approx({"other": FIXED})
+    cost = CostModel(em, table)
+    rng = random.Random(0)
+    for _ in range(5):
+        widths = {n: rng.choice(op.candidates) for n, op in em.ops.items()}
+        whole = FIXED + 1.25 * (predicted_by_hand(em, widths) - FIXED)
+        assert cost.latency(widths) == pytest.approx(whole)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_real_graph_table_is_built_for_every_architecture(name, zoo_converted):
     """Real clock, structure only: every block is one partition, every op has an entry at

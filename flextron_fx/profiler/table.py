@@ -8,6 +8,9 @@ per-layer timings pool into its entries. A sub-network's predicted latency is th
 paper uses (Eq. 6-8), over every op's entry at its width, plus the fixed parts:
 embedding, norms, output head, and "other" (residual adds, rotary tables, mask building,
 Python dispatch), which is what end-to-end time leaves over after the timed modules.
+Entries are the hooked block times times one `block_scale` per shape, fitted with "other"
+so that the sum predicts the whole forwards measured at the grid (measure.fit_whole;
+tables from before the fit have no `block_scale` and entries as hooked).
 
 JSON layout (format "flextron-latency-table", version 1):
 
@@ -19,6 +22,7 @@ JSON layout (format "flextron-latency-table", version 1):
      "anchors": {shape: [{"label", "widths", "measured", "predicted_ms",
                           "predicted_fraction", "measured_fraction"}]},
      "full": {shape: {"predicted_ms", "measured_ms"}},  (the full model, when measured)
+     "block_scale": {shape: scale of the hooked block times in the entries},
      "seconds": total measuring time}
 
 Budgets and routers use fractions of the full model (`fraction`, `CostModel.fraction`):
