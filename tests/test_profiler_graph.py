@@ -278,6 +278,7 @@ def test_profile_check_on_gpt2_reports_ratio_and_absolute_errors(zoo_converted, 
                      "2", "--json", str(lut), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "decode: unavailable" in printed and "mlp[" in printed
+    assert "block entries = hooked times x" in printed
     assert cli.main(["profile-check", str(run), "--lut", str(lut), "--n", "4", "--repeats",
                      "2", "--json", str(out), "--no-progress"]) == 0
     assert "ratio to full: median |err|" in capsys.readouterr().out

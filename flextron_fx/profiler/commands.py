@@ -126,6 +126,10 @@ def summary(table) -> str:
         fixed = table.fixed_ms(key)
         lines.append(f"shape {key}: fixed " + ", ".join(f"{p} {v:.3f}" for p, v in fixed.items())
                      + " ms")
+        scale = table.data.get("block_scale", {}).get(key)
+        if scale is not None:
+            lines.append(f"  block entries = hooked times x {scale:.3f}, fitted with 'other' "
+                         "to the grid's whole forwards")
         for rid, row in table.data["rows"].items():
             ent = table.data["entries"][rid].get(key, {})
             cells = ", ".join(f"{w}: {e['median_ms']:.3f} [{e['p25_ms']:.3f}-{e['p75_ms']:.3f}]"
