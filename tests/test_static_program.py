@@ -240,11 +240,12 @@ def test_compact_locals_reuses_only_dead_names():
     assert compact_locals(looped) == looped  # control flow: left as it is
 
 
-def test_train_and_eval_set_the_flag_and_the_traced_graph_keeps_no_dropout(zoo_converted):
+def test_train_and_eval_set_the_flag_and_the_traced_graph_keeps_no_dropout():
     """GPT-2 with its default dropout 0.1: nn.Module.train() on the elastic model used to
     raise NotImplementedError from the exported graph. Now both modes run the graph as
-    traced (eval mode): train() warns once, outputs stay deterministic, gradients flow."""
-    _, em = zoo_converted("gpt2")
+    traced (eval mode): train() warns once, outputs stay deterministic, gradients flow.
+    (A conversion of its own: the shared ones may have been frozen by other tests.)"""
+    em = _convert("gpt2")
     ids = _ids()
     expected = output(em, ids)
     with pytest.warns(UserWarning, match="dropout .* stays off"):

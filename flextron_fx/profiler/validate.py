@@ -131,7 +131,8 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
 
     Every network gets `repeats` rounds; with `precision` (a relative standard error,
     e.g. 0.02), those whose measured ratio is less certain get more, up to `max_repeats`
-    rounds (default 4 x `repeats`). The table must match this machine, the model and (if
+    rounds (default 4 x `repeats`; interleaved runtimes only: onnxruntime times each
+    network in one block of `repeats`). The table must match this machine, the model and (if
     given) `shapes`. `clock` replaces the backend's clock (tests inject a fake one).
 
     Example:
