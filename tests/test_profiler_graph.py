@@ -13,6 +13,7 @@ import contextlib
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from zoo import ZOO
@@ -24,6 +25,7 @@ from flextron_fx.errors import ProfileError, UnsupportedModelError
 from flextron_fx.profiler import CostModel, LatencyTable, ProfileConfig, check, profile
 from flextron_fx.profiler.commands import summary
 from flextron_fx.profiler.graphrun import GraphModel, _first_tensor, block_extents
+from flextron_fx.profiler.measure import fit_whole
 
 NAMES = sorted(ZOO)
 FIXED = 3.0  # ms the fake clock adds per whole-graph forward: embedding, norms, head, glue
@@ -136,6 +138,19 @@ def test_blocks_that_cost_more_in_the_whole_forward_are_scaled_to_it(zoo_convert
         widths = {n: rng.choice(op.candidates) for n, op in em.ops.items()}
         whole = FIXED + 1.25 * (predicted_by_hand(em, widths) - FIXED)
         assert cost.latency(widths) == pytest.approx(whole)
+
+
+def test_one_slow_anchor_does_not_swing_the_block_scale():
+    """Twelve grid points on other 3 + 1.2 x blocks, one of them ten times slower (a
+    noisy real clock on a tiny model): the scale stays 1.2 and "other" 3 (median of the
+    residuals). Anchors that fit no plausible scale (slope 5) give scale 1."""
+    ops = np.linspace(2.0, 6.0, 12)
+    rest = 3.0 + 1.2 * ops
+    rest[5] *= 10
+    scale, other = fit_whole(ops, rest)
+    assert scale == pytest.approx(1.2) and float(np.median(other)) == pytest.approx(3.0)
+    assert fit_whole(ops, 5 * ops)[0] == 1.0
+    assert fit_whole(ops[:2], rest[:2])[0] == 1.0
 
 
 @pytest.mark.parametrize("name", NAMES)
