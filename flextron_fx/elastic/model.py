@@ -69,6 +69,7 @@ class ElasticModel(nn.Module):
         self._programs: dict[tuple, object] = {}  # widths -> static program (see forward)
         # How many static programs to keep: the most recently used sets of widths.
         self.programs_kept = 8
+        self._warned_train = False  # train(True) warns once that dropout stays off
         self._programs_of = self._last_key = None
         self._width_targets: list[str] = []
 
@@ -248,7 +249,7 @@ class ElasticModel(nn.Module):
             raise TypeError(f"train(mode) takes True or False, got {mode!r}")
         for module in self.modules():
             module.training = mode
-        if mode and not getattr(self, "_warned_train", False):
+        if mode and not self._warned_train:
             self._warned_train = True
             warnings.warn("ElasticModel.train(): the graph was traced in eval mode, so the "
                           "model's dropout (if it had any) stays off; training works as "

@@ -93,9 +93,6 @@ def run_check(args) -> dict:
     if args.repeats < 1 or args.warmup < 0:
         raise ProfileError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and "
                            f"{args.warmup}")
-    if args.max_repeats is not None and args.max_repeats < args.repeats:
-        raise ProfileError(f"--max-repeats {args.max_repeats} is below --repeats "
-                           f"{args.repeats}; give at least as many")
     result = check(em, table, n=args.n, seed=args.seed, low=args.low, repeats=args.repeats,
                    warmup=args.warmup, shapes=args.shapes, precision=args.precision or None,
                    max_repeats=args.max_repeats, progress=not args.no_progress)

@@ -143,8 +143,8 @@ def check(em: ElasticModel, table: LatencyTable, *, n: int = 30, seed: int = 0,
     max_repeats = max_repeats if max_repeats is not None else (
         4 * repeats if precision is not None else repeats)
     if repeats < 1 or max_repeats < repeats:
-        raise ProfileError(f"repeats must be >= 1 and max_repeats >= repeats, got {repeats} "
-                           f"and {max_repeats}")
+        raise ProfileError(f"repeats must be >= 1 and max_repeats >= repeats (--repeats, "
+                           f"--max-repeats), got {repeats} and {max_repeats}")
     if precision is not None and not 0 < precision < 1:
         raise ProfileError(f"precision is a relative standard error such as 0.02, got "
                            f"{precision}")
