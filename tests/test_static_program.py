@@ -281,7 +281,7 @@ def test_the_least_recently_used_program_is_dropped_first(zoo_converted):
             em.set_widths(widths)
             em(ids)
             em(ids)
-            keys[name] = tuple(em.widths.values())
+            keys[name] = tuple(em.widths[op] for op in em.width_nodes())  # graph order
         assert list(em._programs) == [keys["A"], keys["C"]]
     finally:
         em.programs_kept = kept
