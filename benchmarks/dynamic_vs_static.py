@@ -24,7 +24,9 @@ calibrations), in batches of `--batch`:
 Loss is the mean next-token loss; cost is the predicted fraction of the full model's cost
 in the runs' table. For dynamic and capacity, every batch's forward is also timed against
 the full model (the same graph with every router giving its widest width), interleaved,
-`--reps` rounds; the table gives the median ratio over batches and the worst batch.
+`--reps` rounds, then more (up to 4 x `--reps`) for a batch whose ratio's relative standard
+error is above `--precision` (default 0.02); the table gives the median ratio over batches
+and the worst batch.
 """
 
 from __future__ import annotations
@@ -45,17 +47,20 @@ from flextron_fx.passes.inject_routers import budget_source, calibrate_budget, c
 from flextron_fx.route import remove_routers, select, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import load_routers, router_folder
-from flextron_fx.route.timing import routed_time_ratios
+from flextron_fx.route.timing import routed_timing
 from flextron_fx.route.train import evaluate_routers
 
 
-def per_token(em, table, held, budgets, batch: int, reps: int) -> dict[float, dict]:
+def per_token(em, table, held, budgets, batch: int, reps: int,
+              precision: float | None = None) -> dict[float, dict]:
     res = evaluate_routers(em, held, table, budgets, batch)
     out = {}
     for t in budgets:
         set_budget(em, t)
-        ratios = routed_time_ratios(em, held, batch, reps) if reps else []
-        out[t] = {**res[str(t)], "ratios": ratios}
+        timed = routed_timing(em, held, batch, reps, precision=precision) if reps else []
+        ratios = [b["ratio"] for b in timed]
+        out[t] = {**res[str(t)], "ratios": ratios, "rounds": [b["rounds"] for b in timed],
+                  "ratio_se": [b["se"] for b in timed]}
         print(f"  T={t:.2f}: loss {out[t]['loss']:.4f}, predicted {out[t]['cost']:.3f}"
               + (f", measured median {statistics.median(ratios):.3f} worst {max(ratios):.3f}"
                  if ratios else ""), flush=True)
@@ -81,6 +86,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16, help="held-out blocks of 256 tokens")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timing rounds per batch (0: none)")
+    ap.add_argument("--precision", type=float, default=0.02,
+                    help="then more rounds (up to 4 x --reps) for a batch whose measured ratio "
+                         "has a relative standard error above this (0: none)")
     ap.add_argument("--calib-blocks", type=int, default=8)
     ap.add_argument("--uniform-shares", action="store_true")
     ap.add_argument("--capacity-timing-reps", type=int, default=3,
@@ -131,7 +139,8 @@ def main() -> None:
         elif reader.calibration is None:
             calibrate_budget(em, table, calib, batch=args.batch)
         print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))
-        dynamic = per_token(em, table, held, budgets, args.batch, args.reps)
+        dynamic = per_token(em, table, held, budgets, args.batch, args.reps,
+                            args.precision or None)
     if "capacity" in kinds:
         remove_routers(em)
         routers = load_routers(em, folder, "capacity")[0]
@@ -143,7 +152,8 @@ def main() -> None:
             print("capacity routing measured (grid budget: time / full): " + ", ".join(
                 f"{g:.2f}: {m:.3f}" for g, m in zip(profile["grid"], profile["measured"])))
         print("capacity")
-        capacity = per_token(em, table, held, budgets, args.batch, args.reps)
+        capacity = per_token(em, table, held, budgets, args.batch, args.reps,
+                             args.precision or None)
 
     rows = [{"budget": t, "static": static.get(t), "dynamic": dynamic.get(t),
              "capacity": capacity.get(t)} for t in budgets]
@@ -158,7 +168,8 @@ def main() -> None:
             "static": str(args.static), "dynamic": str(folder), "metric": table.metric,
             "text": f"validation split of {source}, {held.shape[0]} x {held.shape[1]} tokens",
             "timing": f"batches of {args.batch}, {args.reps} interleaved rounds vs the full "
-                      "width through the same graph", "budget_calibration": not args.raw_budget,
+                      "width through the same graph, more (up to 4x) where a ratio's standard "
+                      f"error is above {args.precision}", "budget_calibration": not args.raw_budget,
             "capacity_profile": profile, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, table.metric, args.plot)

@@ -32,7 +32,7 @@ from flextron_fx.passes.inject_routers import (
     static_choice,
 )
 from flextron_fx.profiler import Budget, CostModel
-from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select
+from flextron_fx.route import CostTable, RouterConfig, load_routers, save_routers, select, timing
 from flextron_fx.route.routers import (
     BudgetSource,
     DynamicRouter,
@@ -406,6 +406,45 @@ def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_pat
     try:
         assert next(iter(loaded.values())).profile["measured"] == profile["measured"]
     finally:
+        remove_routers(em)
+
+
+def test_a_batch_with_a_noisy_ratio_gets_more_timing_rounds(zoo_converted, monkeypatch):
+    """A fake clock: a full forward takes 2 units and a routed one 1, except in the last
+    batch, where routed forwards take 1 and 1.5 in turn. The exact batches stop at `reps`
+    rounds with ratio 0.5 and no error; the noisy one runs to `max_reps`."""
+    _, em = zoo_converted("llama")
+    routers = inject_routers(em, "capacity", cost=CostTable.coerce(em, width_share_costs(em)))
+    tokens = _ids(7, batch=6, seq=6)
+    noisy = tokens[4:]
+    clock, routed_runs = [0.0], [0]
+
+    def advance(_m, args):
+        if next(iter(routers.values())).full:
+            clock[0] += 2.0
+        else:
+            slow = torch.equal(args[0], noisy) and routed_runs[0] % 2
+            routed_runs[0] += torch.equal(args[0], noisy)
+            clock[0] += 1.5 if slow else 1.0
+
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(timing, "time", fake_time)
+    hook = em.graph_module.register_forward_pre_hook(advance)
+    try:
+        set_budget(em, 0.8)
+        out = timing.routed_timing(em, tokens, batch=2, reps=3, progress=False,
+                                   precision=0.01, max_reps=8)
+        assert [b["rounds"] for b in out] == [3, 3, 8]
+        assert [b["ratio"] for b in out[:2]] == [0.5, 0.5] and out[0]["se"] == 0
+        assert out[2]["se"] > 0.01 and 0.5 <= out[2]["ratio"] <= 0.75
+        assert timing.routed_time_ratios(em, tokens[:2], batch=2, reps=2,
+                                         progress=False) == [0.5]
+        assert timing.routed_timing(em, tokens[:2], batch=2, reps=2,
+                                    progress=False)[0]["se"] is None  # 2 rounds: unknown
+        with pytest.raises(WidthError, match="max_reps >= reps"):
+            timing.routed_timing(em, tokens, reps=3, precision=0.01, max_reps=2)
+    finally:
+        hook.remove()
         remove_routers(em)
 
 

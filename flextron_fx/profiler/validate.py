@@ -118,7 +118,9 @@ def metrics(points: list[dict]) -> dict:
             "worst_abs_ratio_error": float(ratio.max()),
             "spearman": spearman(pred, meas) if len(points) > 2 else None,
             "rounds": [min(p["rounds"] for p in points), max(p["rounds"] for p in points)],
-            "worst_ratio_se": max(p["ratio_se"] for p in points),
+            # None when some network ran fewer than 3 rounds: its spread is unknown
+            "worst_ratio_se": (None if any(p["ratio_se"] is None for p in points)
+                               else max(p["ratio_se"] for p in points)),
             "measured_fraction_range": [float(min(frac)), float(max(frac))]}
 
 
@@ -221,7 +223,7 @@ def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
             "rel_error": pred / med - 1, "measured_fraction": med / full_ms,
             "predicted_ratio": pred / full_pred, "measured_ratio": ratio,
             "ratio_error": (pred / full_pred) / ratio - 1,
-            "rounds": len(t), "ratio_se": ratio_se(ratios[i], floor),
+            "rounds": len(t), "ratio_se": _finite(ratio_se(ratios[i], floor)),
             "params_fraction": cost.fraction("params", widths)})
     anchor = next((a["measured"]["median_ms"] for a in table.data["anchors"].get(key, [])
                    if a["widths"] == list(em.full_widths().values())), None)
@@ -231,6 +233,11 @@ def _compare(em, table, cost, key, nets, times, ratios, full_index) -> dict:
             **{g: metrics([p for p in points if p["group"] == g])
                for g in ("random", "uniform")},
             "all": metrics(points)}
+
+
+def _finite(x: float) -> float | None:
+    """None for an infinite value (JSON has no infinity)."""
+    return x if np.isfinite(x) else None
 
 
 def ratio_sigma(ratios) -> float:
@@ -338,8 +345,10 @@ def report(result: dict) -> str:
             if g != "all":
                 lo_r, hi_r = m["rounds"]
                 rounds = f"{lo_r}" if lo_r == hi_r else f"{lo_r}-{hi_r}"
+                se = m["worst_ratio_se"]
+                se = "unknown (fewer than 3 rounds)" if se is None else f"{se:.1%}"
                 lines.append(f"  {'':<8} {rounds} rounds per network; worst standard error "
-                             f"of a measured ratio {m['worst_ratio_se']:.1%}")
+                             f"of a measured ratio {se}")
     return "\n".join(lines)
 
 
