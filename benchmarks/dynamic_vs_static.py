@@ -146,7 +146,8 @@ def main() -> None:
         routers = load_routers(em, folder, "capacity")[0]
         if not args.uniform_shares and next(iter(routers.values())).profile is None:
             calibrate_capacity(em, table, calib, batch=args.batch,
-                               timing_reps=args.capacity_timing_reps)
+                               timing_reps=args.capacity_timing_reps,
+                               precision=args.precision or None)
         profile = next(iter(routers.values())).profile
         if profile and profile.get("measured"):
             print("capacity routing measured (grid budget: time / full): " + ", ".join(

@@ -323,7 +323,7 @@ def _spent(em: ElasticModel, table: CostTable, tokens: torch.Tensor, grid,
 @torch.no_grad()
 def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
                        grid=None, batch: int = 4, timing_reps: int = 0,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, *, precision: float | None = 0.02) -> dict:
     """Capacity routers: run `tokens` [n, seq] through the routers in dynamic mode at each
     budget of `grid` (default 0.5-1.0 in steps of 0.05, those the table can meet), record
     each op's mean cost per token, and make those the ops' capacity targets (see
@@ -332,9 +332,10 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
 
     With `timing_reps`, then also time capacity routing at each budget of the grid against
     the full width on this machine (`route.timing.routed_time_ratios`, that many rounds
-    per batch, the median over batches) as the profile's "measured": a budget T is then
-    planned at the grid's budget that measured T, so that the measured time, not only
-    the table's prediction, stays within T. Routed execution costs more than the table's
+    per batch and more, up to 4 x `timing_reps`, while a batch's ratio has a relative
+    standard error above `precision`; the median over batches) as the profile's
+    "measured": a budget T is then planned at the grid's budget that measured T, so that
+    the measured time, not only the table's prediction, stays within T. Routed execution costs more than the table's
     sum of per-op widths (the routers' own compute, the per-token gathers and scatters),
     and the table does not see it."""
     routers = routers_of(em)
@@ -357,8 +358,8 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
         try:
             for g in tqdm(grid, desc="timing capacity", leave=False, disable=not progress):
                 set_budget(em, g)
-                measured.append(statistics.median(
-                    routed_time_ratios(em, tokens, batch, timing_reps, progress=False)))
+                measured.append(statistics.median(routed_time_ratios(
+                    em, tokens, batch, timing_reps, progress=False, precision=precision)))
         finally:
             source.value = saved
         profile["measured"] = measured
