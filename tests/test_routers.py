@@ -268,10 +268,11 @@ def test_capacity_counts_meet_the_limit_and_assignment_follows_them(k, n, seed, 
 
 @settings(max_examples=80, deadline=None)
 @given(ops=st.integers(1, 6), seed=st.integers(0, 2**16), frac=st.floats(0.0, 1.0),
-       calibrated=st.booleans())
-@example(ops=5, seed=0, frac=0.0, calibrated=False)  # the cheapest, rounded below its sum
+       calibrated=st.booleans(), whole=st.integers(0, 6))
+@example(ops=5, seed=0, frac=0.0, calibrated=False, whole=0)  # the cheapest, rounded
+@example(ops=4, seed=3, frac=0.5, calibrated=True, whole=2)  # rounding frees room
 def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, frac,
-                                                                   calibrated):
+                                                                   calibrated, whole):
     g = torch.Generator().manual_seed(seed)
     costs = {f"op{i}": sorted((1 + torch.rand(3, generator=g) * 4).tolist())
              for i in range(ops)}
@@ -280,13 +281,21 @@ def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, f
     profile = {"grid": grid, "ops": {n: sorted((c[0] + torch.rand(3, generator=g)
                                                 * (c[-1] - c[0])).tolist())
                                      for n, c in costs.items()}} if calibrated else None
-    shares = capacity_shares(table, list(costs), profile)
+    batch_ops = list(costs)[:whole]  # one candidate per batch (capacity attention)
+    shares = capacity_shares(table, list(costs), profile, whole=batch_ops)
     budget = (table.minimum + frac * (table.full - table.minimum)) / table.full
     got = shares(budget)
     for n, c in costs.items():
         assert c[0] - 1e-9 <= got[n] <= c[-1] + 1e-9
-    assert math.isclose(table.fixed + sum(got.values()), budget * table.full, rel_tol=1e-9)
-    if not calibrated:  # every op the same fraction of its range
+    total = table.fixed + sum(got.values())
+    assert total <= budget * table.full * (1 + 1e-9)
+    unrounded = capacity_shares(table, list(costs), profile)(budget)
+    for n in batch_ops:  # the widest candidate within the op's limit before rounding
+        assert got[n] == max(c for c in costs[n] if c <= unrounded[n] * (1 + 1e-9) + 1e-12)
+    if not all(math.isclose(got[n], costs[n][-1], rel_tol=1e-9) for n in costs
+               if n not in batch_ops):  # the freed room is spent while any op can take it
+        assert math.isclose(total, budget * table.full, rel_tol=1e-9)
+    if not calibrated and not batch_ops:  # every op the same fraction of its range
         alphas = {round((got[n] - c[0]) / (c[-1] - c[0]), 9) for n, c in costs.items()
                   if c[-1] > c[0]}
         assert len(alphas) <= 1
@@ -407,6 +416,31 @@ def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_pat
         assert next(iter(loaded.values())).profile["measured"] == profile["measured"]
     finally:
         remove_routers(em)
+
+
+def test_capacity_plans_on_the_slowest_calibration_batch(zoo_converted, monkeypatch):
+    """Every batch is to stay within T, so each grid budget is charged its slowest batch's
+    time, not the median batch's (fake timings: batches at 0.9, 1.0 and 1.2 x g)."""
+    import flextron_fx.passes.inject_routers as ir
+
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    seen = {}
+
+    def fake(em_, tokens, batch, reps, progress=True, *, precision=None, max_reps=None):
+        g = budget_source(em_).value
+        seen[g] = precision
+        return [0.9 * g, 1.2 * g, 1.0 * g]
+
+    monkeypatch.setattr(ir, "routed_time_ratios", fake)
+    perturb_routers(inject_routers(em, "capacity", cost=table, seed=4), 4)
+    try:
+        profile = calibrate_capacity(em, table, _ids(5, batch=4, seq=6), timing_reps=2,
+                                     precision=0.03, progress=False)
+    finally:
+        remove_routers(em)
+    assert profile["measured"] == pytest.approx([1.2 * g for g in profile["grid"]])
+    assert set(seen) == set(profile["grid"]) and set(seen.values()) == {0.03}
 
 
 def test_a_batch_with_a_noisy_ratio_gets_more_timing_rounds(zoo_converted, monkeypatch):

@@ -18,7 +18,6 @@ and gives back the `WidthSource` nodes (their values unchanged), so the same out
 from __future__ import annotations
 
 import heapq
-import statistics
 import warnings
 
 import numpy as np
@@ -203,7 +202,7 @@ def static_choice(em: ElasticModel, budget: float) -> dict[str, int]:
     return out
 
 
-def capacity_shares(table: CostTable, names, profile: dict | None = None):
+def capacity_shares(table: CostTable, names, profile: dict | None = None, whole=()):
     """budget -> {op: cost limit per token}, the limits adding up to the budget.
 
     Each op starts from a target cost: its cheapest candidate, or with `profile`
@@ -213,7 +212,12 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None):
     to each op's target above its cheapest. Without a profile every op gets the same
     fraction of its cost range. A profile with "measured" (the measured time of capacity
     routing at each budget of its grid, a fraction of the full width's) splits, for a
-    budget T, the grid's budget whose measured time was T (`measured_budget`)."""
+    budget T, the grid's budget whose measured time was T (`measured_budget`).
+
+    Ops in `whole` (capacity attention) take one candidate for the whole batch, the widest
+    whose cost is within their limit; their limit is rounded down to that cost, and what
+    the rounding frees goes to the other ops, in proportion to their headroom (at T = 0.7
+    on SmolLM2 the rounding left a tenth of the budget unspent)."""
     low = {n: min(table.costs[n]) for n in names}
     high = {n: max(table.costs[n]) for n in names}
     cache: dict[float, dict[str, float]] = {}
@@ -246,10 +250,31 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None):
             above = sum(want[n] - low[n] for n in names)  # 0: room is the minimum, rounded
             keep = max(0.0, 1 + spare / above) if above > 0 else 0.0
             out = {n: low[n] + (want[n] - low[n]) * keep for n in names}
+        if whole:
+            out = _round_whole_batch(table, out, whole, high)
         cache[budget] = out
         return out
 
     return shares
+
+
+def _round_whole_batch(table: CostTable, limits: dict[str, float], whole,
+                       high: dict[str, float]) -> dict[str, float]:
+    """`limits` with each op of `whole` at its widest candidate cost within its limit and
+    the room that frees shared by the other ops in proportion to their headroom."""
+    out, freed = dict(limits), 0.0
+    for n in whole:
+        fits = [c for c in table.costs[n] if c <= out[n] * (1 + 1e-9) + 1e-12]
+        rounded = max(fits) if fits else min(table.costs[n])
+        freed += out[n] - rounded
+        out[n] = rounded
+    rest = [n for n in out if n not in whole]
+    head = sum(high[n] - out[n] for n in rest)
+    if freed > 0 and head > 0:
+        take = min(1.0, freed / head)
+        for n in rest:
+            out[n] += take * (high[n] - out[n])
+    return out
 
 
 def measured_budget(grid, measured):
@@ -279,7 +304,8 @@ def set_capacity(routers: dict[str, Router], table: CostTable,
                  profile: dict | None = None) -> None:
     """Give capacity routers their costs and their share of any budget
     (`capacity_shares`)."""
-    shares = capacity_shares(table, list(routers), profile)
+    shares = capacity_shares(table, list(routers), profile,
+                             whole=[n for n, r in routers.items() if r.whole_batch])
 
     def share_of(name: str):
         return lambda budget: shares(budget)[name]
@@ -333,9 +359,11 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
     With `timing_reps`, then also time capacity routing at each budget of the grid against
     the full width on this machine (`route.timing.routed_time_ratios`, that many rounds
     per batch and more, up to 4 x `timing_reps`, while a batch's ratio has a relative
-    standard error above `precision`; the median over batches) as the profile's
-    "measured": a budget T is then planned at the grid's budget that measured T, so that
-    the measured time, not only the table's prediction, stays within T. Routed execution costs more than the table's
+    standard error above `precision`; the slowest batch) as the profile's "measured": a
+    budget T is then planned at the grid's budget whose slowest batch measured T, so that
+    the measured time of every batch, not only the table's prediction, stays within T
+    (planned on the median batch, the slowest of 8 held-out batches measured 1.07 T on
+    SmolLM2, docs/ROUTERS.md). Routed execution costs more than the table's
     sum of per-op widths (the routers' own compute, the per-token gathers and scatters),
     and the table does not see it."""
     routers = routers_of(em)
@@ -358,7 +386,7 @@ def calibrate_capacity(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
         try:
             for g in tqdm(grid, desc="timing capacity", leave=False, disable=not progress):
                 set_budget(em, g)
-                measured.append(statistics.median(routed_time_ratios(
+                measured.append(max(routed_time_ratios(
                     em, tokens, batch, timing_reps, progress=False, precision=precision)))
         finally:
             source.value = saved
