@@ -292,8 +292,9 @@ def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, f
     unrounded = capacity_shares(table, list(costs), profile)(budget)
     for n in batch_ops:  # the widest candidate within the op's limit before rounding
         assert got[n] == max(c for c in costs[n] if c <= unrounded[n] * (1 + 1e-9) + 1e-12)
-    if not all(math.isclose(got[n], costs[n][-1], rel_tol=1e-9) for n in costs
-               if n not in batch_ops):  # the freed room is spent while any op can take it
+    if not batch_ops or not all(math.isclose(got[n], costs[n][-1], rel_tol=1e-9)
+                                for n in costs if n not in batch_ops):
+        # the whole budget is split; with rounded ops, while any other op can take room
         assert math.isclose(total, budget * table.full, rel_tol=1e-9)
     if not calibrated and not batch_ops:  # every op the same fraction of its range
         alphas = {round((got[n] - c[0]) / (c[-1] - c[0]), 9) for n, c in costs.items()

@@ -268,7 +268,8 @@ def _round_whole_batch(table: CostTable, limits: dict[str, float], whole,
         rounded = max(fits) if fits else min(table.costs[n])
         freed += out[n] - rounded
         out[n] = rounded
-    rest = [n for n in out if n not in whole]
+    rounded_ops = set(whole)
+    rest = [n for n in out if n not in rounded_ops]
     head = sum(high[n] - out[n] for n in rest)
     if freed > 0 and head > 0:
         take = min(1.0, freed / head)
