@@ -875,6 +875,36 @@ def test_training_refuses_an_impossible_budget_range(tmp_path, zoo_converted):
     assert not routers_of(em)
 
 
+@pytest.mark.parametrize("power, fixed_share, low", [(2, 0.0, 0.4), (1, 1.0, None)])
+def test_training_without_a_budget_range_starts_at_0_4_or_the_cheapest_sub_network(
+        tmp_path, zoo_converted, power, fixed_share, low):
+    _, em = zoo_converted("llama")
+    costs = {n: [c ** power for c in row] for n, row in width_share_costs(em).items()}
+    # squared width shares: the cheapest sub-network costs under 0.4; a fixed part as large
+    # as every op together: over half
+    table = CostTable("latency", costs, fixed=fixed_share * len(costs))
+    cheapest = table.minimum / table.full
+    assert (cheapest > 0.4) == (low is None)
+    low = low if low is not None else math.ceil(100 * cheapest) / 100
+    assert cheapest <= low < max(cheapest + 0.01, 0.4 + 1e-9)
+    config = _config(steps=3, budget_range=None, checkpoint_every=1)
+    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    try:
+        stopped = train_routers(em, tokens, tmp_path / "r", config, table, progress=False,
+                                max_seconds=0.0)
+        assert stopped["status"] == "stopped" and stopped["budget_range"] == [low, 1.0]
+        saved = json.loads((tmp_path / "r" / "config.json").read_text())
+        assert saved["budget_range"] == [low, 1.0]
+        remove_routers(em)  # resumed with the range left out again: the same one
+        done = train_routers(em, tokens, tmp_path / "r", config, table, progress=False,
+                             resume=True)
+        assert done["status"] == "done" and done["budget_range"] == [low, 1.0]
+        budgets = [row["budget"] for row in read_metrics(tmp_path / "r")]
+        assert len(budgets) == 3 and all(low <= b <= 1.0 for b in budgets)
+    finally:
+        remove_routers(em)
+
+
 @pytest.mark.parametrize("mode", ["static", "capacity"])
 def test_saved_routers_load_with_the_same_outputs(tmp_path, zoo_converted, mode):
     _, em = zoo_converted("gpt2")

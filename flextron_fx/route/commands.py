@@ -31,9 +31,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--budget-range", type=float, nargs=2, default=(0.4, 1.0),
+    p.add_argument("--budget-range", type=float, nargs=2, default=None,
                    metavar=("LOW", "HIGH"), help="budgets sampled per sequence, fractions "
-                   "of the full model's cost")
+                   "of the full model's cost (default: 0.4 to 1, or from the cheapest "
+                   "sub-network's cost where that is more than 0.4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
     p.add_argument("--surrogate-threshold", type=float, default=0.05,
@@ -109,7 +110,7 @@ def run_train(args) -> dict:
         raise TrainingError(str(exc)) from exc
     config = RouterConfig(
         steps=args.steps, mode=args.mode, metric=args.metric, batch=args.batch,
-        budget_range=tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
+        budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         surrogate_explained=args.surrogate_explained,
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,

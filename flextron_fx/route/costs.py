@@ -55,6 +55,18 @@ class CostTable:
         """The smallest cost any sub-network has (every op at its cheapest candidate)."""
         return self.fixed + sum(min(row) for row in self.costs.values())
 
+    def budget_range(self, low: float = 0.4) -> tuple[float, float]:
+        """Budgets to train routers on when none are given: from `low` of the full cost, or
+        from the cheapest sub-network's fraction (rounded up to 0.01) where that is more,
+        up to the full model.
+
+        Example:
+            >>> CostTable("latency", {"a": [1.0, 2.0]}, fixed=2.0).budget_range()
+            (0.75, 1.0)
+        """
+        cheapest = math.ceil(round(100 * self.minimum / self.full, 9)) / 100
+        return max(low, cheapest), 1.0
+
     def total(self, choice: dict[str, int]) -> float:
         """Cost of the sub-network with candidate index `choice[op]` for every op."""
         return self.fixed + sum(self.costs[n][k] for n, k in choice.items())

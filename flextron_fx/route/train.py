@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -90,7 +90,9 @@ class RouterConfig:
     mode: str = "static"
     metric: str = "latency"
     batch: int = 4
-    budget_range: tuple[float, float] = (0.4, 1.0)
+    # None: from 0.4 of the full cost, or the cheapest sub-network's fraction where that is
+    # more, to 1 (`CostTable.budget_range`, resolved when training starts)
+    budget_range: tuple[float, float] | None = None
     lr: float = 1e-3
     surrogate_lr: float = 3e-3
     latency_weight: float = 10.0
@@ -125,8 +127,8 @@ class RouterConfig:
             raise TrainingError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.batch < 1:
             raise TrainingError(f"batch must be >= 1, got {self.batch}")
-        low, high = self.budget_range
-        if not 0 < low <= high <= 1:
+        if self.budget_range is not None and not 0 < self.budget_range[0] \
+                <= self.budget_range[1] <= 1:
             raise TrainingError(f"budget_range is 0 < low <= high <= 1 (fractions of the "
                                 f"full cost), got {list(self.budget_range)}")
         for name in ("lr", "surrogate_lr", "tau", "surrogate_threshold"):
@@ -401,6 +403,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     config.validate()
     check_tokens(tokens, config.batch)
     table = CostTable.coerce(em, cost, config.metric)
+    if config.budget_range is None:
+        config = replace(config, budget_range=table.budget_range())
     table.refuse_below_minimum(config.budget_range[0])
     check_run_folder(run, overwrite)
     S.clean_leftovers(run)
@@ -498,7 +502,7 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
             p.requires_grad_(was)
     summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
                "wall_s": time.perf_counter() - t_run, "mode": config.mode,
-               "metric": config.metric}
+               "metric": config.metric, "budget_range": list(config.budget_range)}
     if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
         calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch,
                            timing_reps=config.capacity_timing_reps, progress=progress)
