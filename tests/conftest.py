@@ -74,6 +74,18 @@ def width_share_costs(em) -> dict[str, list[float]]:
     return {n: [c / op.full for c in op.candidates] for n, op in em.ops.items()}
 
 
+def self_sampled_tokens(em, n: int = 48, seq: int = 14, seed: int = 0) -> torch.Tensor:
+    """Text drawn from the full model itself: the full model is then the best predictor
+    of it, and narrower sub-networks lose more (a learnable signal on random weights)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (n, 2), generator=g)
+    with torch.no_grad():
+        while ids.shape[1] < seq:
+            p = torch.softmax(output(em, ids)[:, -1], -1)
+            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    return ids
+
+
 def perturb_routers(routers: dict, seed: int = 1, scale: float = 1.0) -> None:
     """Trained-looking router weights instead of the uniform start (all logits equal)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, calibration, output, perturb_routers, width_share_costs
+from conftest import (
+    assert_close,
+    calibration,
+    output,
+    perturb_routers,
+    self_sampled_tokens,
+    width_share_costs,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from zoo import ZOO, sample_inputs
@@ -714,18 +721,6 @@ def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted, con
         RouterConfig(steps=1, mode="dynamic", surrogate_context=True).validate()
 
 
-def _self_sampled_tokens(em, n: int = 48, seq: int = 14) -> torch.Tensor:
-    """Text drawn from the full model itself: the full model is then the best predictor
-    of it, and narrower sub-networks lose more (a learnable signal on random weights)."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128, (n, 2), generator=g)
-    with torch.no_grad():
-        while ids.shape[1] < seq:
-            p = torch.softmax(output(em, ids)[:, -1], -1)
-            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("level", ["sequence", "token"])
 def test_the_surrogate_warmup_counts_steps_at_either_level(zoo_converted, level):
     """For the first `surrogate_warmup` steps only the surrogate learns (no latency loss,
@@ -762,7 +757,7 @@ def _config(**kw) -> RouterConfig:
 
 def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
     em = _fresh(head_scale=6.0)
-    tokens = _self_sampled_tokens(em)
+    tokens = self_sampled_tokens(em)
     summary = train_routers(em, tokens, tmp_path / "run", _config(), width_share_costs(em),
                             progress=False, heldout=tokens[:8], eval_budgets=(0.5, 0.8))
     rows = read_metrics(tmp_path / "run")
@@ -784,7 +779,7 @@ def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
 
 def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):
     em = _fresh(head_scale=6.0)
-    tokens = _self_sampled_tokens(em)
+    tokens = self_sampled_tokens(em)
     config = _config(surrogate_explained=0.03, surrogate_threshold=1e-9)  # MSE never counts
     train_routers(em, tokens, tmp_path / "run", config, width_share_costs(em), progress=False)
     rows = read_metrics(tmp_path / "run")
@@ -805,7 +800,7 @@ def test_resume_from_a_checkpoint_continues_bit_exactly(tmp_path, zoo_converted,
     config = _config(steps=4, mode=mode, batch=3, checkpoint_every=2, surrogate_warmup=1,
                      surrogate_threshold=10.0, surrogate_level=level, memory=64)
     _, em = zoo_converted("llama")
-    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    tokens = self_sampled_tokens(em, n=8, seq=6)
     cost = width_share_costs(em)
 
     def routers():
@@ -888,7 +883,7 @@ def test_training_without_a_budget_range_starts_at_0_4_or_the_cheapest_sub_netwo
     low = low if low is not None else math.ceil(100 * cheapest) / 100
     assert cheapest <= low < max(cheapest + 0.01, 0.4 + 1e-9)
     config = _config(steps=3, budget_range=None, checkpoint_every=1)
-    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    tokens = self_sampled_tokens(em, n=8, seq=6)
     try:
         stopped = train_routers(em, tokens, tmp_path / "r", config, table, progress=False,
                                 max_seconds=0.0)
@@ -1065,7 +1060,7 @@ def test_a_dynamic_router_started_from_a_static_one_makes_its_choices_and_can_le
 
 def test_a_dynamic_run_starts_from_a_saved_static_run(tmp_path, zoo_converted):
     _, em = zoo_converted("llama")
-    tokens = _self_sampled_tokens(em, n=8, seq=6)
+    tokens = self_sampled_tokens(em, n=8, seq=6)
     table = CostTable.coerce(em, width_share_costs(em))
     perturb_routers(inject_routers(em, "static", cost=table, seed=5), seed=5)
     try:

@@ -202,6 +202,14 @@ class ElasticRegion(nn.Module):
         out = torch.cat(outs).index_select(0, inverse)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    def uniform(self, x: torch.Tensor, k: int, widest: int, params) -> torch.Tensor:
+        """The output with every token at candidate `k`, from `x` laid out for candidate
+        `widest` (as routed mode holds it; `k <= widest` where the layout matters)."""
+        width = self.candidates[k]
+        part = self._own_columns(x.reshape(-1, x.shape[-1]), width, self.candidates[widest])
+        return self._static(width)(self.ref, part.reshape(*x.shape[:-1], part.shape[-1]),
+                                   width, *params)
+
     def _own_columns(self, part: torch.Tensor, width: int, widest: int) -> torch.Tensor:
         """The columns of `part` (laid out at `widest`) that width `width` reads."""
         if self.in_layout is None or width == widest:

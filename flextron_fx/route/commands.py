@@ -1,6 +1,7 @@
 """`flextron train-routers RUN --elastic DIR --lut LUT --mode static|dynamic|capacity` trains
 routers on a saved elastic model (backbone frozen); `flextron select DIR --budget
-latency=0.6` turns a budget into per-op widths with trained static routers."""
+latency=0.6` turns a budget into per-op widths with trained static routers; `flextron
+joint-tune RUN --routers ROUTER_RUN` fine-tunes trained routers and the backbone together."""
 
 from __future__ import annotations
 
@@ -75,6 +76,35 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
+    p = sub.add_parser("joint-tune", formatter_class=fmt, description=__doc__,
+                       help="fine-tune trained routers and the backbone together (paper "
+                            "section 3.2, after router training)")
+    p.add_argument("run_dir", help="checkpoints, metrics.jsonl, curves.png and final/ (the "
+                                   "tuned elastic model and its routers) go here")
+    p.add_argument("--routers", required=True, metavar="ROUTER_RUN",
+                   help="a train-routers run (static or dynamic) or its final/; its elastic "
+                        "model and cost table are used")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model whose tokenizer reads the training text")
+    p.add_argument("--domains", default="wikipedia")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--budget-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="budgets sampled per sequence (default: as train-routers)")
+    p.add_argument("--lr", type=float, default=1e-5, help="backbone's peak learning rate")
+    p.add_argument("--router-lr", type=float, default=1e-4)
+    p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_joint)
+
     p = sub.add_parser("select", formatter_class=fmt, description=__doc__,
                        help="per-op widths for a budget from trained static routers")
     p.add_argument("run_dir", help="a train-routers run (its final/) or a router folder")
@@ -141,6 +171,50 @@ def run_train(args) -> dict:
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def run_joint(args) -> dict:
+    from .._atomic import write_atomic
+    from ..data.domains import resolve_domains
+    from ..export.checkpoint import check_target
+    from ..train.command import training_text
+    from .joint import JointConfig, save_tuned, tune_jointly
+
+    try:
+        domains = resolve_domains(args.domains)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    run = Path(args.run_dir)
+    check_target(run / "final", args.overwrite)
+    config = JointConfig(
+        steps=args.steps, batch=args.batch,
+        budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr,
+        router_lr=args.router_lr, latency_weight=args.latency_weight, warmup=args.warmup,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        extra={"routers": str(args.routers), "seq": args.seq, "domains": domains})
+    config.validate()
+    mode = "dynamic" if read_mode(args.routers) == "capacity" else None
+    em, table, meta = load_router_run(args.routers, mode)
+    tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,
+                                    args.eval_tokens)
+    max_s = None if args.max_minutes is None else 60 * args.max_minutes
+    summary = tune_jointly(em, tokens, run, config, table, heldout=heldout,
+                           resume=args.resume, progress=not args.no_progress,
+                           max_seconds=max_s, overwrite=args.overwrite)
+    if summary["status"] == "done":
+        extra = {**meta.get("extra", {}), "joint": str(run)}
+        save_tuned(em, run / "final", table, extra=extra, overwrite=args.overwrite)
+        summary["final"] = str(run / "final")
+    write_atomic(run / "summary.json", json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def read_mode(path: str | Path) -> str:
+    """The mode of the routers saved at `path` (a run, its final/, or a router folder)."""
+    from .selection import read_router_meta, router_folder
+
+    return read_router_meta(router_folder(path))["mode"]
 
 
 def load_router_run(path: str | Path, mode: str | None = None):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from .._atomic import replace_folder
 from ..elastic.model import ElasticModel
@@ -137,6 +138,18 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
                  extra: dict | None = None) -> Path:
     """Write `em`'s routers to folder `path` (routers.json + routers.safetensors),
     atomically, with the cost table they were trained against."""
+    files = router_files(em, table, extra=extra)
+    path = Path(path)
+    with replace_folder(path) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return path
+
+
+def router_files(em: ElasticModel, table: CostTable | None = None, *,
+                 extra: dict | None = None) -> dict[str, bytes]:
+    """{file name: contents} of `save_routers`' two files (to write them next to other
+    files, as a jointly tuned model's final/ does)."""
     routers = routers_of(em)
     if not routers:
         raise WidthError("this model has no routers to save")
@@ -153,11 +166,7 @@ def save_routers(em: ElasticModel, path: str | Path, table: CostTable | None = N
         meta["budget_calibration"] = calibration
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, r in enumerate(routers.values()) for k, v in r.state_dict().items()}
-    path = Path(path)
-    with replace_folder(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-    return path
+    return {WEIGHTS: save_safetensors(tensors), META: json.dumps(meta, indent=1).encode()}
 
 
 def router_folder(path: str | Path) -> Path:
