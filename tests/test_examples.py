@@ -13,6 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 AFTER = {"export_onnx.py": "max difference to PyTorch",
          "export_hf_generate.py": "generated [",
          "pick_for_budget.py": "params=0.01 refused",
+         "routers.py": "dynamic routers at T=0.7",
          "train_on_your_text.py": "6 steps; held-out loss per sub-network"}
 
 

@@ -7,6 +7,7 @@
     costs.CostTable                     per-op, per-candidate cost (latency, params, memory)
     surrogate.Surrogate                 predicts a sub-network's loss (Eq. 10)
     train.train_routers                 Figure 3: latency loss (Eq. 8) + surrogate
+    joint.tune_jointly                  then routers and backbone on the real loss
     select.select(em, budget, table)    static routers -> per-op widths, once
 
 Example:
@@ -26,11 +27,11 @@ _WHERE = {
     "set_budget": "..passes.inject_routers", "CostTable": ".costs",
     "Selection": ".selection", "load_routers": ".selection", "save_routers": ".selection",
     "select": ".selection", "Surrogate": ".surrogate", "RouterConfig": ".train",
-    "train_routers": ".train",
+    "train_routers": ".train", "JointConfig": ".joint", "tune_jointly": ".joint",
 }
-__all__ = ["CostTable", "RouterConfig", "Selection", "Surrogate", "fix_budget",
+__all__ = ["CostTable", "JointConfig", "RouterConfig", "Selection", "Surrogate", "fix_budget",
            "inject_routers", "load_routers", "remove_routers", "routers_of", "save_routers",
-           "select", "set_budget", "train_routers"]
+           "select", "set_budget", "train_routers", "tune_jointly"]
 
 
 def __getattr__(name: str):
