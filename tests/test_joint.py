@@ -143,3 +143,37 @@ def test_joint_tuning_refuses_a_model_without_routers_or_with_capacity_routers(t
         tune_jointly(em, _tokens(8), tmp_path / "r", JointConfig(steps=1), table,
                      progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("arch, head_mode", [("llama", "query"), ("llama", "group"),
+                                             ("gpt2", "query")])
+def test_each_candidates_output_is_the_blocks_output_at_that_width(zoo_converted, arch,
+                                                                   head_mode):
+    """What joint tuning's gates mix in for candidate k (`ElasticRegion.uniform`, from the
+    region's input at the widest width) is the block's output with the block at width k."""
+    _, em = zoo_converted(arch, head_mode=head_mode)
+    ids = _tokens(2, 9, seed=4)
+    regions = last_regions(em)
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            seen[name] = (args, out)
+        return hook
+
+    hooks = [r.register_forward_hook(keep(n)) for n, r in regions.items()]
+    try:
+        output(em, ids)  # full width: every region's input holds every head
+        at_full = dict(seen)
+        for name, region in regions.items():
+            (x, width, *params), _ = at_full[name]
+            widest = len(region.candidates) - 1
+            for k, cand in enumerate(region.candidates):
+                with em.at({name: cand}):
+                    output(em, ids)
+                with torch.no_grad():
+                    mine = region.uniform(x, k, widest, params)
+                torch.testing.assert_close(mine, seen[name][1], rtol=1e-5, atol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
