@@ -166,7 +166,7 @@ def test_each_candidates_output_is_the_blocks_output_at_that_width(zoo_converted
         output(em, ids)  # full width: every region's input holds every head
         at_full = dict(seen)
         for name, region in regions.items():
-            (x, width, *params), _ = at_full[name]
+            (x, _width, *params), _ = at_full[name]
             widest = len(region.candidates) - 1
             for k, cand in enumerate(region.candidates):
                 with em.at({name: cand}):

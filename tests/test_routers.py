@@ -980,6 +980,21 @@ def test_cli_train_routers_then_select(tmp_path, capsys):
     assert main(["train-routers", str(tmp_path / "r2"), "--elastic", str(tmp_path / "elastic"),
                  "--steps", "1"]) == 2
     assert "--lut" in capsys.readouterr().err
+    # joint tuning of these routers with the backbone; its final/ serves select and load
+    joint = tmp_path / "joint"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["joint-tune", str(joint), "--routers", str(run), "--steps", "2",
+                     "--batch", "2", "--seq", "16", "--eval-tokens", "32", "--lr", "1e-3",
+                     "--no-progress"]) == 0
+        assert main(["select", str(joint), "--budget", "params=0.8"]) == 0
+    summary = json.loads((joint / "summary.json").read_text())
+    assert summary["status"] == "done" and len(read_metrics(joint)) == 2
+    tuned = flextron_fx.load(joint / "final")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), em.parameters()))
+    assert main(["joint-tune", str(tmp_path / "j2"), "--routers", str(tmp_path / "elastic"),
+                 "--steps", "1"]) == 2
+    assert "no trained routers" in capsys.readouterr().err
 
 
 def test_a_static_router_learns_a_different_choice_per_budget_range():
