@@ -34,13 +34,10 @@ tuned elastic model and its routers (`flextron select RUN`, `load(RUN/final)` wi
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .._atomic import savefig_atomic, write_atomic
 from ..elastic.model import ElasticModel
@@ -58,9 +55,6 @@ from ..train import state as S
 from ..train.loop import (
     _logits,
     _schedule,
-    _Stop,
-    _truncate,
-    batch_rows,
     check_resume,
     check_run_folder,
     check_tokens,
@@ -69,7 +63,14 @@ from ..train.loop import (
     read_metrics,
 )
 from .costs import CostTable
-from .train import _Sampling, evaluate_routers, expected_cost, latency_loss, router_outputs
+from .train import (
+    _Sampling,
+    evaluate_routers,
+    expected_cost,
+    latency_loss,
+    router_outputs,
+    run_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -258,60 +259,31 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
          "weight_decay": 0.0}])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
-    device = next(em.parameters()).device
-    start, seen, elapsed = 0, 0, 0.0
-    if ckpt is not None:
-        st = S.load_checkpoint(ckpt, em.graph_module, optimizer, scheduler, gen)
-        start, seen, elapsed = st["step"], st["tokens"], st["elapsed_s"]
-        print(f"resuming {run} from {ckpt.name} (step {start})")
-    metrics = run / "metrics.jsonl"
-    run.mkdir(parents=True, exist_ok=True)
-    _truncate(metrics, start)
-    write_atomic(run / "config.json", json.dumps(asdict(config), indent=1))
-    info = {"config": asdict(config), "data": data, "cost": table.to_dict()}
-    bar = tqdm(total=config.steps, initial=start, desc="joint-tune", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    step, status, t_run = start, "done", time.perf_counter()
+    params = backbone + router_params
+
+    def step(ids):
+        loss, row = joint_step(em, table, ids, config, gen)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        routed = [g for g in grads[len(backbone):] if g is not None]
+        row["router_grad_norm"] = float(torch.linalg.vector_norm(
+            torch.stack([g.norm() for g in routed]))) if routed else 0.0
+        row["lr"] = scheduler.get_last_lr()[0]  # the backbone's, for this step
+        return row, {p: g for p, g in zip(params, grads) if g is not None}
+
     try:
-        with _Stop() as stop:
-            while step < config.steps:
-                t0 = time.perf_counter()
-                rows = batch_rows(step, config.batch, tokens.shape[0], config.seed)
-                ids = tokens[rows].to(device)
-                loss, row = joint_step(em, table, ids, config, gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                row["router_grad_norm"] = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in router_params if p.grad is not None]
-                    or [torch.zeros(())])))
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                seen += ids.numel()
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                row = {"step": step, **row, "lr": scheduler.get_last_lr()[0], "tokens": seen,
-                       "tok_per_s": ids.numel() / dt, "elapsed_s": round(elapsed, 3)}
-                with metrics.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix(lm=f"{row['lm_loss']:.3f}", cost=f"{row['expected_cost']:.3f}")
-                want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)
-                if step % config.checkpoint_every == 0 or step == config.steps or want_stop:
-                    S.save_checkpoint(run, step, em.graph_module, optimizer, scheduler, gen,
-                                      dict(info, tokens=seen, elapsed_s=elapsed),
-                                      keep=config.keep_checkpoints)
-                    plot_joint_run(run)
-                if want_stop and step < config.steps:
-                    status = "stopped"
-                    break
+        summary = run_steps(
+            run, config, tokens, next(em.parameters()).device, ckpt, em.graph_module,
+            optimizer, scheduler, gen, step,
+            info={"config": asdict(config), "data": data, "cost": table.to_dict()},
+            desc="joint-tune", plot=plot_joint_run,
+            postfix=lambda row: {"lm": f"{row['lm_loss']:.3f}",
+                                 "cost": f"{row['expected_cost']:.3f}"},
+            progress=progress, max_seconds=max_seconds)
     finally:
-        bar.close()
         for p, g in was.items():
             p.requires_grad_(g)
-    summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
-               "wall_s": time.perf_counter() - t_run, "mode": mode, "metric": table.metric,
-               "budget_range": list(config.budget_range)}
+    summary.update(mode=mode, metric=table.metric, budget_range=list(config.budget_range))
+    status = summary["status"]
     if status == "done" and mode == "dynamic":  # the routers changed: calibrate again
         with torch.no_grad():
             calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch)

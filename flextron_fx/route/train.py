@@ -383,6 +383,63 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
     return metrics, grads
 
 
+def run_steps(run: Path, config, tokens: torch.Tensor, device, ckpt, module: nn.Module,
+              optimizer, scheduler, gen: torch.Generator, step_fn, *, info: dict, desc: str,
+              postfix, plot, progress: bool, max_seconds: float | None) -> dict:
+    """The loop that router training and joint tuning share: restore checkpoint `ckpt` (if
+    any), then per step a batch, `step_fn(ids)` (returns the metrics row and {parameter:
+    gradient}), the optimizer and scheduler steps, a `metrics.jsonl` row, progress, and
+    checkpoints of `module` every `config.checkpoint_every` steps, at the end, on SIGTERM
+    or Ctrl-C, and after `max_seconds` of steps. Returns the summary's first fields."""
+    start, seen, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        st = S.load_checkpoint(ckpt, module, optimizer, scheduler, gen)
+        start, seen, elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        print(f"resuming {run} from {ckpt.name} (step {start})")
+    metrics = run / "metrics.jsonl"
+    run.mkdir(parents=True, exist_ok=True)
+    _truncate(metrics, start)
+    write_atomic(run / "config.json", json.dumps(asdict(config), indent=1))
+    bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step",
+               disable=not progress, dynamic_ncols=True)
+    step, status, t_run = start, "done", time.perf_counter()
+    try:
+        with _Stop() as stop:
+            while step < config.steps:
+                t0 = time.perf_counter()
+                rows = batch_rows(step, config.batch, tokens.shape[0], config.seed)
+                ids = tokens[rows].to(device)
+                row, grads = step_fn(ids)
+                optimizer.zero_grad(set_to_none=True)
+                for p, g in grads.items():
+                    p.grad = g
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                seen += ids.numel()
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                row = {"step": step, **row, "tokens": seen, "tok_per_s": ids.numel() / dt,
+                       "elapsed_s": round(elapsed, 3)}
+                with metrics.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(postfix(row))
+                want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)
+                if step % config.checkpoint_every == 0 or step == config.steps or want_stop:
+                    S.save_checkpoint(run, step, module, optimizer, scheduler, gen,
+                                      dict(info, tokens=seen, elapsed_s=elapsed),
+                                      keep=config.keep_checkpoints)
+                    plot(run)
+                if want_stop and step < config.steps:
+                    status = "stopped"
+                    break
+    finally:
+        bar.close()
+    return {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
+            "wall_s": time.perf_counter() - t_run}
+
+
 def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config: RouterConfig,
                   cost, *, heldout: torch.Tensor | None = None, resume: bool = False,
                   progress: bool = True, max_seconds: float | None = None,
@@ -451,58 +508,22 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         betas=(0.5, 0.99))  # little momentum: the hinge of Eq. 8 stops pushing at the budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     gen = torch.Generator().manual_seed(config.seed)
-    start, seen, elapsed = 0, 0, 0.0
-    if ckpt is not None:
-        st = S.load_checkpoint(ckpt, state, optimizer, scheduler, gen)
-        start, seen, elapsed = st["step"], st["tokens"], st["elapsed_s"]
-        print(f"resuming {run} from {ckpt.name} (step {start})")
-    metrics = run / "metrics.jsonl"
-    run.mkdir(parents=True, exist_ok=True)
-    _truncate(metrics, start)
-    write_atomic(run / "config.json", json.dumps(asdict(config), indent=1))
-    info = {"config": asdict(config), "data": data, "cost": table.to_dict()}
-    bar = tqdm(total=config.steps, initial=start, desc=f"train-routers ({config.mode})",
-               unit="step", disable=not progress, dynamic_ncols=True)
-    step, status, t_run = start, "done", time.perf_counter()
     try:
-        with _Stop() as stop:
-            while step < config.steps:
-                t0 = time.perf_counter()
-                rows = batch_rows(step, config.batch, tokens.shape[0], config.seed)
-                ids = tokens[rows].to(device)
-                row, grads = router_step(em, state, table, ids, config, gen)
-                optimizer.zero_grad(set_to_none=True)
-                for p, g in grads.items():
-                    p.grad = g
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                seen += ids.numel()
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                row = {"step": step, **row, "tokens": seen, "tok_per_s": ids.numel() / dt,
-                       "elapsed_s": round(elapsed, 3)}
-                with metrics.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix(lm=f"{row['lm_loss']:.3f}", mse=f"{row['surrogate_mse']:.4f}",
-                                lat=f"{row['latency_loss']:.4f}")
-                want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)
-                if step % config.checkpoint_every == 0 or step == config.steps or want_stop:
-                    S.save_checkpoint(run, step, state, optimizer, scheduler, gen,
-                                      dict(info, tokens=seen, elapsed_s=elapsed),
-                                      keep=config.keep_checkpoints)
-                    plot_router_run(run)
-                if want_stop and step < config.steps:
-                    status = "stopped"
-                    break
+        summary = run_steps(
+            run, config, tokens, device, ckpt, state, optimizer, scheduler, gen,
+            lambda ids: router_step(em, state, table, ids, config, gen),
+            info={"config": asdict(config), "data": data, "cost": table.to_dict()},
+            desc=f"train-routers ({config.mode})", plot=plot_router_run,
+            postfix=lambda row: {"lm": f"{row['lm_loss']:.3f}",
+                                 "mse": f"{row['surrogate_mse']:.4f}",
+                                 "lat": f"{row['latency_loss']:.4f}"},
+            progress=progress, max_seconds=max_seconds)
     finally:
-        bar.close()
         for p, was in frozen.items():
             p.requires_grad_(was)
-    summary = {"status": status, "step": step, "tokens": seen, "elapsed_s": elapsed,
-               "wall_s": time.perf_counter() - t_run, "mode": config.mode,
-               "metric": config.metric, "budget_range": list(config.budget_range)}
+    summary.update(mode=config.mode, metric=config.metric,
+                   budget_range=list(config.budget_range))
+    status = summary["status"]
     if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
         calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch,
                            timing_reps=config.capacity_timing_reps, progress=progress)
