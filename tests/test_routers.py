@@ -201,6 +201,7 @@ def test_router_injection_refuses_bad_use(zoo_converted):
 @given(costs=st.lists(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=4), min_size=1,
                       max_size=4),
        fixed=st.floats(0.0, 3.0), seed=st.integers(0, 2**16), budget=st.floats(0.05, 1.0))
+@example(costs=[[3.0, 3.0, 0.01]], fixed=0.0, seed=196, budget=1.0)  # CI, 2026-12-03
 def test_latency_loss_is_zero_under_budget_and_grows_with_the_excess(costs, fixed, seed,
                                                                      budget):
     table = CostTable("latency", {f"op{i}": c for i, c in enumerate(costs)}, fixed)
@@ -221,7 +222,9 @@ def test_latency_loss_is_zero_under_budget_and_grows_with_the_excess(costs, fixe
     assert float(latency_loss(cost + 0.1, b)) >= float(loss)
     assert float(latency_loss(cost, b - 0.05)) >= float(loss)
     if bool((cost > b).all()):
-        assert float(latency_loss(cost + 0.1, b)) == pytest.approx(float(loss) + 0.1, abs=1e-5)
+        # float32: costs reach hundreds of times the full cost (a cheap widest candidate)
+        assert float(latency_loss(cost + 0.1, b)) == pytest.approx(float(loss) + 0.1, rel=1e-6,
+                                                                   abs=1e-5)
 
 
 @pytest.mark.parametrize("metric", ["params", "memory"])
@@ -408,8 +411,10 @@ def test_capacity_calibrated_on_measured_time_plans_below_t_and_is_saved(tmp_pat
         assert budget_source(em).value == 0.8  # the budget set before is kept
         plan = max(measured_budget(profile["grid"], profile["measured"])(0.8),
                    table.minimum / table.full)  # tiny models: routing dwarfs the matmuls
+        # attention ops (one width per batch) get their limit rounded to a candidate cost
         unmeasured = capacity_shares(table, list(routers),
-                                     {k: v for k, v in profile.items() if k != "measured"})
+                                     {k: v for k, v in profile.items() if k != "measured"},
+                                     whole=[n for n, r in routers.items() if r.whole_batch])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for name, r in routers.items():  # each op's share is that of the planned budget
