@@ -26,18 +26,8 @@ def add_parser(sub) -> None:
                    help="what the budget limits")
     p.add_argument("--lut", default=None,
                    help="latency table (flextron profile --json); needed for --metric latency")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="bundled model whose tokenizer reads the training text")
-    p.add_argument("--domains", default="wikipedia")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--budget-range", type=float, nargs=2, default=None,
-                   metavar=("LOW", "HIGH"), help="budgets sampled per sequence, fractions "
-                   "of the full model's cost (default: 0.4 to 1, or from the cheapest "
-                   "sub-network's cost where that is more than 0.4)")
+    _training_args(p)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
     p.add_argument("--surrogate-threshold", type=float, default=0.05,
                    help="routers follow the surrogate once its MSE is below this")
     p.add_argument("--surrogate-explained", type=float, default=None, metavar="SHARE",
@@ -67,13 +57,7 @@ def add_parser(sub) -> None:
                         "the full width on this machine, N rounds per batch, and plan each "
                         "budget so the measured time stays within it (default 3; 0: plan on "
                         "the table's prediction only)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    _run_args(p)
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("joint-tune", formatter_class=fmt, description=__doc__,
@@ -84,25 +68,11 @@ def add_parser(sub) -> None:
     p.add_argument("--routers", required=True, metavar="ROUTER_RUN",
                    help="a train-routers run (static or dynamic) or its final/; its elastic "
                         "model and cost table are used")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="bundled model whose tokenizer reads the training text")
-    p.add_argument("--domains", default="wikipedia")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--budget-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="budgets sampled per sequence (default: as train-routers)")
+    _training_args(p)
     p.add_argument("--lr", type=float, default=1e-5, help="backbone's peak learning rate")
     p.add_argument("--router-lr", type=float, default=1e-4)
-    p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    _run_args(p)
     p.set_defaults(func=run_joint)
 
     p = sub.add_parser("select", formatter_class=fmt, description=__doc__,
@@ -171,6 +141,32 @@ def run_train(args) -> dict:
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def _training_args(p) -> None:
+    """Text, steps and budgets: what train-routers and joint-tune share."""
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model whose tokenizer reads the training text")
+    p.add_argument("--domains", default="wikipedia")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--budget-range", type=float, nargs=2, default=None,
+                   metavar=("LOW", "HIGH"), help="budgets sampled per sequence, fractions "
+                   "of the full model's cost (default: 0.4 to 1, or from the cheapest "
+                   "sub-network's cost where that is more than 0.4)")
+    p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
+
+
+def _run_args(p) -> None:
+    """Checkpoints, evaluation, stopping and resuming of a training run."""
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
 
 
 def run_joint(args) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .._atomic import savefig_atomic, write_atomic
+from .._atomic import write_atomic
 from ..elastic.model import ElasticModel
 from ..elastic.ops import ElasticRegion
 from ..errors import TrainingError
@@ -60,16 +60,18 @@ from ..train.loop import (
     check_tokens,
     data_fingerprint,
     lm_loss,
-    read_metrics,
 )
 from .costs import CostTable
 from .train import (
     _Sampling,
+    cost_panel,
     evaluate_routers,
     expected_cost,
     latency_loss,
+    plot_rows,
     router_outputs,
     run_steps,
+    save_curves,
 )
 
 
@@ -311,29 +313,14 @@ def save_tuned(em: ElasticModel, path: str | Path, table: CostTable, *,
 
 
 def plot_joint_run(run: str | Path) -> Path | None:
-    """`RUN/curves.png`: the routed sub-networks' LM loss and, against the budget, their
-    expected cost, over steps."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """`RUN/curves.png`: the LM loss of the sampled sub-networks, and the latency loss with
+    their expected cost against the budget, over steps."""
+    got = plot_rows(run, 2)
+    if got is None:
         return None
-    rows = read_metrics(run)
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    plt, fig, (a, b), rows, steps = got
     a.plot(steps, [r["lm_loss"] for r in rows], lw=0.8)
-    a.set_title("LM loss of the routed sub-networks")
+    a.set_title("LM loss of the sampled sub-networks")
     a.set_xlabel("step")
-    b.plot(steps, [r["expected_cost"] for r in rows], lw=0.8, label="expected cost")
-    b.plot(steps, [r["budget"] for r in rows], lw=0.8, label="budget (batch mean)")
-    b.set_title("cost, fraction of full")
-    b.set_xlabel("step")
-    b.legend()
-    fig.tight_layout()
-    out = savefig_atomic(fig, Path(run) / "curves.png", dpi=110)
-    plt.close(fig)
-    return out
+    cost_panel(b, steps, rows)
+    return save_curves(plt, fig, run)

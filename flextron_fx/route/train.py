@@ -568,9 +568,9 @@ def chosen_cost(em: ElasticModel, table: CostTable, names=None) -> float:
     return total
 
 
-def plot_router_run(run: str | Path) -> Path | None:
-    """`RUN/curves.png`: surrogate MSE, LM loss (real and predicted) and latency loss with
-    expected cost against budget, over steps (the stages of the paper's Figure 12)."""
+def plot_rows(run: str | Path, panels: int, width: float = 5.0):
+    """(pyplot, figure, axes, metrics rows, steps) for a run's curves, or None without
+    matplotlib or rows."""
     try:
         import matplotlib
 
@@ -581,8 +581,34 @@ def plot_router_run(run: str | Path) -> Path | None:
     rows = read_metrics(run)
     if not rows:
         return None
-    steps = [r["step"] for r in rows]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 4))
+    return plt, fig, axes, rows, [r["step"] for r in rows]
+
+
+def cost_panel(ax, steps, rows) -> None:
+    """Latency loss, expected cost and budget over steps."""
+    ax.plot(steps, [r["latency_loss"] for r in rows], lw=0.8, label="latency loss (Eq. 8)")
+    ax.plot(steps, [r["expected_cost"] for r in rows], lw=0.8, label="expected cost")
+    ax.plot(steps, [r["budget"] for r in rows], lw=0.8, label="budget (batch mean)")
+    ax.set_title("cost, fraction of full")
+    ax.set_xlabel("step")
+    ax.legend()
+
+
+def save_curves(plt, fig, run: str | Path) -> Path:
+    fig.tight_layout()
+    out = savefig_atomic(fig, Path(run) / "curves.png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_router_run(run: str | Path) -> Path | None:
+    """`RUN/curves.png`: surrogate MSE, LM loss (real and predicted) and latency loss with
+    expected cost against budget, over steps (the stages of the paper's Figure 12)."""
+    got = plot_rows(run, 3)
+    if got is None:
+        return None
+    plt, fig, (a, b, c), rows, steps = got
     a.plot(steps, [r["surrogate_mse"] for r in rows], lw=0.8, label="on fresh samples")
     a.plot(steps, [r["surrogate_mse_ema"] for r in rows], label="running mean")
     trusted = [r["step"] for r in rows if r["trusted"]]
@@ -597,16 +623,8 @@ def plot_router_run(run: str | Path) -> Path | None:
     b.set_title("LM loss")
     b.set_xlabel("step")
     b.legend()
-    c.plot(steps, [r["latency_loss"] for r in rows], lw=0.8, label="latency loss (Eq. 8)")
-    c.plot(steps, [r["expected_cost"] for r in rows], lw=0.8, label="expected cost")
-    c.plot(steps, [r["budget"] for r in rows], lw=0.8, label="budget (batch mean)")
-    c.set_title("cost, fraction of full")
-    c.set_xlabel("step")
-    c.legend()
-    fig.tight_layout()
-    out = savefig_atomic(fig, Path(run) / "curves.png", dpi=110)
-    plt.close(fig)
-    return out
+    cost_panel(c, steps, rows)
+    return save_curves(plt, fig, run)
 
 
 __all__ = ["RouterConfig", "RouterTraining", "chosen_cost", "evaluate_routers",
