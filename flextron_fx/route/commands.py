@@ -110,7 +110,8 @@ def run_train(args) -> dict:
         raise TrainingError(str(exc)) from exc
     config = RouterConfig(
         steps=args.steps, mode=args.mode, metric=args.metric, batch=args.batch,
-        budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr, latency_weight=args.latency_weight,
+        budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr,
+        latency_weight=args.latency_weight,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         surrogate_explained=args.surrogate_explained,
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
