@@ -189,12 +189,13 @@ def _gated(region: ElasticRegion, args, out: torch.Tensor, router) -> torch.Tens
 
 
 def joint_step(em: ElasticModel, table: CostTable, ids: torch.Tensor, config: JointConfig,
-               gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """One step's loss (not yet backpropagated) and metrics."""
+               gen: torch.Generator, gates: Gates | None = None) -> tuple[torch.Tensor, dict]:
+    """One step's loss (not yet backpropagated) and metrics; `gates` as built once for the
+    run (else built here: a walk over the graph)."""
     low, high = config.budget_range
     budget = (low + (high - low) * torch.rand(ids.shape[0], generator=gen)).to(ids.device)
     set_budget(em, budget)
-    with _Sampling(em, gen, config.tau), Gates(em):
+    with _Sampling(em, gen, config.tau), gates or Gates(em):
         lm = lm_loss(_logits(em(ids)), ids)
         _, probs = router_outputs(em)
     cost = expected_cost(probs, table, list(routers_of(em)))
@@ -246,7 +247,7 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
                             "to continue it, or use a new folder")
     if ckpt is not None:
         check_resume(run, S.read_state(ckpt), config, data)
-    last_regions(em)  # refuse a graph without regions before any work
+    gates = Gates(em)  # refuses a graph without regions before any work
     budget_source(em).calibration = None  # routers read T itself while they change
     routers = routers_of(em)
     router_params = [p for r in routers.values() for p in r.parameters()]
@@ -264,7 +265,7 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
     params = backbone + router_params
 
     def step(ids):
-        loss, row = joint_step(em, table, ids, config, gen)
+        loss, row = joint_step(em, table, ids, config, gen, gates)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         routed = [g for g in grads[len(backbone):] if g is not None]
         row["router_grad_norm"] = float(torch.linalg.vector_norm(
