@@ -159,7 +159,9 @@ def _runtimes(em, mode):
 @HYP
 @given(data=st.data())
 @pytest.mark.parametrize("name,mode", [("llama", "group"), ("llama", "query"),
-                                       ("qwen2", "group"), ("gemma", "query")])
+                                       ("qwen2", "group"), ("gemma", "query"),
+                                       ("gpt2", "query"), ("gpt_neox", "group"),
+                                       ("opt", "query")])
 def test_the_per_layer_hf_model_equals_the_elastic_graph(name, mode, data, zoo_converted):
     _, em = zoo_converted(name, head_mode=mode)
     key = (name, mode, "f32")
@@ -174,6 +176,47 @@ def test_the_per_layer_hf_model_equals_the_elastic_graph(name, mode, data, zoo_c
         torch.testing.assert_close(rt.model(input_ids=ids).logits, em(ids),
                                    atol=1e-4, rtol=0)
     em.set_full()
+
+
+@pytest.mark.parametrize("name,mode", [("llama", "group"), ("gpt2", "query"),
+                                       ("gpt_neox", "group"), ("opt", "group")])
+def test_a_timed_decode_step_is_the_graphs_next_token_and_every_op_is_timed(name, mode,
+                                                                           zoo_converted):
+    """Decode runs in the source class with a key/value cache of the kept heads: one step
+    after the prompt gives the elastic graph's logits for prompt + that token, at a
+    per-layer mix of widths, and the hooks time every op (OPT's MLP, whose module is its
+    whole decoder layer, by the modules that own its weights)."""
+    from flextron_fx.profiler.measure import ModuleTimer, timed_modules
+    from flextron_fx.profiler.runtime import Runner
+
+    _, em = zoo_converted(name, head_mode=mode)
+    rt = LayerwiseModel(em)
+    widths = {n: op.candidates[i % len(op.candidates)] for i, (n, op) in
+              enumerate(em.ops.items())}
+    rt.set(widths)
+    clock = get_backend("torch-cpu").clock()
+    runner = Runner(rt, clock, "decode", (2, 6))
+    runner.prepare("mix")
+    kept = [em.kv_heads(n, w) for n, w in widths.items() if em.ops[n].kind == "attention"]
+    assert [k.shape[1] for k, _ in runner.cache("mix")] == kept
+    timer = ModuleTimer(timed_modules(rt), clock)
+    timer.enabled = True
+    try:
+        assert runner.run("mix") > 0
+    finally:
+        timer.remove()
+    ops, fixed = timer.collect()
+    assert set(ops) == set(em.ops) and all(ms > 0 for ms in ops.values())
+    assert {"embedding", "head"} <= set(fixed)
+    from transformers import DynamicCache
+
+    with torch.inference_mode():  # the step the runner times, its logits this time
+        step = rt.model(input_ids=runner.ids, position_ids=runner.pos, use_cache=True,
+                        cache=DynamicCache(ddp_cache_data=runner.cache("mix"))).logits
+        with em.at(widths):
+            whole = em(torch.cat([runner.prompt, runner.ids], dim=1))
+    torch.testing.assert_close(step[:, -1], whole[:, -1], atol=1e-4, rtol=0)
+    rt.set(em.full_widths())
 
 
 # ---- the table: fingerprint and lookups -----------------------------------------------------
@@ -317,13 +360,14 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
 
 
 # ---- onnxruntime: exported sub-networks ------------------------------------------------------
-@pytest.mark.parametrize("mode", ["prefill", "decode"])
-def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(mode,
+@pytest.mark.parametrize("name,mode", [("llama", "prefill"), ("llama", "decode"),
+                                       ("opt", "decode")])
+def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(name, mode,
                                                                             zoo_converted):
     from flextron_fx.profiler.onnxrt import ExportedNetwork
     from flextron_fx.profiler.runtime import Runner
 
-    _, em = zoo_converted("llama", head_mode="group")
+    _, em = zoo_converted(name, head_mode="group")
     rt = LayerwiseModel(em)
     widths = {n: op.candidates[i % len(op.candidates)] for i, (n, op) in
               enumerate(em.ops.items())}  # a per-layer mix, not a uniform width

@@ -177,23 +177,35 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
     attention modules the head counts in `layout["attention"]`."""
     for key, shape in (layout.get("shapes") or {}).items():
         path, _, name = key.rpartition(".")
-        mod = model.get_submodule(path)
-        old = getattr(mod, name, None)
+        old = getattr(model.get_submodule(path), name, None)
         like = old if isinstance(old, torch.Tensor) else next(model.parameters())
-        setattr(mod, name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device),
-                                        requires_grad=like.requires_grad))
-        w = getattr(mod, "weight", None)
-        if name == "weight" and isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = w.shape
-        elif name == "weight" and hasattr(mod, "nf"):  # GPT-2's Conv1D: weight [in, out]
-            mod.nf = w.shape[1]
+        set_parameter(model, key, torch.empty(shape, dtype=like.dtype, device=like.device),
+                      like.requires_grad)
     for path, (heads, kv, head_dim) in (layout.get("attention") or {}).items():
-        mod = model.get_submodule(path)
-        for attr, value in (("num_key_value_groups", heads // kv), ("num_heads", heads),
-                            ("num_attention_heads", heads), ("num_key_value_heads", kv),
-                            ("split_size", heads * head_dim)):  # split_size: GPT-2's fused qkv
-            if isinstance(getattr(mod, attr, None), int):
-                setattr(mod, attr, value)
+        set_head_counts(model.get_submodule(path), heads, kv, head_dim)
+
+
+def set_parameter(root: nn.Module, key: str, value: torch.Tensor,
+                  requires_grad: bool = False) -> None:
+    """Make `value` the parameter `key` of `root`, and the sizes its module keeps (a Linear's
+    in/out features, GPT-2's Conv1D `nf`) those of its shape."""
+    path, _, name = key.rpartition(".")
+    mod = root.get_submodule(path) if path else root
+    setattr(mod, name, nn.Parameter(value, requires_grad=requires_grad))
+    if name == "weight" and isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = value.shape
+    elif name == "weight" and hasattr(mod, "nf"):  # GPT-2's Conv1D: weight [in, out]
+        mod.nf = value.shape[1]
+
+
+def set_head_counts(attention: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    """Give a Hugging Face attention module `heads` query and `kv` key/value heads, in
+    whichever of the attributes its class reads (`split_size`: GPT-2's fused qkv)."""
+    for attr, value in (("num_key_value_groups", heads // kv), ("num_heads", heads),
+                        ("num_attention_heads", heads), ("num_key_value_heads", kv),
+                        ("split_size", heads * head_dim)):
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, value)
 
 
 _CLASSES: dict[type, tuple[type, type]] = {}

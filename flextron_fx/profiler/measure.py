@@ -6,8 +6,8 @@ What runs. Prefill on torch-cpu at the model's own dtype measures the elastic gr
 `flextron_out_i` region) and glue partitions between them. This works for every model
 `flextronize` converts. Decode (it needs a key/value cache, which the traced graph does
 not have), other dtypes, CUDA and onnxruntime run the source Hugging Face class rebuilt
-with per-op dense variants (`runtime.LayerwiseModel`, Llama-style classes only); for
-other models they are refused with a message saying so, and a prefill table records
+with per-op dense variants (`runtime.LayerwiseModel`: the Llama family, GPT-2, GPT-NeoX,
+OPT); for other models they are refused with a message saying so, and a prefill table records
 whether decode is available (`settings["decode"]`, printed by `flextron profile`).
 
 Method. For each shape, a grid of uniform-width sub-networks (every MLP candidate x every
@@ -181,7 +181,8 @@ METHODS = {
 def method_for(em: ElasticModel, backend, mode: str, dtype: str) -> str:
     """Which runtime measures: the elastic graph itself where it can (torch on the CPU,
     prefill, the dtype the model holds: every architecture), else the rebuilt Hugging Face
-    class (decode, other dtypes, CUDA, onnxruntime: Llama-style classes only)."""
+    class (decode, other dtypes, CUDA, onnxruntime: Hugging Face decoders whose config
+    `export.hf` knows)."""
     if backend.runtime == "onnxruntime":
         return "onnxruntime"
     held = next(iter(em.parameters()), torch.empty(0)).dtype
@@ -205,7 +206,8 @@ def build_runtime(em: ElasticModel, method: str, mode: str, dtype: str, device: 
             f"{method} measurement ({dtype}, {device}) is unavailable for this model")
     raise UnsupportedModelError(
         f"{what}: it runs sub-networks in their source Hugging Face class (for a key/value "
-        f"cache), which it can rebuild for Llama-style classes only, and here {why}. Prefill "
+        f"cache), which it can rebuild for the Llama family, GPT-2, GPT-NeoX and OPT, and "
+        f"here {why}. Prefill "
         "on torch-cpu at the model's own dtype measures the elastic graph itself and works "
         "for every architecture; CostModel(em).params() and .memory() need no table")
 
@@ -215,7 +217,7 @@ def timed_modules(net) -> list:
     if isinstance(net, GraphModel):
         return [(mod, ("op", name)) for name, mod in net.blocks.items()]
     out = [(mod, ("op", name)) for name, variants in net.variants.items()
-           for mod in variants.values()]
+           for mods in variants.values() for mod in mods.values()]
     return out + [(mod, ("fixed", part)) for _, mod, part in fixed_modules(net)]
 
 

@@ -71,7 +71,7 @@ class _Decode(nn.Module):
 def attribution(rt: LayerwiseModel) -> dict[str, tuple[str, str]]:
     """Module path -> ("op", op name) or ("fixed", part), for every module a node can be
     scoped to; anything else is "other"."""
-    out = {op.module: ("op", name) for name, op in rt.em.ops.items()}
+    out = {path: ("op", name) for name, paths in rt.units.items() for path in paths}
     out.update({path: ("fixed", part) for path, _, part in fixed_modules(rt)})
     return out
 

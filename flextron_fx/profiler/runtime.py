@@ -3,12 +3,18 @@
 The profiler and its validation run sub-networks with a key/value cache (decode needs
 one; the traced graph has none) and switch between many of them. `LayerwiseModel` builds
 the source's own Hugging Face class once at full width (`export.hf.to_hf`, checked against
-the graph), then, for every elastic op and candidate width, a dense copy of that op's
-module holding the weights the elastic graph slices (`WeightSlice`, so head orders inside
+the graph), then, for every elastic op and candidate width, dense copies of the op's
+modules holding the weights the elastic graph slices (`WeightSlice`, so head orders inside
 KV groups are the graph's). `set(widths)` swaps modules in place: any per-layer mix of
 widths runs as a plain dense model, no masks, nothing re-sliced.
 
-Only models that `to_hf` can rebuild (Llama-style Hugging Face classes) are supported.
+The modules swapped for an op (its "units") are the op's own module, or, where that module
+holds another op's (OPT's MLP is its whole decoder layer, attention included), the modules
+that own the op's weights (OPT's fc1 and fc2). An attention copy gets the head counts of
+its width (`export.sliced.set_head_counts`: GPT-2's fused projection splits by them too).
+
+Models that `to_hf` can rebuild at full width are supported: the Llama family, GPT-2,
+GPT-NeoX and OPT. Each is checked at a random per-layer mix of widths when it is built.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from ..elastic.model import ElasticModel
 from ..errors import UnsupportedModelError
+from ..export.sliced import set_head_counts, set_parameter
 
 
 class LayerwiseModel:
@@ -46,29 +53,26 @@ class LayerwiseModel:
                     "tables of plain graphs are not supported yet; CostModel(em).params() and "
                     ".memory() need no table") from exc
             self.model = model.to(device=device, dtype=dtype).eval()
-            self.variants: dict[str, dict[int, nn.Module]] = {}
-            self._parents: dict[str, tuple[nn.Module, str]] = {}
+            self.units = swap_units(em)
+            # variants[op][width] = {unit path: module}
+            self.variants: dict[str, dict[int, dict[str, nn.Module]]] = {}
             slicers = em.weight_slices()
             for name, op in em.ops.items():
-                if not op.module:
-                    raise UnsupportedModelError(
-                        f"elastic op {name} has no module path, so its Hugging Face module "
-                        "cannot be found; profile a model converted from a Hugging Face class")
-                full_mod = self.model.get_submodule(op.module)
-                parent_path, _, leaf = op.module.rpartition(".")
-                self._parents[name] = (self.model.get_submodule(parent_path), leaf)
-                self.variants[name] = {op.full: full_mod}
+                full = {path: self.model.get_submodule(path) for path in self.units[name]}
+                self.variants[name] = {op.full: full}
                 for w in op.candidates:
                     if w != op.full:
-                        self.variants[name][w] = self._variant(name, w, full_mod, slicers,
-                                                               dtype, device)
+                        self.variants[name][w] = {
+                            path: self._variant(name, w, path, mod, slicers, dtype, device)
+                            for path, mod in full.items()}
         self.widths = em.full_widths()
         if check:
             self._check_random()
 
-    def _variant(self, name, width, full_mod, slicers, dtype, device) -> nn.Module:
+    def _variant(self, name, width, unit, full_mod, slicers, dtype, device) -> nn.Module:
+        """A copy of the unit module `unit` of op `name` at `width`."""
         em, op = self.em, self.em.ops[name]
-        prefix = em.param_prefix + op.module + "."
+        prefix = em.param_prefix + unit + "."
         shared = {id(p): p for p in full_mod.parameters()}  # the memo shares, then we replace
         mod = copy.deepcopy(full_mod, memo=dict(shared))
         graph = em.graph_module
@@ -76,21 +80,22 @@ class LayerwiseModel:
         comp = _compensations(em).get(name)
         for proj in block.projections:
             for path in (proj.weight, proj.bias):
-                if path is None:
-                    continue
-                if not path.startswith(prefix) or path not in slicers:
+                if path is None or not path.startswith(prefix):
+                    continue  # another unit's (swap_units checked that one holds it)
+                if path not in slicers:
                     raise UnsupportedModelError(
-                        f"the weight {path} of elastic op {name} is not inside its module "
-                        f"{op.module}; the profiler needs each op to be one module")
+                        f"the weight {path} of elastic op {name} is not sliced by the graph; "
+                        "the profiler cannot build a dense copy of it")
                 with torch.no_grad():
                     value = slicers[path](graph.get_parameter(path), width).detach().clone()
                     if comp is not None and proj is block.out_proj:
                         value = _compensated(comp, width, value, path == proj.bias,
                                              proj.axis)
-                _set_param(mod, path[len(prefix):],
+                set_parameter(mod, path[len(prefix):],
                            value.to(device=device, dtype=dtype).contiguous())
             row = None if comp is None else comp.row(width)
-            if proj is block.out_proj and proj.bias is None and row is not None:
+            if proj is block.out_proj and proj.bias is None and row is not None \
+                    and proj.weight.startswith(prefix):
                 # no bias in the graph's view of it (or one it adds by addmm, as GPT-2's
                 # Conv1D): the module's own bias, if any, plus the row
                 path = proj.weight[len(prefix):].removesuffix("weight") + "bias"
@@ -98,13 +103,9 @@ class LayerwiseModel:
                 own = getattr(mod.get_submodule(owner_path) if owner_path else mod, leaf, None)
                 value = row.detach().clone() if own is None else \
                     own.detach() + row.detach().to(own.dtype)
-                _set_param(mod, path, value.to(device=device, dtype=dtype))
-        if op.kind == "attention":
-            kv = em.kv_heads(name, width)
-            for attr, value in (("num_key_value_groups", width // kv), ("num_heads", width),
-                                ("num_attention_heads", width), ("num_key_value_heads", kv)):
-                if isinstance(getattr(mod, attr, None), int):
-                    setattr(mod, attr, value)
+                set_parameter(mod, path, value.to(device=device, dtype=dtype))
+        if op.kind == "attention" and unit == op.module:
+            set_head_counts(mod, width, em.kv_heads(name, width), block.sizes["head_dim"])
         return mod
 
     def set(self, widths: dict[str, int]) -> None:
@@ -112,12 +113,10 @@ class LayerwiseModel:
         widths = self.em.static_widths(widths)
         for name, w in widths.items():
             if self.widths.get(name) != w:
-                parent, leaf = self._parents[name]
-                setattr(parent, leaf, self.variants[name][w])
+                for path, mod in self.variants[name][w].items():
+                    parent, _, leaf = path.rpartition(".")
+                    setattr(self.model.get_submodule(parent), leaf, mod)
         self.widths = widths
-
-    def modules_of(self, name: str) -> dict[int, nn.Module]:
-        return self.variants[name]
 
     def _check_random(self) -> None:
         """The swapped model reproduces the elastic graph at a random per-op mix."""
@@ -145,6 +144,35 @@ class LayerwiseModel:
                 "class may keep head counts in attributes the profiler does not know")
 
 
+def swap_units(em: ElasticModel) -> dict[str, list[str]]:
+    """{op name: the module paths that `LayerwiseModel` swaps for it}: the op's module, or,
+    where that module holds another op's module, the modules owning the op's weights."""
+    paths = {name: op.module for name, op in em.ops.items()}
+    for name, path in paths.items():
+        if not path:
+            raise UnsupportedModelError(
+                f"elastic op {name} has no module path, so its Hugging Face module cannot be "
+                "found; profile a model converted from a Hugging Face class")
+    units = {}
+    for name, path in paths.items():
+        if not any(p.startswith(path + ".") for p in paths.values()):
+            units[name] = [path]
+            continue
+        owners = []
+        for proj in em.block(name).projections:
+            owner = proj.weight[len(em.param_prefix):].rpartition(".")[0]
+            if not owner.startswith(path + ".") or any(
+                    owner == p or owner.startswith(p + ".") for p in paths.values()
+                    if p != path and p.startswith(path + ".")):
+                raise UnsupportedModelError(
+                    f"the weight {proj.weight} of elastic op {name} is not in a module of its "
+                    f"own inside {path}; the profiler swaps whole modules per op")
+            if owner not in owners:
+                owners.append(owner)
+        units[name] = owners
+    return units
+
+
 def _compensations(em: ElasticModel) -> dict:
     """{op name: its Compensation module} (passes/compensate.py)."""
     from ..passes.compensate import compensation_modules
@@ -166,16 +194,9 @@ def _compensated(comp, width: int, value: torch.Tensor, is_bias: bool, axis: int
     return value + (delta if axis == 1 else delta.t()).to(value.dtype)
 
 
-def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
-    owner_path, _, leaf = path.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
-    if isinstance(owner, nn.Linear) and leaf == "weight":
-        owner.out_features, owner.in_features = value.shape
-
 def fixed_modules(rt: LayerwiseModel) -> list[tuple[str, nn.Module, str]]:
     """Leaf modules with weights outside every elastic op, with the fixed part they are."""
-    op_paths = [op.module for op in rt.em.ops.values()]
+    op_paths = [path for paths in rt.units.values() for path in paths]
     head = rt.model.get_output_embeddings()
     out = []
     for path, mod in rt.model.named_modules():
@@ -241,7 +262,7 @@ def decode_unavailable(em: ElasticModel) -> str | None:
     """Why decode cannot be measured for `em` (None: its Hugging Face class looks fit; the
     full check happens when LayerwiseModel is built). Decode needs a key/value cache, and
     the traced graph has none: the profiler runs decode in the source Hugging Face class,
-    which it can rebuild for Llama-style classes only."""
+    which it can rebuild for the classes whose config fields `export.hf` knows."""
     from ..export import hf
 
     if em.source.get("kind") != "hf":
@@ -250,10 +271,7 @@ def decode_unavailable(em: ElasticModel) -> str | None:
     try:
         import transformers
 
-        _, fields = hf._config(getattr(transformers, em.source["class"], None), em.source)
+        hf._config(getattr(transformers, em.source["class"], None), em.source)
     except UnsupportedModelError as exc:
         return str(exc)
-    if fields.heads is None:  # GPT-2, GPT-NeoX, OPT: head size = hidden size / heads
-        return (f"{em.source['class']}'s attention derives its head size from the hidden "
-                "size and head count of its config, so a copy of it cannot run fewer heads")
     return None
