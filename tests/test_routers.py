@@ -995,6 +995,10 @@ def test_cli_train_routers_then_select(tmp_path, capsys):
         assert main(["select", str(joint), "--budget", "params=0.8"]) == 0
     summary = json.loads((joint / "summary.json").read_text())
     assert summary["status"] == "done" and len(read_metrics(joint)) == 2
+    # without --budget-range, the range the routers were trained on (not the table's)
+    assert summary["budget_range"] == [0.6, 1.0]
+    saved = json.loads((joint / "final" / "routers.json").read_text())["extra"]
+    assert saved["budget_range"] == [0.6, 1.0] and saved["joint"] == str(joint)
     tuned = flextron_fx.load(joint / "final")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), em.parameters()))
     assert main(["joint-tune", str(tmp_path / "j2"), "--routers", str(tmp_path / "elastic"),

@@ -137,7 +137,8 @@ def run_train(args) -> dict:
         from .costs import CostTable
 
         table = CostTable.coerce(em, cost, args.metric)
-        save_routers(em, run / "final", table, extra=config.extra)
+        save_routers(em, run / "final", table,
+                     extra={**config.extra, "budget_range": summary["budget_range"]})
         summary["final"] = str(run / "final")
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
@@ -154,8 +155,9 @@ def _training_args(p) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--budget-range", type=float, nargs=2, default=None,
                    metavar=("LOW", "HIGH"), help="budgets sampled per sequence, fractions "
-                   "of the full model's cost (default: 0.4 to 1, or from the cheapest "
-                   "sub-network's cost where that is more than 0.4)")
+                   "of the full model's cost (default: train-routers 0.4 to 1, or from "
+                   "the cheapest sub-network's cost where that is more than 0.4; "
+                   "joint-tune the range its routers were trained on)")
     p.add_argument("--latency-weight", type=float, default=10.0, help="lambda of Eq. 7")
 
 
@@ -183,15 +185,17 @@ def run_joint(args) -> dict:
         raise TrainingError(str(exc)) from exc
     run = Path(args.run_dir)
     check_target(run / "final", args.overwrite)
+    mode = "dynamic" if read_mode(args.routers) == "capacity" else None
+    em, table, meta = load_router_run(args.routers, mode)
+    # default: the range the routers were trained on (older router files: the table's)
+    budget_range = args.budget_range or meta.get("extra", {}).get("budget_range")
     config = JointConfig(
         steps=args.steps, batch=args.batch,
-        budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr,
+        budget_range=budget_range and tuple(budget_range), lr=args.lr,
         router_lr=args.router_lr, latency_weight=args.latency_weight, warmup=args.warmup,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         extra={"routers": str(args.routers), "seq": args.seq, "domains": domains})
     config.validate()
-    mode = "dynamic" if read_mode(args.routers) == "capacity" else None
-    em, table, meta = load_router_run(args.routers, mode)
     tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,
                                     args.eval_tokens)
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
@@ -199,7 +203,8 @@ def run_joint(args) -> dict:
                            resume=args.resume, progress=not args.no_progress,
                            max_seconds=max_s, overwrite=args.overwrite)
     if summary["status"] == "done":
-        extra = {**meta.get("extra", {}), "joint": str(run)}
+        extra = {**meta.get("extra", {}), "joint": str(run),
+                 "budget_range": summary["budget_range"]}
         save_tuned(em, run / "final", table, extra=extra, overwrite=args.overwrite)
         summary["final"] = str(run / "final")
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))
