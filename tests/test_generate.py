@@ -348,6 +348,7 @@ def _dynamic(name: str, head_mode: str, rank: int = 0):
 
 @pytest.mark.parametrize("name, head_mode, rank", [
     ("llama", "query", 0), ("llama", "group", 0), ("qwen2", "group", 0), ("gemma", "query", 0),
+    ("gpt2", "query", 0),  # fused q/k/v, learned positions, biases
     ("llama", "group", 2)])  # the last: low-rank compensation inside the regions
 def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode,
                                                                               rank):
@@ -379,21 +380,25 @@ def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name
     assert layer.keys.shape[2] == 14
     # the routed model holds the elastic model's own weights, not copies
     path = em.block(attention.name).module_path
-    mine = cached.cached.model.get_submodule(path).attn.k_proj.weight
-    graph = em.graph_module.get_parameter(f"{em.param_prefix}{path}.k_proj.weight")
+    proj = "c_attn" if name == "gpt2" else "k_proj"
+    mine = getattr(cached.cached.model.get_submodule(path).attn, proj).weight
+    graph = em.graph_module.get_parameter(f"{em.param_prefix}{path}.{proj}.weight")
     assert mine.data_ptr() == graph.data_ptr()
 
 
-def test_routed_generation_without_a_cache_where_the_family_cannot_run_one():
-    """GPT-2's fused q/k/v projection: routed_hf refuses clearly; RoutedDecoder recomputes."""
+@pytest.mark.parametrize("name, why", [
+    ("gpt_neox", "q/k/v projections"),  # one fused projection, interleaved per head
+    ("opt", "in a module of its own")])  # the MLP is the whole decoder layer
+def test_routed_generation_without_a_cache_where_the_family_cannot_run_one(name, why):
+    """routed_hf refuses clearly, saying why; RoutedDecoder recomputes the sequence."""
     from flextron_fx.export.generate import RoutedDecoder
     from flextron_fx.export.routed_hf import routed_hf
 
-    em, table = _dynamic("gpt2", "query")
-    with pytest.raises(UnsupportedModelError, match="q/k/v projections"):
+    em, table = _dynamic(name, "query")
+    with pytest.raises(UnsupportedModelError, match=why):
         routed_hf(em)
     decoder = RoutedDecoder(em, table, 0.6)
-    assert decoder.cached is None and "q/k/v projections" in decoder.why
+    assert decoder.cached is None and why in decoder.why
     ids = token_ids(1, 4)
     assert torch.equal(generate(decoder, ids, 5).tokens,
                        generate(RoutedDecoder(em, table, 0.6, cache=False), ids, 5).tokens)

@@ -9,8 +9,8 @@ tokens, appends their keys and values to its cache and returns the last position
 - `OrtDecoder(path)`: an ONNX decoder written by `to_onnx_decoder` (past keys and values in,
   present ones out).
 - `RoutedDecoder(em, table, budget)`: dynamic routers, every token at the widths its
-  routers choose; with a cache for Llama-style families (`routed_hf`), otherwise by
-  running the whole sequence at each step.
+  routers choose; with a cache for Llama-style families and GPT-2 (`routed_hf`),
+  otherwise by running the whole sequence at each step.
 
 Example:
     >>> model = sliced_hf(em, 0.5)                                    # doctest: +SKIP

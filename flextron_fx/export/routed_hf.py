@@ -15,10 +15,13 @@ attention), token by token with a cache instead of the whole sequence at every s
   earlier one did not; each query head attends over its key/value head; each token's
   output projection reads only its own heads' columns.
 
-This needs attention with separate q/k/v/o projections and rotary position embeddings
-(Llama, Mistral, Qwen2, Qwen3, Gemma, ...). The model is checked against the routed
-elastic graph on a short input; any other family raises `UnsupportedModelError`, and
-generation falls back to recomputing the sequence in the elastic graph (`RoutedDecoder`).
+This needs an attention module with a layer index and either separate q/k/v projections
+(Llama, Mistral, Qwen2, Qwen3, Gemma, ... with the rotary embeddings the model hands
+them) or GPT-2's fused `c_attn` (queries, then keys, then values), and each MLP in a
+module of its own. The model is checked against the routed elastic graph on a short
+input; any other family (GPT-NeoX's interleaved fused projection, OPT's MLP inside its
+decoder layer, ...) raises `UnsupportedModelError`, and generation falls back to
+recomputing the sequence in the elastic graph (`RoutedDecoder`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class _Elastic(nn.Module):
         if len(regions) != 1:
             raise UnsupportedModelError(f"{name} has no single token-wise node to route")
         region = regions[0]
+        seen = region.args[0].meta.get("val")  # GPT-2's Conv1D: the graph flattens tokens
+        self.flat = seen is not None and seen.dim() == 2
         self.router, self.budget = router, budget
         self.region = gm.get_submodule(region.target)
         self.params = [attrgetter(a.target)(gm) for a in region.args[2:]]
@@ -63,8 +68,12 @@ class _Elastic(nn.Module):
         return self.router(self.budget(), h, h[..., 0])
 
     def output(self, x: torch.Tensor, width) -> torch.Tensor:
+        shape = x.shape
+        if self.flat:  # the region takes [tokens, features], as in the graph
+            x = x.reshape(-1, shape[-1])
         y = self.region(x, width, *self.params)
-        return y if self.comp is None else self.comp(y, width)
+        y = y if self.comp is None else self.comp(y, width)
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class RoutedMLP(nn.Module):
@@ -88,17 +97,26 @@ class RoutedAttention(nn.Module):
         self.attn, self.elastic, self.q_slice = attn, elastic, q_slice
         self.head_dim, self.per_kv = head_dim, heads // kv_heads
         self.layer_idx = attn.layer_idx
-        self.rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.fused = not hasattr(attn, "q_proj")  # GPT-2's c_attn: [queries | keys | values]
+        self.rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         self._queries: dict[tuple, tuple] = {}
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query projection's (or the fused projection's) weight [out, in] and bias."""
+        if self.fused:
+            return self.attn.c_attn.weight.t(), self.attn.c_attn.bias
+        return self.attn.q_proj.weight, self.attn.q_proj.bias
+
     def _query(self, span: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(q_proj weight and bias rows of the query heads kept at `span`, n: they read the
-        first n key/value heads in turn, as SDPA's grouped attention does). Gathered rows
-        are kept until the weights change in place."""
-        q = self.attn.q_proj
-        key = (span, q.weight._version, None if q.bias is None else q.bias._version)
+        """(weight and bias rows of the query heads kept at `span`, n: they read the first n
+        key/value heads in turn, as SDPA's grouped attention does; fused: followed by every
+        key and value row). Gathered rows are kept until the weights change in place."""
+        weight, bias = self._weights()
+        key = (span, weight._version, None if bias is None else bias._version)
         if key not in self._queries:
-            rows = plan_indices(self.q_slice.plan(span), q.weight.shape[0])
+            full = weight.shape[0] // 3 if self.fused else weight.shape[0]
+            rows = plan_indices(self.q_slice.plan(span), 3 * full if self.fused else full)
+            rows = rows[rows < full]  # fused: the plan keeps keys and values of those heads
             kv_of = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim // self.per_kv
             n = int(kv_of.max()) + 1  # a prefix of n key/value heads, each read by as many
             if len(kv_of) % n or not torch.equal(  # query heads in a row: SDPA's GQA
@@ -106,28 +124,38 @@ class RoutedAttention(nn.Module):
                 raise UnsupportedModelError(
                     f"{self.elastic.region.block}: the query heads kept at {span} do not read "
                     "a prefix of key/value heads in turn")
-            rows = rows.to(q.weight.device)
+            rows = rows.to(weight.device)
+            if self.fused:
+                rows = torch.cat([rows, torch.arange(full, 3 * full, device=weight.device)])
             self._queries = {k: v for k, v in self._queries.items() if k[0] != span}
-            self._queries[key] = (self.q_slice(q.weight, span),
-                                  None if q.bias is None else q.bias.index_select(0, rows),
-                                  n)
+            self._queries[key] = (weight.index_select(0, rows),
+                                  None if bias is None else bias.index_select(0, rows), n)
         return self._queries[key]
 
     def project(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias, position_embeddings,
                 cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(queries from the q_proj rows `weight` and `bias`, keys, values of every head),
-        each [batch, heads, seq, head size], normed and rotated as the source module does;
-        keys and values appended to `cache` (every head's: later tokens may need them) and
-        returned with the past ones."""
+        """(queries from the rows `weight` and `bias` of `_query`, keys, values of every
+        head), each [batch, heads, seq, head size], normed and rotated as the source module
+        does; keys and values appended to `cache` (every head's: later tokens may need
+        them) and returned with the past ones."""
         attn, (b, s), hd = self.attn, hidden_states.shape[:2], self.head_dim
-        q = F.linear(hidden_states, weight, bias).view(b, s, -1, hd)
-        k = attn.k_proj(hidden_states).view(b, s, -1, hd)
-        v = attn.v_proj(hidden_states).view(b, s, -1, hd)
+        if self.fused:  # one product: the kept query heads, then every key and value head
+            out = F.linear(hidden_states, weight, bias)
+            e = attn.c_attn.weight.shape[1] // 3  # keys (and values) of every head
+            q, k, v = (t.reshape(b, s, -1, hd) for t in out.split([out.shape[-1] - 2 * e, e, e], -1))
+        else:
+            q = F.linear(hidden_states, weight, bias).view(b, s, -1, hd)
+            k = attn.k_proj(hidden_states).view(b, s, -1, hd)
+            v = attn.v_proj(hidden_states).view(b, s, -1, hd)
         if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: a norm over each head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        if position_embeddings is not None:  # rotary (GPT-2: positions added to the input)
+            if self.rotary is None:
+                raise UnsupportedModelError(f"{type(attn).__name__} gets position embeddings "
+                                            "but its module has no apply_rotary_pos_emb")
+            cos, sin = position_embeddings
+            q, k = self.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         return q, k, v
@@ -195,19 +223,27 @@ def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
         parent, _, leaf = block.module_path.rpartition(".")
         module = model.get_submodule(block.module_path)
         if op.kind == "mlp":
+            inner = [o.name for o in em.ops.values()
+                     if em.block(o.name).module_path.startswith(block.module_path + ".")]
+            if inner:
+                raise UnsupportedModelError(
+                    f"{name}'s module {block.module_path} holds {inner[0]} too (OPT's MLP is "
+                    "its whole decoder layer); per-token MLP widths with a cache need each "
+                    "MLP in a module of its own")
             new = RoutedMLP(elastic)
         else:
-            rotary = sys.modules[type(module).__module__]
-            q = f"{em.param_prefix}{block.module_path}.q_proj.weight"
-            if not (all(isinstance(getattr(module, p, None), nn.Linear)
-                        for p in ("q_proj", "k_proj", "v_proj"))
-                    and hasattr(rotary, "apply_rotary_pos_emb")
-                    and hasattr(module, "layer_idx") and hasattr(module, "scaling")
-                    and q in slices):
+            separate = all(isinstance(getattr(module, p, None), nn.Linear)
+                           for p in ("q_proj", "k_proj", "v_proj"))
+            fused = isinstance(getattr(module, "split_size", None), int) and hasattr(
+                module, "c_attn") and not separate  # GPT-2: [queries | keys | values]
+            q = f"{em.param_prefix}{block.module_path}." + \
+                ("c_attn.weight" if fused else "q_proj.weight")
+            if not ((separate or fused) and hasattr(module, "layer_idx")
+                    and hasattr(module, "scaling") and q in slices):
                 raise UnsupportedModelError(
-                    f"{type(module).__name__} is no attention with q/k/v projections, rotary "
-                    "embeddings and a layer index; per-token heads with a cache support "
-                    "Llama-style ones")
+                    f"{type(module).__name__} is no attention with q/k/v projections (separate, "
+                    "or fused as GPT-2's) and a layer index; per-token heads with a cache "
+                    "support Llama-style ones and GPT-2's")
             new = RoutedAttention(module, elastic, slices[q], block.sizes["heads"],
                                   block.sizes.get("kv_heads", block.sizes["heads"]),
                                   block.sizes["head_dim"])

@@ -206,8 +206,10 @@ class _TokenAttention(nn.Module):
         super().__init__()
         self.routed, self.elastic, self.token = routed, routed.elastic, token
         attn, region, hd = routed.attn, routed.elastic.region, routed.head_dim
-        if not isinstance(getattr(attn, "o_proj", None), nn.Linear):
-            raise UnsupportedModelError(f"{region.block}: no o_proj to slice")
+        if routed.fused or not isinstance(getattr(attn, "o_proj", None), nn.Linear):
+            raise UnsupportedModelError(
+                f"{region.block}: the routed ONNX decoder slices separate q/k/v projections "
+                "and an o_proj (Llama-style attention); GPT-2's fused c_attn is not done")
         full_q, full_o = attn.q_proj.weight.shape[0], attn.o_proj.weight.shape[1]
         before = torch.zeros(0, dtype=torch.long)
         kept = []  # each candidate's output-projection columns, in the slice's order
