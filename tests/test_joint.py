@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import (
@@ -18,7 +20,7 @@ from flextron_fx.errors import TrainingError
 from flextron_fx.passes.inject_routers import inject_routers, remove_routers, set_budget
 from flextron_fx.route import CostTable, load_routers
 from flextron_fx.route.joint import Gates, JointConfig, last_regions, save_tuned, tune_jointly
-from flextron_fx.route.train import _Sampling, evaluate_routers
+from flextron_fx.route.train import RouterConfig, _Sampling, evaluate_routers, train_routers
 from flextron_fx.train.loop import _logits, lm_loss, read_metrics
 
 
@@ -142,7 +144,25 @@ def test_joint_tuning_refuses_a_model_without_routers_or_with_capacity_routers(t
     with pytest.raises(TrainingError, match="as dynamic routers"):
         tune_jointly(em, _tokens(8), tmp_path / "r", JointConfig(steps=1), table,
                      progress=False)
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_router_training_and_joint_tuning_refuse_a_folder_in_use(tmp_path):
+    """Another holder of the run's lock (here this process, through a second open file) is
+    training in the folder: both refuse, and leave it as it was."""
+    from flextron_fx.train.state import run_lock
+
+    em = _fresh("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    run = tmp_path / "run"
+    with run_lock(run):
+        with pytest.raises(TrainingError, match=rf"{run} is in use: process {os.getpid()}"):
+            train_routers(em, _tokens(8), run, RouterConfig(steps=1), table, progress=False)
+        inject_routers(em, "static", cost=table)
+        with pytest.raises(TrainingError, match="is in use"):
+            tune_jointly(em, _tokens(8), run, JointConfig(steps=1), table, progress=False)
+        assert [p.name for p in run.iterdir()] == [".lock"]
+    assert not run.exists()  # the holder made it and wrote nothing: gone with the lock
 
 
 @pytest.mark.parametrize("arch, head_mode", [("llama", "query"), ("llama", "group"),

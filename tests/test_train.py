@@ -310,12 +310,14 @@ def test_sigkill_while_checkpointing_then_resume_repeats_every_step_and_the_weig
     assert read_metrics(part)[-1]["step"] == 6  # logged steps that the checkpoint lacks
     leftovers = [p.name for p in (part / "checkpoints").iterdir() if p.name.startswith(".")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".step-0000006."), leftovers
+    assert (part / ".lock").is_file()  # its lock file stays, but the lock went with it
     resumed = _script(part, 10, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     log = resumed.stdout.read()
     assert f"removed 1 unfinished checkpoint file(s) from {part / 'checkpoints'}" in log, log
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == \
         ["latest", "step-0000008", "step-0000010"]
+    assert not (part / ".lock").exists()
     a, b = read_metrics(uninterrupted), read_metrics(part)
     assert [r["step"] for r in b] == list(range(11))
     for key in ("loss", "loss_sub", "val", "sub_params", "lr"):
@@ -444,6 +446,36 @@ def test_damaged_training_checkpoint_is_reported(two_step_run, damage):
                                               r"step-0000001 \(the one before\)"):
         train_elastic(tiny_elastic(), tokens(), two_step_run, _quick(2), resume=True,
                       progress=False)
+
+
+def test_a_run_folder_another_process_trains_in_is_refused(two_step_run):
+    """Two processes training in one folder would both write checkpoints and metrics: the
+    second is refused, naming the first, and nothing of the run changes. Once the first is
+    gone (here SIGKILLed, so it cleaned nothing up) the run resumes."""
+    run = two_step_run
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "checkpoints").iterdir())
+    metrics = (run / "metrics.jsonl").read_text()
+    hold = ("import sys, time; from pathlib import Path; "
+            "from flextron_fx.train.state import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)],
+                              env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainingError, match=rf"is in use: process {holder.pid} on .* is "
+                                                r"training in it.*kill -TERM"):
+            train_elastic(tiny_elastic(), tokens(), run, _quick(2), resume=True,
+                          progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted((p.name, p.stat().st_mtime_ns)
+                  for p in (run / "checkpoints").iterdir()) == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    out = train_elastic(tiny_elastic(), tokens(), run, _quick(2), resume=True,
+                        progress=False)
+    assert out["status"] == "done" and out["step"] == 2
 
 
 def test_a_foreign_run_folder_is_refused_and_kept(tmp_path):

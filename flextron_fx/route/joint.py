@@ -208,6 +208,7 @@ def joint_step(em: ElasticModel, table: CostTable, ids: torch.Tensor, config: Jo
                   "loss": float(loss.detach())}
 
 
+@S.holding_run_lock
 def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config: JointConfig,
                  table: CostTable, *, heldout: torch.Tensor | None = None,
                  resume: bool = False, progress: bool = True,

@@ -440,6 +440,7 @@ def run_steps(run: Path, config, tokens: torch.Tensor, device, ckpt, module: nn.
             "wall_s": time.perf_counter() - t_run}
 
 
+@S.holding_run_lock
 def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config: RouterConfig,
                   cost, *, heldout: torch.Tensor | None = None, resume: bool = False,
                   progress: bool = True, max_seconds: float | None = None,

@@ -206,6 +206,7 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@S.holding_run_lock
 def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
                   config: TrainConfig, *, heldout: torch.Tensor | None = None,
                   resume: bool = False, parallel: str = "auto", progress: bool = True,
@@ -220,7 +221,8 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
     that long in total. Returns a summary with the final validation losses.
 
     `run` must be new, empty or a training run's folder (`OutputError` otherwise, unless
-    `overwrite`). Half-written checkpoints left by a killed run are removed first. A resumed
+    `overwrite`), and no other process may be training in it (`state.run_lock`).
+    Half-written checkpoints left by a killed run are removed first. A resumed
     run must have the same settings, the same number of steps (the learning-rate schedule
     depends on it) and the same training tokens (a fingerprint is saved with every
     checkpoint); `TrainingError` names the difference otherwise.
@@ -500,7 +502,7 @@ def check_run_folder(run: Path, overwrite: bool = False) -> None:
     if not run.is_dir():
         raise OutputError(f"{run} is a file, not a folder for a training run; choose "
                           "another path")
-    held = sorted(p.name for p in run.iterdir())
+    held = sorted(p.name for p in run.iterdir() if p.name != S.LOCK)
     if not held or _is_run(run):
         return
     raise OutputError(

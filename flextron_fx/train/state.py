@@ -16,10 +16,15 @@ resumed run repeats the uninterrupted one step for step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -205,3 +210,70 @@ def clean_leftovers(run: Path) -> list[str]:
         log.warning("removed %d unfinished checkpoint file(s) from %s, left by a run killed "
                     "while writing: %s", len(gone), folder, ", ".join(gone))
     return gone
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """Hold `RUN/.lock` while training in `run`: a second process that starts or resumes a
+    run in the same folder is refused (`TrainingError`, naming the process that holds it)
+    instead of both writing checkpoints and metrics there. The lock is the kernel's
+    (`fcntl.flock`), so it goes with its process, even one killed by SIGKILL: a crashed run
+    never blocks its own resume (its `.lock` file stays, unlocked). On exit the file is
+    removed, and so is the folder if the lock made it and nothing else was written.
+    Without `fcntl` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    if run.exists() and not run.is_dir():
+        yield  # check_run_folder says what is wrong
+        return
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise TrainingError(
+                f"{run} is in use: {holder or 'another process'} is training in it. Wait "
+                "until it ends, or stop it (kill -TERM <pid> makes it save a checkpoint "
+                "first), then resume") from None
+        try:  # the file we locked may have been removed by its last holder meanwhile
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: nobody else holds this file
+        os.close(fd)
+        if created and not any(run.iterdir()):  # refused before anything was written
+            run.rmdir()
+
+
+def holding_run_lock(train):
+    """`train(em, tokens, run, ...)` run with `run_lock(run)` held (on rank 0 of a
+    process group: the other ranks write nothing)."""
+
+    @functools.wraps(train)
+    def locked(em, tokens, run, *args, **kwargs):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return train(em, tokens, run, *args, **kwargs)
+        with run_lock(Path(run)):
+            return train(em, tokens, run, *args, **kwargs)
+
+    return locked
