@@ -361,7 +361,7 @@ def test_an_interrupted_profile_resumes_from_its_finished_rounds(zoo_converted, 
 
 # ---- onnxruntime: exported sub-networks ------------------------------------------------------
 @pytest.mark.parametrize("name,mode", [("llama", "prefill"), ("llama", "decode"),
-                                       ("opt", "decode")])
+                                       ("opt", "decode"), ("gpt2", "decode")])
 def test_an_exported_subnetwork_equals_torch_and_its_kernels_are_attributed(name, mode,
                                                                             zoo_converted):
     from flextron_fx.profiler.onnxrt import ExportedNetwork
