@@ -349,6 +349,7 @@ def _dynamic(name: str, head_mode: str, rank: int = 0):
 @pytest.mark.parametrize("name, head_mode, rank", [
     ("llama", "query", 0), ("llama", "group", 0), ("qwen2", "group", 0), ("gemma", "query", 0),
     ("gpt2", "query", 0),  # fused q/k/v, learned positions, biases
+    ("gpt_neox", "group", 0),  # q/k/v fused per head, partial rotary, parallel residual
     ("llama", "group", 2)])  # the last: low-rank compensation inside the regions
 def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode,
                                                                               rank):
@@ -380,14 +381,13 @@ def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name
     assert layer.keys.shape[2] == 14
     # the routed model holds the elastic model's own weights, not copies
     path = em.block(attention.name).module_path
-    proj = "c_attn" if name == "gpt2" else "k_proj"
+    proj = {"gpt2": "c_attn", "gpt_neox": "query_key_value"}.get(name, "k_proj")
     mine = getattr(cached.cached.model.get_submodule(path).attn, proj).weight
     graph = em.graph_module.get_parameter(f"{em.param_prefix}{path}.{proj}.weight")
     assert mine.data_ptr() == graph.data_ptr()
 
 
 @pytest.mark.parametrize("name, why", [
-    ("gpt_neox", "q/k/v projections"),  # one fused projection, interleaved per head
     ("opt", "in a module of its own")])  # the MLP is the whole decoder layer
 def test_routed_generation_without_a_cache_where_the_family_cannot_run_one(name, why):
     """routed_hf refuses clearly, saying why; RoutedDecoder recomputes the sequence."""

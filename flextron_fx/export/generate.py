@@ -9,7 +9,7 @@ tokens, appends their keys and values to its cache and returns the last position
 - `OrtDecoder(path)`: an ONNX decoder written by `to_onnx_decoder` (past keys and values in,
   present ones out).
 - `RoutedDecoder(em, table, budget)`: dynamic routers, every token at the widths its
-  routers choose; with a cache for Llama-style families and GPT-2 (`routed_hf`),
+  routers choose; with a cache for Llama-style families, GPT-2 and GPT-NeoX (`routed_hf`),
   otherwise by running the whole sequence at each step.
 
 Example:

@@ -12,7 +12,7 @@ The sub-network is built as the source Hugging Face class at its (per-layer) wid
 (export/decoder_onnx.py, checked against PyTorch) to a temporary file. With `--routers`,
 static routers choose the widths for `--budget`; dynamic routers instead choose every
 token's widths as it is generated (routed execution; with a key/value cache for
-Llama-style families and GPT-2, export/routed_hf.py, otherwise each step runs the whole sequence in
+Llama-style families, GPT-2 and GPT-NeoX, export/routed_hf.py, otherwise each step runs the whole sequence in
 the elastic graph; with `--runtime onnxruntime`, an ONNX decoder with the routers inside,
 export/routed_onnx.py), and the mean cost per new token is printed.
 The prompt is tokenized with the tokenizer saved in DIR, the one named by `--tokenizer`,

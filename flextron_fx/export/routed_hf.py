@@ -16,12 +16,13 @@ attention), token by token with a cache instead of the whole sequence at every s
   output projection reads only its own heads' columns.
 
 This needs an attention module with a layer index and either separate q/k/v projections
-(Llama, Mistral, Qwen2, Qwen3, Gemma, ... with the rotary embeddings the model hands
-them) or GPT-2's fused `c_attn` (queries, then keys, then values), and each MLP in a
-module of its own. The model is checked against the routed elastic graph on a short
-input; any other family (GPT-NeoX's interleaved fused projection, OPT's MLP inside its
-decoder layer, ...) raises `UnsupportedModelError`, and generation falls back to
-recomputing the sequence in the elastic graph (`RoutedDecoder`).
+(Llama, Mistral, Qwen2, Qwen3, Gemma, ...) or a fused one (GPT-2's `c_attn`: queries,
+then keys, then values; GPT-NeoX's `query_key_value`: per head its query, key and value;
+`fused_layout`), with the rotary embeddings, partial or whole, that the model hands it
+(GPT-2: none), and each MLP in a module of its own. The model is checked against the
+routed elastic graph on a short input; any other family (OPT's MLP inside its decoder
+layer, ...) raises `UnsupportedModelError`, and generation falls back to recomputing the
+sequence in the elastic graph (`RoutedDecoder`).
 """
 
 from __future__ import annotations
@@ -97,36 +98,56 @@ class RoutedAttention(nn.Module):
         self.attn, self.elastic, self.q_slice = attn, elastic, q_slice
         self.head_dim, self.per_kv = head_dim, heads // kv_heads
         self.layer_idx = attn.layer_idx
-        self.fused = not hasattr(attn, "q_proj")  # GPT-2's c_attn: [queries | keys | values]
+        self.fused = fused_layout(attn)
         self.rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         self._queries: dict[tuple, tuple] = {}
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The query projection's (or the fused projection's) weight [out, in] and bias."""
-        if self.fused:
+        if self.fused == "blocks":
             return self.attn.c_attn.weight.t(), self.attn.c_attn.bias
+        if self.fused == "heads":
+            return self.attn.query_key_value.weight, self.attn.query_key_value.bias
         return self.attn.q_proj.weight, self.attn.q_proj.bias
+
+    def _rows(self, part: int, heads: torch.Tensor, model: int) -> torch.Tensor:
+        """Rows of the fused projection that give part `part` (0 queries, 1 keys, 2 values)
+        of `heads`; `model` = heads x head size."""
+        hd = self.head_dim
+        first = (part * model + heads * hd if self.fused == "blocks"
+                 else heads * 3 * hd + part * hd)
+        return (first[:, None] + torch.arange(hd)).reshape(-1)
 
     def _query(self, span: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(weight and bias rows of the query heads kept at `span`, n: they read the first n
-        key/value heads in turn, as SDPA's grouped attention does; fused: followed by every
-        key and value row). Gathered rows are kept until the weights change in place."""
+        key/value heads in turn, as SDPA's grouped attention does; fused: followed by the
+        key rows and value rows of every head). Gathered rows are kept until the weights
+        change in place."""
         weight, bias = self._weights()
         key = (span, weight._version, None if bias is None else bias._version)
         if key not in self._queries:
-            full = weight.shape[0] // 3 if self.fused else weight.shape[0]
-            rows = plan_indices(self.q_slice.plan(span), 3 * full if self.fused else full)
-            rows = rows[rows < full]  # fused: the plan keeps keys and values of those heads
-            kv_of = rows.reshape(-1, self.head_dim)[:, 0] // self.head_dim // self.per_kv
+            hd = self.head_dim
+            if self.fused:  # the plan keeps queries, keys and values of the kept heads
+                model = weight.shape[0] // 3
+                rows = plan_indices(self.q_slice.plan(span), 3 * model)
+                part, head = ((rows // model, rows % model // hd) if self.fused == "blocks"
+                              else (rows % (3 * hd) // hd, rows // (3 * hd)))
+                kept = head[part == 0].unique_consecutive()
+            else:
+                rows = plan_indices(self.q_slice.plan(span), weight.shape[0])
+                kept = rows.reshape(-1, hd)[:, 0] // hd
+            kv_of = kept // self.per_kv
             n = int(kv_of.max()) + 1  # a prefix of n key/value heads, each read by as many
             if len(kv_of) % n or not torch.equal(  # query heads in a row: SDPA's GQA
                     kv_of, torch.arange(n).repeat_interleave(len(kv_of) // n)):
                 raise UnsupportedModelError(
                     f"{self.elastic.region.block}: the query heads kept at {span} do not read "
                     "a prefix of key/value heads in turn")
-            rows = rows.to(weight.device)
             if self.fused:
-                rows = torch.cat([rows, torch.arange(full, 3 * full, device=weight.device)])
+                every = torch.arange(model // hd)
+                rows = torch.cat([self._rows(0, kept, model), self._rows(1, every, model),
+                                  self._rows(2, every, model)])
+            rows = rows.to(weight.device)
             self._queries = {k: v for k, v in self._queries.items() if k[0] != span}
             self._queries[key] = (weight.index_select(0, rows),
                                   None if bias is None else bias.index_select(0, rows), n)
@@ -141,8 +162,9 @@ class RoutedAttention(nn.Module):
         attn, (b, s), hd = self.attn, hidden_states.shape[:2], self.head_dim
         if self.fused:  # one product: the kept query heads, then every key and value head
             out = F.linear(hidden_states, weight, bias)
-            e = attn.c_attn.weight.shape[1] // 3  # keys (and values) of every head
-            q, k, v = (t.reshape(b, s, -1, hd) for t in out.split([out.shape[-1] - 2 * e, e, e], -1))
+            e = self._weights()[0].shape[0] // 3  # keys (and values) of every head
+            q, k, v = (t.reshape(b, s, -1, hd)
+                       for t in out.split([out.shape[-1] - 2 * e, e, e], -1))
         else:
             q = F.linear(hidden_states, weight, bias).view(b, s, -1, hd)
             k = attn.k_proj(hidden_states).view(b, s, -1, hd)
@@ -161,9 +183,10 @@ class RoutedAttention(nn.Module):
         return q, k, v
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
-                attention_mask=None, cache=None, past_key_values=None, **kwargs):
+                attention_mask=None, cache=None, past_key_values=None, layer_past=None,
+                **kwargs):
         attn, (b, s) = self.attn, hidden_states.shape[:2]
-        cache = cache if cache is not None else past_key_values
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         width = self.elastic.width(hidden_states)
         span = (self.elastic.region.candidates[int(width.max())]
                 if isinstance(width, torch.Tensor) else width)
@@ -183,6 +206,19 @@ class RoutedAttention(nn.Module):
                                              scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.elastic.output(out, width), None
+
+
+def fused_layout(attn: nn.Module) -> str | None:
+    """How an attention module fuses its q/k/v projection: "blocks" (GPT-2's `c_attn`:
+    all queries, then all keys, then all values), "heads" (GPT-NeoX's `query_key_value`:
+    per head its query, key and value), None (separate projections, or unknown)."""
+    if hasattr(attn, "q_proj"):
+        return None
+    if isinstance(getattr(attn, "split_size", None), int) and hasattr(attn, "c_attn"):
+        return "blocks"
+    if isinstance(getattr(attn, "query_key_value", None), nn.Linear):
+        return "heads"
+    return None
 
 
 def plan_indices(plan, full: int) -> torch.Tensor:
@@ -234,16 +270,16 @@ def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
         else:
             separate = all(isinstance(getattr(module, p, None), nn.Linear)
                            for p in ("q_proj", "k_proj", "v_proj"))
-            fused = isinstance(getattr(module, "split_size", None), int) and hasattr(
-                module, "c_attn") and not separate  # GPT-2: [queries | keys | values]
-            q = f"{em.param_prefix}{block.module_path}." + \
-                ("c_attn.weight" if fused else "q_proj.weight")
+            fused = fused_layout(module)
+            q = f"{em.param_prefix}{block.module_path}." + {
+                "blocks": "c_attn", "heads": "query_key_value", None: "q_proj"}[fused] + \
+                ".weight"
             if not ((separate or fused) and hasattr(module, "layer_idx")
                     and hasattr(module, "scaling") and q in slices):
                 raise UnsupportedModelError(
                     f"{type(module).__name__} is no attention with q/k/v projections (separate, "
-                    "or fused as GPT-2's) and a layer index; per-token heads with a cache "
-                    "support Llama-style ones and GPT-2's")
+                    "or fused as GPT-2's or GPT-NeoX's) and a layer index; per-token heads "
+                    "with a cache support Llama-style ones, GPT-2's and GPT-NeoX's")
             new = RoutedAttention(module, elastic, slices[q], block.sizes["heads"],
                                   block.sizes.get("kv_heads", block.sizes["heads"]),
                                   block.sizes["head_dim"])

@@ -209,7 +209,7 @@ class _TokenAttention(nn.Module):
         if routed.fused or not isinstance(getattr(attn, "o_proj", None), nn.Linear):
             raise UnsupportedModelError(
                 f"{region.block}: the routed ONNX decoder slices separate q/k/v projections "
-                "and an o_proj (Llama-style attention); GPT-2's fused c_attn is not done")
+                "and an o_proj (Llama-style attention); fused ones (GPT-2, GPT-NeoX) are not done")
         full_q, full_o = attn.q_proj.weight.shape[0], attn.o_proj.weight.shape[1]
         before = torch.zeros(0, dtype=torch.long)
         kept = []  # each candidate's output-projection columns, in the slice's order
