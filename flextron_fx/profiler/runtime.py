@@ -92,7 +92,7 @@ class LayerwiseModel:
                         value = _compensated(comp, width, value, path == proj.bias,
                                              proj.axis)
                 set_parameter(mod, path[len(prefix):],
-                           value.to(device=device, dtype=dtype).contiguous())
+                              value.to(device=device, dtype=dtype).contiguous())
             row = None if comp is None else comp.row(width)
             if proj is block.out_proj and proj.bias is None and row is not None \
                     and proj.weight.startswith(prefix):
