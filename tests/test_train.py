@@ -20,6 +20,7 @@ from train_script import tiny_elastic, tokens
 from flextron_fx.elastic.ops import WeightSlice
 from flextron_fx.errors import CheckpointError, FlextronError, OutputError, TrainingError
 from flextron_fx.train import TrainConfig, make_sampler, read_metrics, train_elastic
+from flextron_fx.train import loop as train_loop
 from flextron_fx.train.loop import accumulate, batch_rows, kd_loss, lm_loss, make_optimizer
 from flextron_fx.train.sampling import budget
 
@@ -489,3 +490,29 @@ def test_a_foreign_run_folder_is_refused_and_kept(tmp_path):
     out = train_elastic(tiny_elastic(), tokens(), mine, _quick(1), progress=False,
                         overwrite=True)
     assert out["status"] == "done"
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+@pytest.mark.parametrize("every, stops_at", [(1, 1), (3, 2)])
+def test_a_run_folder_removed_while_training_stops_the_run_clearly(tmp_path, monkeypatch, how,
+                                                                   every, stops_at):
+    """Deleting (or deleting and recreating) the run folder mid-run stops the run at its
+    next write (a checkpoint, or else the next step's metrics) with an error that says so,
+    instead of writing the rest of the run into a new folder of that name."""
+    run = tmp_path / "run"
+
+    def remove_the_folder(folder):  # called after step 1's evaluation
+        shutil.rmtree(folder)
+        if how == "replaced":
+            folder.mkdir()
+
+    monkeypatch.setattr(train_loop, "plot_run", remove_the_folder)
+    with pytest.raises(TrainingError, match=rf"run was removed, moved or replaced while this "
+                                            rf"process trained in it \(at step {stops_at}\)"
+                                            r".*resume"):
+        train_elastic(tiny_elastic(), tokens(), run,
+                      TrainConfig(steps=3, batch=4, samples=1, checkpoint_every=every,
+                                  warmup=1, eval_every=1),
+                      heldout=tokens(4, seed=3), progress=False)
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    assert list(run.iterdir()) == [] if how == "replaced" else not run.exists()

@@ -421,8 +421,7 @@ def run_steps(run: Path, config, tokens: torch.Tensor, device, ckpt, module: nn.
                 elapsed += dt
                 row = {"step": step, **row, "tokens": seen, "tok_per_s": ids.numel() / dt,
                        "elapsed_s": round(elapsed, 3)}
-                with metrics.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                S.append_metrics(run, row)
                 bar.update(1)
                 bar.set_postfix(postfix(row))
                 want_stop = stop.requested or (max_seconds is not None and elapsed >= max_seconds)

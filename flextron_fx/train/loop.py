@@ -314,8 +314,7 @@ def train_elastic(em: ElasticModel, tokens: torch.Tensor, run: str | Path,
                 last_val = evaluate(model, em, heldout, settings, local)
                 row["val"] = last_val
             if rank == 0:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                S.append_metrics(run, row)
                 if "val" in row:
                     plot_run(run)  # keep the curves current while the run goes on
             bar.update(1)

@@ -77,6 +77,7 @@ def save_checkpoint(run: Path, step: int, module: torch.nn.Module,
     path = checkpoint_dir(run) / f"step-{step:07d}"
     if not write:
         return path
+    check_still_held(run, step)
     tensors, aliases = unique_tensors(model_sd)
     optim_tensors = {f"{name}::{field}": torch.as_tensor(value).detach().clone().cpu()
                      for name, fields in optim_sd["state"].items()
@@ -213,6 +214,7 @@ def clean_leftovers(run: Path) -> list[str]:
 
 
 LOCK = ".lock"
+_held: dict[Path, int] = {}  # run folder (absolute) -> inode of the lock file this process holds
 
 
 @contextlib.contextmanager
@@ -234,6 +236,7 @@ def run_lock(run: Path):
         return
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
+    folder = _inode(run) if created else None
     path = run / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -256,12 +259,40 @@ def run_lock(run: Path):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        _held[run.absolute()] = os.fstat(fd).st_ino
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked: nobody else holds this file
+        if _held.pop(run.absolute(), None) == _inode(path):
+            path.unlink()  # while still locked: nobody else holds this file
         os.close(fd)
-        if created and not any(run.iterdir()):  # refused before anything was written
-            run.rmdir()
+        if folder is not None and _inode(run) == folder and not any(run.iterdir()):
+            run.rmdir()  # made by the lock, refused before anything was written
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def check_still_held(run: Path, step: int) -> None:
+    """Refuse to write step `step` of a run whose folder was removed, moved or replaced
+    while this process trained in it (its lock file is gone or another one): the run stops
+    rather than writing the rest of itself into a new folder of that name."""
+    held = _held.get(run.absolute())
+    if held is not None and _inode(run / LOCK) != held:
+        raise TrainingError(
+            f"{run} was removed, moved or replaced while this process trained in it (at step "
+            f"{step}): the run stops here instead of writing the rest of it elsewhere. Put "
+            "the folder back and resume from its newest checkpoint, or start a new run")
+
+
+def append_metrics(run: Path, row: dict) -> None:
+    """Append `row` to `RUN/metrics.jsonl` (after `check_still_held`)."""
+    check_still_held(run, row["step"])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def holding_run_lock(train):
