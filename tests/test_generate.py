@@ -350,6 +350,7 @@ def _dynamic(name: str, head_mode: str, rank: int = 0):
     ("llama", "query", 0), ("llama", "group", 0), ("qwen2", "group", 0), ("gemma", "query", 0),
     ("gpt2", "query", 0),  # fused q/k/v, learned positions, biases
     ("gpt_neox", "group", 0),  # q/k/v fused per head, partial rotary, parallel residual
+    ("opt", "query", 0),  # the MLP's fc1, fc2 in the decoder layer; tokens flattened
     ("llama", "group", 2)])  # the last: low-rank compensation inside the regions
 def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name, head_mode,
                                                                               rank):
@@ -388,7 +389,7 @@ def test_routed_generation_with_a_cache_equals_recomputing_the_routed_graph(name
 
 
 @pytest.mark.parametrize("name, why", [
-    ("opt", "in a module of its own")])  # the MLP is the whole decoder layer
+    ("phi3", "no attention with q/k/v projections")])  # fused qkv_proj, layout not known
 def test_routed_generation_without_a_cache_where_the_family_cannot_run_one(name, why):
     """routed_hf refuses clearly, saying why; RoutedDecoder recomputes the sequence."""
     from flextron_fx.export.generate import RoutedDecoder

@@ -19,10 +19,11 @@ This needs an attention module with a layer index and either separate q/k/v proj
 (Llama, Mistral, Qwen2, Qwen3, Gemma, ...) or a fused one (GPT-2's `c_attn`: queries,
 then keys, then values; GPT-NeoX's `query_key_value`: per head its query, key and value;
 `fused_layout`), with the rotary embeddings, partial or whole, that the model hands it
-(GPT-2: none), and each MLP in a module of its own. The model is checked against the
-routed elastic graph on a short input; any other family (OPT's MLP inside its decoder
-layer, ...) raises `UnsupportedModelError`, and generation falls back to recomputing the
-sequence in the elastic graph (`RoutedDecoder`).
+(GPT-2: none), and each MLP in a module of its own or laid out as OPT's (`fc1`,
+`activation_fn`, `fc2` of the decoder layer: `fc1` runs the routed MLP). The model is
+checked against the routed elastic graph on a short input; any other family (Phi-3's
+fused `qkv_proj`, Gemma 2's capped logits, ...) raises `UnsupportedModelError`, and
+generation falls back to recomputing the sequence in the elastic graph (`RoutedDecoder`).
 """
 
 from __future__ import annotations
@@ -78,14 +79,21 @@ class _Elastic(nn.Module):
 
 
 class RoutedMLP(nn.Module):
-    """An MLP module of the source class, run by the graph's `elastic_mlp` region."""
+    """An MLP module of the source class, run by the graph's `elastic_mlp` region. Given
+    tokens already flattened ([tokens, features], OPT), `shape` is the [batch, seq, ...]
+    shape they came from (set by a hook on the module that flattened them)."""
 
     def __init__(self, elastic: _Elastic):
         super().__init__()
         self.elastic = elastic
+        self.shape: torch.Size | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.elastic.output(hidden_states, self.elastic.width(hidden_states))
+        h = hidden_states
+        if h.dim() == 2 and self.shape is not None:
+            h = h.reshape(*self.shape[:-1], h.shape[-1])
+        return self.elastic.output(h, self.elastic.width(h)).reshape(
+            *hidden_states.shape[:-1], -1)
 
 
 class RoutedAttention(nn.Module):
@@ -261,11 +269,9 @@ def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
         if op.kind == "mlp":
             inner = [o.name for o in em.ops.values()
                      if em.block(o.name).module_path.startswith(block.module_path + ".")]
-            if inner:
-                raise UnsupportedModelError(
-                    f"{name}'s module {block.module_path} holds {inner[0]} too (OPT's MLP is "
-                    "its whole decoder layer); per-token MLP widths with a cache need each "
-                    "MLP in a module of its own")
+            if inner:  # OPT: the MLP's projections are the decoder layer's own
+                _route_mlp_in_layer(module, elastic, name, inner[0])
+                continue
             new = RoutedMLP(elastic)
         else:
             separate = all(isinstance(getattr(module, p, None), nn.Linear)
@@ -293,6 +299,26 @@ def routed_hf(em: ElasticModel, *, check: bool = True) -> nn.Module:
                 f"{type(model).__name__} does not run with per-token heads and a cache "
                 f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     return model
+
+
+def _route_mlp_in_layer(layer: nn.Module, elastic: _Elastic, name: str, other: str) -> None:
+    """An MLP whose projections and activation are attributes of a module that holds
+    another block too (OPT's decoder layer: `fc1`, `activation_fn`, `fc2`): `fc1` runs the
+    whole routed MLP, the activation and `fc2` pass its output on."""
+    if not (isinstance(getattr(layer, "fc1", None), nn.Linear)
+            and isinstance(getattr(layer, "fc2", None), nn.Linear)
+            and isinstance(getattr(layer, "activation_fn", None), nn.Module)):
+        raise UnsupportedModelError(
+            f"{name}'s module {type(layer).__name__} holds {other} too, and its MLP is not "
+            "fc1 -> activation_fn -> fc2 as OPT's; per-token MLP widths with a cache need "
+            "each MLP in a module of its own, or OPT's layout")
+    mlp = RoutedMLP(elastic)
+    layer.fc1, layer.activation_fn, layer.fc2 = mlp, nn.Identity(), nn.Identity()
+
+    def remember_shape(_, args, kwargs):  # the layer flattens its tokens before fc1
+        mlp.shape = (args[0] if args else kwargs["hidden_states"]).shape
+
+    layer.register_forward_pre_hook(remember_shape, with_kwargs=True)
 
 
 def _check_routed(em: ElasticModel, model: nn.Module, tokens: int = 12) -> None:
