@@ -31,3 +31,44 @@ def test_verdict_and_exactness(name):
         assert_close(em(ids), output(model, ids))
         em.set_widths(0.5)
         assert_close(em(ids), em.materialize()(ids))
+
+
+class InterleavedQKV(torch.nn.Module):
+    """Attention whose fused projection holds query, key and value interleaved per head
+    ([heads, 3, head_dim], as Falcon's and BLOOM's), split by `unbind` over the axis of
+    three (transformers 5.25's Falcon), then an MLP."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, vocab: int = 128):
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.o = torch.nn.Linear(dim, dim)
+        self.up = torch.nn.Linear(dim, 4 * dim)
+        self.down = torch.nn.Linear(4 * dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, self.heads, 3, -1).unbind(3)
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        return self.head(x + self.down(torch.relu(self.up(x))))
+
+
+def test_query_key_value_unbound_from_one_axis_stay_elastic_and_exact():
+    """`unbind` picks every index of the axis of three: that axis stays whole and the heads
+    around it stay elastic (it used to pin the heads and leave the attention dense)."""
+    torch.manual_seed(0)
+    model = InterleavedQKV().eval()
+    em = flextron_fx.flextronize(model, (token_ids(2, 8),), calibration(), progress=False)
+    assert [op.kind for op in em.ops.values()] == ["attention", "mlp"]
+    assert em.skipped == []
+    ids = token_ids(3, 11)
+    with torch.no_grad():
+        assert_close(em(ids), output(model, ids))
+        for width in (0.25, 0.5):
+            em.set_widths(width)
+            assert_close(em(ids), em.materialize()(ids))

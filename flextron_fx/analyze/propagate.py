@@ -510,14 +510,16 @@ def _split(st, node):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim %= len(shp)
     size = shp[dim]
+    if name == "unbind":  # a select of every index: that axis stays whole, others live on
+        for a in st.atoms.leaves(lab[dim] or []):
+            st.atoms.pin(a, f"one index of it is selected: {node.format_node()}")
+        return tuple(lab[:dim] + lab[dim + 1:] for _ in range(size))
     if name == "chunk":
         n = node.args[1]
         step = -(-size // n)
         sizes = [min(step, size - k) for k in range(0, size, step)]
     elif name == "split_with_sizes":
         sizes = list(node.args[1])
-    elif name == "unbind":
-        sizes = [1] * size
     else:
         step = node.args[1]
         sizes = [min(step, size - k) for k in range(0, size, step)]
@@ -526,8 +528,6 @@ def _split(st, node):
         for _ in sizes:
             outs.append(list(lab))
         return tuple(outs)
-    if name == "unbind":
-        raise _Mismatch("unbind of a sliced axis")
     atom = _single_atom(st, lab[dim])
     outs, off, terms = [], 0, []
     for s in sizes:
