@@ -13,7 +13,7 @@ calibrations), in batches of `--batch`:
 - dynamic: the dynamic routers' argmax per token; its cost is the token mean; the
   budget goes through the routers' budget calibration (`calibrate_budget`, saved by
   `train-routers`, or measured here on `--calib-blocks` x 256 calibration tokens when the
-  folder has none; `--raw-budget`: the routers read T itself);
+  folder has none or with `--recalibrate`; `--raw-budget`: the routers read T itself);
 - capacity: the same routers in capacity mode (a number of tokens per candidate in every
   batch, so each batch's cost is within the budget), the budget split over the ops the way
   the routers spend it on `--calib-blocks` x 256 tokens of the calibration split
@@ -96,6 +96,10 @@ def main() -> None:
                          "rounds per calibration batch (0: on the table's prediction only)")
     ap.add_argument("--raw-budget", action="store_true",
                     help="dynamic routers read T itself, not their calibrated input for T")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="calibrate the dynamic routers' budget on this run's calibration text "
+                         "(the evaluated domains' calibration split), not with the calibration "
+                         "saved by train-routers (made on its training text)")
     ap.add_argument("--kinds", default="static,dynamic,capacity",
                     help="which of static, dynamic, capacity to run")
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
@@ -116,6 +120,7 @@ def main() -> None:
 
     kinds = args.kinds.split(",")
     static, dynamic, capacity, profile = {}, {}, {}, None
+    calibration_used = None  # which budget calibration the dynamic routers read
     em, table, meta = load_router_run(args.static)
     if meta["mode"] != "static":
         raise SystemExit(f"{args.static} holds {meta['mode']} routers, not static ones")
@@ -134,10 +139,13 @@ def main() -> None:
     em, table, meta = load_router_run(folder, "dynamic")
     if "dynamic" in kinds:
         reader = budget_source(em)
+        calibration_used = "saved by train-routers"
         if args.raw_budget:
-            reader.calibration = None
-        elif reader.calibration is None:
+            reader.calibration, calibration_used = None, None
+        elif reader.calibration is None or args.recalibrate:
             calibrate_budget(em, table, calib, batch=args.batch)
+            calibration_used = (f"{calib.shape[0]} x {calib.shape[1]} tokens of the calibration "
+                                f"split of {source}")
         print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))
         dynamic = per_token(em, table, held, budgets, args.batch, args.reps,
                             args.precision or None)
@@ -170,7 +178,7 @@ def main() -> None:
             "text": f"validation split of {source}, {held.shape[0]} x {held.shape[1]} tokens",
             "timing": f"batches of {args.batch}, {args.reps} interleaved rounds vs the full "
                       "width through the same graph, more (up to 4x) where a ratio's standard "
-                      f"error is above {args.precision}", "budget_calibration": not args.raw_budget,
+                      f"error is above {args.precision}", "budget_calibration": calibration_used,
             "capacity_profile": profile, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, table.metric, args.plot)
