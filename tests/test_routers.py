@@ -537,7 +537,7 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
     source = budget_source(em)
     try:
         grid = [g / 20 for g in range(4, 21)]
-        cal = calibrate_budget(em, table, tokens, grid=grid)
+        cal = calibrate_budget(em, table, tokens, grid=grid, resolution=None)
         assert cal["inputs"] == grid and source.value == 1.0  # the budget is restored
         calibrated = source.calibration
         source.calibration = None
@@ -555,6 +555,21 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
             assert got <= budget + 1e-7
             assert source.value == max(fits)
             assert got == pytest.approx(raw[grid.index(max(fits))], abs=1e-7)
+        # refined where a step of 0.05 moved the cost by more than 0.01: halved, twice at most
+        fine = calibrate_budget(em, table, tokens, grid=grid, resolution=0.01)
+        added = [x for x in fine["inputs"] if x not in grid]
+        assert set(grid) < set(fine["inputs"]) and added
+        source.calibration = None
+        assert fine["costs"] == pytest.approx([spent(x) for x in fine["inputs"]], abs=1e-7)
+        for a, b, ca, cb in zip(fine["inputs"], fine["inputs"][1:], fine["costs"],
+                                fine["costs"][1:]):
+            assert abs(cb - ca) <= 0.01 or b - a == pytest.approx(0.0125)
+        source.calibration = fine
+        for budget in [0.5, 0.55, 0.62, 0.7, 0.8, 0.9]:  # within T, and no less than before
+            coarse = max((c for c in cal["costs"] if c <= budget), default=None)
+            if coarse is not None:
+                assert coarse - 1e-7 <= spent(budget) <= budget + 1e-7
+        source.calibration = calibrated
         save_routers(em, tmp_path / "r", table)
         with torch.no_grad():
             set_budget(em, 0.62)
