@@ -143,11 +143,17 @@ MORE = {
     # ALiBi: one slope per head, added to the scores
     "bloom": (_hf_extra("BloomForCausalLM", "BloomConfig", vocab_size=128, hidden_size=64,
                         n_layer=2, n_head=4), ["mlp"] * 2, "baddbmm"),
-    # K and V are gathered out of the fused projection with an index tensor
+    # K and V are picked out of each KV group's slots of the fused projection (an index
+    # tensor before transformers 5.25, a select since): the slots axis stays whole
     "falcon": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
                          num_hidden_layers=2, num_attention_heads=4,
                          new_decoder_architecture=True, num_kv_heads=2),
                ["mlp"] * 2, "index"),
+    # Falcon-7B's layout: multi-query (one K/V head for all queries) with rotary embeddings
+    "falcon_mq": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, alibi=False,
+                            multi_query=True, new_decoder_architecture=False),
+                  ["attention", "mlp"] * 2, None),
     # Falcon with ALiBi and T5's relative position bias: a per-head bias passed to the
     # attention core as its mask; the heads cannot be permuted without it
     "falcon_alibi": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128,
