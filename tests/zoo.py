@@ -148,7 +148,7 @@ MORE = {
     "falcon": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
                          num_hidden_layers=2, num_attention_heads=4,
                          new_decoder_architecture=True, num_kv_heads=2),
-               ["mlp"] * 2, "index"),
+               ["mlp"] * 2, "one index of it is selected"),
     # Falcon-7B's layout: multi-query (one K/V head for all queries) with rotary embeddings
     "falcon_mq": (_hf_extra("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
                             num_hidden_layers=2, num_attention_heads=4, alibi=False,

@@ -409,8 +409,8 @@ def calibrate_budget(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
 
     Where one step of the grid moves the cost by more than `resolution`, the step is
     halved, twice at most (None: the grid as given): a budget between two calibrated costs
-    gets the input that spent least below it, and steep stretches of the curve (0.01 of
-    input moved the cost by 0.02 on SmolLM2) left up to that much of the budget unspent.
+    gets the lower one's input, so on a steep stretch of the curve (0.01 of input moved the
+    cost by 0.02 on SmolLM2) up to a step's cost of the budget went unspent.
     Returns the calibration (`save_routers` keeps it)."""
     routers = routers_of(em)
     if not routers or any(r.kind != "dynamic" for r in routers.values()):
