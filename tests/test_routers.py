@@ -795,6 +795,7 @@ def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file()
     for b, res in summary["eval"].items():  # argmax sub-networks within the budget
         assert res["cost"] <= float(b) + 0.05 and math.isfinite(res["loss"])
+        assert res["within_budget"] == (res["cost"] <= float(b))
 
 
 def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):

@@ -538,7 +538,9 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
 def evaluate_routers(em: ElasticModel, heldout: torch.Tensor, table: CostTable, budgets,
                      batch: int = 4) -> dict[str, dict]:
     """Per budget: mean held-out next-token loss with the routers deciding (argmax, or
-    capacity), and the predicted cost as a fraction of full (token-averaged for dynamic)."""
+    capacity), the predicted cost as a fraction of full (token-averaged for dynamic), and
+    whether that cost is within the budget. Static routers' argmax can spend a little more
+    or less than T; `select` (`flextron select`) fits their widths to it."""
     from ..train.loop import lm_loss
 
     device = next(em.parameters()).device
@@ -553,8 +555,9 @@ def evaluate_routers(em: ElasticModel, heldout: torch.Tensor, table: CostTable, 
             total += float(lm_loss(_logits(em(ids)), ids)) * n
             count += n
             spent += chosen_cost(em, table, names) * ids.numel()
-        out[str(b)] = {"loss": total / count,
-                       "cost": spent / (heldout[:, :].numel()) / table.full}
+        cost = spent / heldout.numel() / table.full
+        out[str(b)] = {"loss": total / count, "cost": cost,
+                       "within_budget": bool(cost <= float(b) + 1e-9)}
     return out
 
 
