@@ -51,6 +51,7 @@ from flextron_fx.route.timing import routed_time_ratios
 from flextron_fx.route.train import (
     RouterTraining,
     chosen_cost,
+    evaluate_routers,
     expected_cost,
     latency_loss,
     read_metrics,
@@ -796,6 +797,10 @@ def test_router_training_lowers_latency_loss_and_the_surrogate_learns(tmp_path):
     for b, res in summary["eval"].items():  # argmax sub-networks within the budget
         assert res["cost"] <= float(b) + 0.05 and math.isfinite(res["loss"])
         assert res["within_budget"] == (res["cost"] <= float(b))
+    # a budget under anything the routers spend: its argmax cost is reported over it
+    low = evaluate_routers(em, tokens[:8], CostTable.coerce(em, width_share_costs(em)),
+                           [0.05])["0.05"]
+    assert low["cost"] > 0.05 and low["within_budget"] is False
 
 
 def test_the_surrogate_can_be_trusted_by_the_variance_it_explains(tmp_path):
