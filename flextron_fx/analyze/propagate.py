@@ -447,7 +447,13 @@ def _squeeze(st, node):
 def _select(st, node):
     lab = _lab(st, node.args[0])
     d = node.args[1] % len(lab)
-    for a in st.atoms.leaves(lab[d] or []):  # the picked axis stays whole, others live on
+    return _selected(st, node, lab, d)
+
+
+def _selected(st, node, lab: Dims, d: int) -> Dims:
+    """Labels after indexing axis `d` (select, or each output of unbind): the picked axis
+    stays whole, the others live on."""
+    for a in st.atoms.leaves(lab[d] or []):
         st.atoms.pin(a, f"one index of it is selected: {node.format_node()}")
     return lab[:d] + lab[d + 1:]
 
@@ -510,10 +516,9 @@ def _split(st, node):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim %= len(shp)
     size = shp[dim]
-    if name == "unbind":  # a select of every index: that axis stays whole, others live on
-        for a in st.atoms.leaves(lab[dim] or []):
-            st.atoms.pin(a, f"one index of it is selected: {node.format_node()}")
-        return tuple(lab[:dim] + lab[dim + 1:] for _ in range(size))
+    if name == "unbind":  # a select of every index
+        out = _selected(st, node, lab, dim)
+        return tuple(list(out) for _ in range(size))
     if name == "chunk":
         n = node.args[1]
         step = -(-size // n)

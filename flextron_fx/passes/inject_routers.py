@@ -426,7 +426,7 @@ def calibrate_budget(em: ElasticModel, table: CostTable, tokens: torch.Tensor,
                 for i in range(len(inputs))]
 
     costs = dict(zip(grid, fractions(grid)))
-    for _ in range(2 if resolution is not None and len(grid) > 1 else 0):
+    for _ in range(0 if resolution is None else 2):
         xs = sorted(costs)
         mids = [(a + b) / 2 for a, b in itertools.pairwise(xs)
                 if abs(costs[b] - costs[a]) > resolution]
