@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from flextron_fx.passes.inject_routers import (
     budget_source,
     calibrate_budget,
     calibrate_capacity,
+    capacity_inputs,
     capacity_shares,
     fix_budget,
     inject_routers,
@@ -226,6 +228,14 @@ def test_latency_loss_is_zero_under_budget_and_grows_with_the_excess(costs, fixe
         # float32: costs reach hundreds of times the full cost (a cheap widest candidate)
         assert float(latency_loss(cost + 0.1, b)) == pytest.approx(float(loss) + 0.1, rel=1e-6,
                                                                    abs=1e-5)
+    # budget_loss="match": the distance from the budget either way, the hinge's excess plus
+    # what is left unspent
+    match = latency_loss(cost, b, match=True)
+    torch.testing.assert_close(match, excess.mean() + torch.clamp(b - cost, min=0).mean())
+    if bool((cost < b).all()):
+        assert float(match) > 0 == float(loss)
+    with pytest.raises(flextron_fx.FlextronError, match="budget_loss must be one of"):
+        RouterConfig(steps=1, budget_loss="two-sided").validate()
 
 
 @pytest.mark.parametrize("metric", ["params", "memory"])
@@ -311,6 +321,32 @@ def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, f
         alphas = {round((got[n] - c[0]) / (c[-1] - c[0]), 9) for n, c in costs.items()
                   if c[-1] > c[0]}
         assert len(alphas) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), frac=st.floats(-0.2, 1.2), measured=st.booleans())
+def test_capacity_preferences_read_the_input_that_spent_the_budget(seed, frac, measured):
+    g = torch.Generator().manual_seed(seed)
+    costs = {f"op{i}": sorted((1 + torch.rand(3, generator=g) * 4).tolist()) for i in range(3)}
+    table = CostTable("params", costs, fixed=2.0)
+    grid = [0.3, 0.5, 0.7, 0.9, 1.0]
+    ops = {n: sorted((c[0] + torch.rand(5, generator=g) * (c[-1] - c[0])).tolist())
+           for n, c in costs.items()}
+    profile = {"grid": grid, "ops": ops}
+    if measured:
+        profile["measured"] = sorted((0.4 + 0.7 * torch.rand(5, generator=g)).tolist())
+    totals = [(table.fixed + sum(ops[n][i] for n in ops)) / table.full for i in range(5)]
+    budget = min(1.0, max(0.01, totals[0] + frac * (totals[-1] - totals[0])))
+    plan = measured_budget(grid, profile["measured"])(budget) if measured else budget
+    read = capacity_inputs(table, list(costs), profile)(budget)
+    assert grid[0] <= read <= grid[-1]
+    if totals[0] <= plan <= totals[-1]:  # the routers spent the planned budget at `read`
+        assert float(np.interp(read, grid, totals)) == pytest.approx(plan, abs=1e-9)
+    elif plan < totals[0]:
+        assert read == grid[0]
+    else:
+        assert read == grid[-1]
+    assert capacity_inputs(table, list(costs))(budget) == budget  # no profile: T itself
 
 
 def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zoo_converted):
@@ -626,6 +662,15 @@ def test_capacity_within_its_share_keeps_the_dynamic_counts():
     assert int((want > 0).sum()) > 1  # the tokens really differ
     _, capacity = run(True)  # the share is the widest cost: nothing has to move
     assert torch.equal(torch.bincount(capacity.flatten(), minlength=4), want)
+    # a calibrated router computes its preferences at the input `reads` gives
+    router.capacity = False
+    router(0.2, h, ids)
+    low = torch.bincount(router.last_index.flatten(), minlength=4)
+    assert not torch.equal(low, want)  # the input matters to these tokens
+    router.reads = lambda budget: 0.2
+    _, capacity = run(True)
+    assert torch.equal(torch.bincount(capacity.flatten(), minlength=4), low)
+    router.reads = None
     # one width for the batch: the widest whose cost is within the tokens' mean cost
     mean = float(router.costs[dynamic].mean())
     width, k = run(True, whole_batch=True)

@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
                         "variance of fresh samples' targets (e.g. 0.5), instead of "
                         "--surrogate-threshold; carries over between models and text")
     p.add_argument("--surrogate-warmup", type=int, default=20)
+    p.add_argument("--budget-loss", choices=["hinge", "match"], default="hinge",
+                   help="hinge: Eq. 8, only an expected cost over the budget is penalised; "
+                        "match: its distance from the budget either way, so routers spend "
+                        "the budget they are given")
     p.add_argument("--target", choices=["loss", "excess"], default="loss",
                    help="what the surrogate predicts: the loss, or the loss above the full "
                         "model's on the same sequence (less noisy, one more forward)")
@@ -111,7 +115,7 @@ def run_train(args) -> dict:
     config = RouterConfig(
         steps=args.steps, mode=args.mode, metric=args.metric, batch=args.batch,
         budget_range=args.budget_range and tuple(args.budget_range), lr=args.lr,
-        latency_weight=args.latency_weight,
+        latency_weight=args.latency_weight, budget_loss=args.budget_loss,
         surrogate_threshold=args.surrogate_threshold, surrogate_warmup=args.surrogate_warmup,
         surrogate_explained=args.surrogate_explained,
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,

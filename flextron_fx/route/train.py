@@ -70,6 +70,7 @@ from .surrogate import Surrogate
 
 TARGETS = ("loss", "excess")
 LEVELS = ("sequence", "token")
+BUDGET_LOSSES = ("hinge", "match")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class RouterConfig:
     lr: float = 1e-3
     surrogate_lr: float = 3e-3
     latency_weight: float = 10.0
+    # "hinge" (Eq. 8: only spending over T costs) or "match" (|expected cost - T|: Figure 3's
+    # "the requested latency matches the real overall latency"; spending under T costs too,
+    # so routers whose surrogate is too weak to push them wider still use the budget given)
+    budget_loss: str = "hinge"
     tau: float = 1.0
     surrogate_threshold: float = 0.05
     surrogate_explained: float | None = None  # trust by explained variance instead
@@ -140,6 +145,9 @@ class RouterConfig:
                                 f"for capacity routers and latency budgets only; got "
                                 f"{self.capacity_timing_reps} with mode {self.mode!r} and "
                                 f"metric {self.metric!r}")
+        if self.budget_loss not in BUDGET_LOSSES:
+            raise TrainingError(f"budget_loss must be one of {list(BUDGET_LOSSES)}, got "
+                                f"{self.budget_loss!r}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
         if self.surrogate_level not in LEVELS:
@@ -236,9 +244,10 @@ def expected_cost(probs: list[torch.Tensor], table: CostTable, names) -> torch.T
     return total / table.full
 
 
-def latency_loss(cost: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: mean over sequences of max(expected cost - T, 0) (fractions of full)."""
-    return torch.relu(cost - budget).mean()
+def latency_loss(cost: torch.Tensor, budget: torch.Tensor, match: bool = False) -> torch.Tensor:
+    """Eq. 8: mean over sequences of max(expected cost - T, 0) (fractions of full); with
+    `match`, of |expected cost - T| (spending under the budget costs as much as over)."""
+    return ((cost - budget).abs() if match else torch.relu(cost - budget)).mean()
 
 
 def _final_hidden(em: ElasticModel, batch: int, per_token: bool = False) -> torch.Tensor:
@@ -331,7 +340,7 @@ def router_step(em: ElasticModel, state: RouterTraining, table: CostTable, ids: 
         fresh = torch.randperm(target.shape[0], generator=gen)[:keep].to(target.device)
     names = list(routers_of(em))
     cost = expected_cost(probs, table, names)
-    lat = latency_loss(cost, budget)
+    lat = latency_loss(cost, budget, match=config.budget_loss == "match")
     sur = state.surrogate
     hs = h if h.shape[-1] else None
     if int(state.mem_n) == 0:
