@@ -8,7 +8,6 @@ import json
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,6 @@ from flextron_fx.passes.inject_routers import (
     budget_source,
     calibrate_budget,
     calibrate_capacity,
-    capacity_inputs,
     capacity_shares,
     fix_budget,
     inject_routers,
@@ -321,32 +319,6 @@ def test_capacity_shares_add_up_to_the_budget_within_each_ops_range(ops, seed, f
         alphas = {round((got[n] - c[0]) / (c[-1] - c[0]), 9) for n, c in costs.items()
                   if c[-1] > c[0]}
         assert len(alphas) <= 1
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**16), frac=st.floats(-0.2, 1.2), measured=st.booleans())
-def test_capacity_preferences_read_the_input_that_spent_the_budget(seed, frac, measured):
-    g = torch.Generator().manual_seed(seed)
-    costs = {f"op{i}": sorted((1 + torch.rand(3, generator=g) * 4).tolist()) for i in range(3)}
-    table = CostTable("params", costs, fixed=2.0)
-    grid = [0.3, 0.5, 0.7, 0.9, 1.0]
-    ops = {n: sorted((c[0] + torch.rand(5, generator=g) * (c[-1] - c[0])).tolist())
-           for n, c in costs.items()}
-    profile = {"grid": grid, "ops": ops}
-    if measured:
-        profile["measured"] = sorted((0.4 + 0.7 * torch.rand(5, generator=g)).tolist())
-    totals = [(table.fixed + sum(ops[n][i] for n in ops)) / table.full for i in range(5)]
-    budget = min(1.0, max(0.01, totals[0] + frac * (totals[-1] - totals[0])))
-    plan = measured_budget(grid, profile["measured"])(budget) if measured else budget
-    read = capacity_inputs(table, list(costs), profile)(budget)
-    assert grid[0] <= read <= grid[-1]
-    if totals[0] <= plan <= totals[-1]:  # the routers spent the planned budget at `read`
-        assert float(np.interp(read, grid, totals)) == pytest.approx(plan, abs=1e-9)
-    elif plan < totals[0]:
-        assert read == grid[0]
-    else:
-        assert read == grid[-1]
-    assert capacity_inputs(table, list(costs))(budget) == budget  # no profile: T itself
 
 
 def test_calibrated_capacity_spends_more_of_the_budget_and_is_saved(tmp_path, zoo_converted):
@@ -662,15 +634,6 @@ def test_capacity_within_its_share_keeps_the_dynamic_counts():
     assert int((want > 0).sum()) > 1  # the tokens really differ
     _, capacity = run(True)  # the share is the widest cost: nothing has to move
     assert torch.equal(torch.bincount(capacity.flatten(), minlength=4), want)
-    # a calibrated router computes its preferences at the input `reads` gives
-    router.capacity = False
-    router(0.2, h, ids)
-    low = torch.bincount(router.last_index.flatten(), minlength=4)
-    assert not torch.equal(low, want)  # the input matters to these tokens
-    router.reads = lambda budget: 0.2
-    _, capacity = run(True)
-    assert torch.equal(torch.bincount(capacity.flatten(), minlength=4), low)
-    router.reads = None
     # one width for the batch: the widest whose cost is within the tokens' mean cost
     mean = float(router.costs[dynamic].mean())
     width, k = run(True, whole_batch=True)

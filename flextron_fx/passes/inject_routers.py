@@ -207,9 +207,8 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None, whole=
     """budget -> {op: cost limit per token}, the limits adding up to the budget.
 
     Each op starts from a target cost: its cheapest candidate, or with `profile`
-    ({"grid": router inputs, "ops": {op: mean cost per token at each}},
-    `calibrate_capacity`) what the routers spent, choosing per token, at the input where
-    they spent the (planned) budget in all (`capacity_inputs`), interpolated. Room left is shared in proportion
+    ({"grid": budgets, "ops": {op: mean cost per token at each}}, `calibrate_capacity`)
+    what the dynamic routers spent there, interpolated. Room left is shared in proportion
     to each op's headroom up to its widest candidate; a shortfall is taken in proportion
     to each op's target above its cheapest. Without a profile every op gets the same
     fraction of its cost range. A profile with "measured" (the measured time of capacity
@@ -223,8 +222,8 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None, whole=
     low = {n: min(table.costs[n]) for n in names}
     high = {n: max(table.costs[n]) for n in names}
     cache: dict[float, dict[str, float]] = {}
-    planned = _planned(profile)
-    reads = capacity_inputs(table, names, profile)
+    planned = (lambda t: t) if not (profile or {}).get("measured") else \
+        measured_budget(profile["grid"], profile["measured"])
 
     def shares(budget: float) -> dict[str, float]:
         if budget in cache:
@@ -242,7 +241,7 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None, whole=
             want = dict(low)
         else:
             want = {n: min(high[n], max(low[n], float(np.interp(
-                reads(budget), profile["grid"], profile["ops"][n])))) for n in names}
+                plan, profile["grid"], profile["ops"][n])))) for n in names}
         spare = room - sum(want.values())
         if spare >= 0:
             head = sum(high[n] - want[n] for n in names)
@@ -258,38 +257,6 @@ def capacity_shares(table: CostTable, names, profile: dict | None = None, whole=
         return out
 
     return shares
-
-
-def _planned(profile: dict | None):
-    """budget -> the budget a capacity profile plans for it (`measured_budget`; without
-    measured times, the budget itself)."""
-    if not (profile or {}).get("measured"):
-        return lambda budget: budget
-    return measured_budget(profile["grid"], profile["measured"])
-
-
-def capacity_inputs(table: CostTable, names, profile: dict | None = None):
-    """budget -> the router input capacity routers compute their preferences at: without
-    a profile the budget itself; with one (`calibrate_capacity`), the input at which the
-    routers, choosing per token, spent the planned budget on the calibration text (the
-    widest input of the profile's grid whose total cost, made non-decreasing, was at most
-    it, interpolated towards the next). The preferences then spend about the budget on
-    average and each op's share clips a batch that wants more. Read at the budget itself,
-    trained routers spent well under it (0.541 of the full cost at 0.6 on SmolLM2) and the
-    shares, only ever moving tokens down, never bound (docs/ROUTERS.md)."""
-    planned = _planned(profile)
-    if not profile:
-        return planned
-    totals = (table.fixed + sum(np.asarray(profile["ops"][n], dtype=float) for n in names)) \
-        / table.full
-    grid = [float(g) for g in profile["grid"]]
-    spent = totals.tolist()
-    inverse = measured_budget(grid, spent)  # the same inversion as of measured time
-
-    def reads(budget: float) -> float:
-        return min(grid[-1], max(grid[0], inverse(planned(budget))))
-
-    return reads
 
 
 def _round_whole_batch(table: CostTable, limits: dict[str, float], whole,
@@ -345,11 +312,9 @@ def set_capacity(routers: dict[str, Router], table: CostTable,
     def share_of(name: str):
         return lambda budget: shares(budget)[name]
 
-    reads = capacity_inputs(table, list(routers), profile)
     for name, r in routers.items():
         r.costs = table.tensor(name)
         r.share = share_of(name)
-        r.reads = reads if profile else None
         r.profile = profile
 
 

@@ -187,9 +187,7 @@ class DynamicRouter(Router):
     paper's W ~ N(0, 1/U) and no b, T moved each unit by about 0.05 over budgets 0.5-1.
 
     `capacity` (Mixture-of-Nested-Experts style): every batch gets a number of tokens per
-    candidate: as many as choose it by argmax (at the router input `reads` gives for the
-    budget: with a calibrated profile, the input at which the routers spent the budget on
-    calibration text), then tokens moved to cheaper candidates
+    candidate: as many as choose it by argmax, then tokens moved to cheaper candidates
     until the block's mean cost per token is at most its share of the budget; candidates
     from the widest down take the tokens that prefer them most. A batch within its share
     keeps dynamic mode's number of tokens per candidate. Needs `costs` (this block's cost
@@ -214,8 +212,6 @@ class DynamicRouter(Router):
         self.capacity = capacity
         self.costs: torch.Tensor | None = None
         self.share = None
-        # budget -> the input the preferences are computed at (None: the budget itself)
-        self.reads = None
         self.profile: dict | None = None  # calibrate_capacity's targets, if calibrated
         self.whole_batch = False
         self._shift, self._shift_key = None, None  # `_logits_at`'s budget term
@@ -276,16 +272,11 @@ class DynamicRouter(Router):
             raise WidthError(f"the router of {self.block} got a hidden state of shape "
                              f"{tuple(h.shape)} for {batch} x {seq} tokens")
         h = h.reshape(batch, seq, h.shape[-1])
-        capacity = self.capacity and not self.sampling
-        read = budget
-        if capacity:
-            budget = self._one_budget(budget)
-            read = budget if self.reads is None else self.reads(budget)
-        if isinstance(read, (int, float)) and not torch.is_grad_enabled():
-            logits = self._logits_at(float(read), h)
+        if isinstance(budget, (int, float)) and not torch.is_grad_enabled():
+            logits = self._logits_at(float(budget), h)
         else:
-            logits = self.logits(_budget_tensor(read, batch, h.device), h)
-        if capacity:
+            logits = self.logits(_budget_tensor(budget, batch, h.device), h)
+        if self.capacity and not self.sampling:
             index = self._capacity(budget, logits)
             if isinstance(index, int):  # one width for the batch
                 self.last_index = index
@@ -295,16 +286,12 @@ class DynamicRouter(Router):
         self.last_index = index
         return index
 
-    @staticmethod
-    def _one_budget(budget) -> float:
+    def _capacity(self, budget, logits: torch.Tensor) -> torch.Tensor | int:
         if isinstance(budget, torch.Tensor):
             if budget.numel() != 1 and not bool((budget == budget.reshape(-1)[0]).all()):
                 raise WidthError("capacity routing keeps each batch within one budget; "
                                  "give one budget for the batch, not one per sequence")
-            return float(budget.reshape(-1)[0])
-        return float(budget)
-
-    def _capacity(self, budget: float, logits: torch.Tensor) -> torch.Tensor | int:
+            budget = float(budget.reshape(-1)[0])
         if self.costs is None or self.share is None:
             raise WidthError(f"the capacity router of {self.block} has no costs; inject "
                              "routers with mode='capacity' and a cost table")
