@@ -143,7 +143,7 @@ def main() -> None:
         if args.raw_budget:
             reader.calibration, calibration_used = None, None
         elif reader.calibration is None or args.recalibrate:
-            calibrate_budget(em, table, calib, batch=args.batch)
+            calibrate_budget(em, table, calib, batch=args.batch, progress=True)
             calibration_used = (f"{calib.shape[0]} x {calib.shape[1]} tokens of the calibration "
                                 f"split of {source}")
         print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))
