@@ -777,6 +777,36 @@ def test_the_surrogate_warmup_counts_steps_at_either_level(zoo_converted, level)
     assert all(r["router_loss"] > 0 and r["trusted"] for r in rows[3:])
 
 
+@pytest.mark.parametrize("budget_loss", ["hinge", "match"])
+def test_budget_loss_match_pushes_routers_that_spend_under_the_budget(zoo_converted,
+                                                                       budget_loss):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    routers = inject_routers(em, "static", seed=2)
+    try:
+        # the surrogate never trusted: the budget loss is all the routers learn from
+        config = RouterConfig(steps=1, batch=4, budget_range=(1.0, 1.0), surrogate_warmup=0,
+                              surrogate_threshold=1e-12, budget_loss=budget_loss)
+        dim = sum(len(r.candidates) for r in routers.values())
+        from flextron_fx.route.surrogate import Surrogate
+
+        state = RouterTraining(routers, Surrogate(dim, 16), dim, 0, 8)
+        metrics, grads = router_step(em, state, table, _ids(5, batch=4, seq=8), config,
+                                     torch.Generator().manual_seed(11))
+        router_grads = [grads[p] for p in state.routers.parameters()]
+    finally:
+        remove_routers(em)
+    # routers start with every candidate equally likely: under a budget of the full cost
+    assert metrics["expected_cost"] < 1.0 and metrics["trusted"] is False
+    pushed = any(bool(g.abs().sum() > 0) for g in router_grads)
+    if budget_loss == "hinge":  # Eq. 8: nothing to pay, nothing to learn
+        assert metrics["latency_loss"] == 0.0 and not pushed
+    else:  # |E[cost] - T|: the unspent budget is the loss, and routers learn from it
+        assert metrics["latency_loss"] == pytest.approx(1.0 - metrics["expected_cost"],
+                                                        rel=1e-5)
+        assert pushed
+
+
 def _config(**kw) -> RouterConfig:
     base = {"steps": 30, "mode": "static", "batch": 8, "budget_range": (0.5, 0.8),
             "target": "excess", "surrogate_warmup": 8, "surrogate_threshold": 0.1,
