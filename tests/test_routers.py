@@ -47,6 +47,7 @@ from flextron_fx.route.routers import (
     assign_by_preference,
     capacity_counts,
 )
+from flextron_fx.route.surrogate import Surrogate
 from flextron_fx.route.timing import routed_time_ratios
 from flextron_fx.route.train import (
     RouterTraining,
@@ -671,7 +672,6 @@ def test_the_surrogate_target_is_the_true_loss_of_the_sampled_sub_network(zoo_co
     try:
         config = RouterConfig(steps=1, mode=mode, batch=4, budget_range=(0.5, 1.0))
         dim = sum(len(r.candidates) for r in routers.values())
-        from flextron_fx.route.surrogate import Surrogate
         from flextron_fx.route.train import _hidden_dim
 
         hd = _hidden_dim(em) if mode != "static" else 0
@@ -714,7 +714,6 @@ def test_a_token_level_surrogate_learns_each_tokens_true_loss(zoo_converted, con
                               surrogate_level="token", memory=8 * n,  # keeps every token
                               surrogate_context=context)
         dim = sum(len(r.candidates) for r in routers.values()) * (2 if context else 1)
-        from flextron_fx.route.surrogate import Surrogate
         from flextron_fx.route.train import _hidden_dim, token_losses
 
         hd = _hidden_dim(em)
@@ -762,7 +761,6 @@ def test_the_surrogate_warmup_counts_steps_at_either_level(zoo_converted, level)
                               surrogate_level=level, surrogate_warmup=3, memory=64,
                               surrogate_threshold=1e9)
         dim = sum(len(r.candidates) for r in routers.values())
-        from flextron_fx.route.surrogate import Surrogate
         from flextron_fx.route.train import _hidden_dim
 
         hd = _hidden_dim(em)
@@ -788,8 +786,6 @@ def test_budget_loss_match_pushes_routers_that_spend_under_the_budget(zoo_conver
         config = RouterConfig(steps=1, batch=4, budget_range=(1.0, 1.0), surrogate_warmup=0,
                               surrogate_threshold=1e-12, budget_loss=budget_loss)
         dim = sum(len(r.candidates) for r in routers.values())
-        from flextron_fx.route.surrogate import Surrogate
-
         state = RouterTraining(routers, Surrogate(dim, 16), dim, 0, 8)
         metrics, grads = router_step(em, state, table, _ids(5, batch=4, seq=8), config,
                                      torch.Generator().manual_seed(11))

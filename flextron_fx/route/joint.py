@@ -290,7 +290,8 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
     status = summary["status"]
     if status == "done" and mode == "dynamic":  # the routers changed: calibrate again
         with torch.no_grad():
-            calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch)
+            calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch,
+                             progress=progress)
     if heldout is not None and status == "done":
         summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
     return summary

@@ -537,7 +537,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch,
                            timing_reps=config.capacity_timing_reps, progress=progress)
     elif status == "done" and config.mode == "dynamic":  # spend T where they are asked for T
-        calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch)
+        calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch,
+                         progress=progress)
     if heldout is not None and status == "done":
         summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
     return summary
