@@ -76,6 +76,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-5, help="backbone's peak learning rate")
     p.add_argument("--router-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="tune only the routers, on the real loss's gradient (no surrogate); "
+                        "the backbone's weights stay as they are")
     _run_args(p)
     p.set_defaults(func=run_joint)
 
@@ -197,7 +200,7 @@ def run_joint(args) -> dict:
         steps=args.steps, batch=args.batch,
         budget_range=budget_range and tuple(budget_range), lr=args.lr,
         router_lr=args.router_lr, latency_weight=args.latency_weight, warmup=args.warmup,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        freeze_backbone=args.freeze_backbone, checkpoint_every=args.checkpoint_every, seed=args.seed,
         extra={"routers": str(args.routers), "seq": args.seq, "domains": domains})
     config.validate()
     tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,

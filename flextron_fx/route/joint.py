@@ -80,6 +80,8 @@ class JointConfig:
     """Settings of a joint tuning run (saved with every checkpoint). `lr` is the
     backbone's peak learning rate (AdamW, warm-up then cosine down to `min_lr_ratio`),
     `router_lr` the routers' (Adam betas 0.5, 0.99 as in router training);
+    `freeze_backbone`: only the routers change (on the real loss's gradient, no surrogate),
+    the backbone's weights stay as they are and `lr` is unused;
     `budget_range` None: `CostTable.budget_range` (0.4 or the cheapest sub-network, to 1)."""
 
     steps: int
@@ -94,6 +96,7 @@ class JointConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
+    freeze_backbone: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -253,14 +256,17 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
     routers = routers_of(em)
     router_params = [p for r in routers.values() for p in r.parameters()]
     chosen = {id(p) for p in router_params}
-    backbone = [p for p in em.parameters() if id(p) not in chosen]
+    backbone = [] if config.freeze_backbone else \
+        [p for p in em.parameters() if id(p) not in chosen]
     was = {p: p.requires_grad for p in em.parameters()}
     for p in em.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([
-        {"params": backbone, "lr": config.lr, "betas": (0.9, 0.95), "weight_decay": 0.0},
-        {"params": router_params, "lr": config.router_lr, "betas": (0.5, 0.99),
-         "weight_decay": 0.0}])
+        p.requires_grad_(id(p) in chosen or not config.freeze_backbone)
+    groups = [{"params": router_params, "lr": config.router_lr, "betas": (0.5, 0.99),
+               "weight_decay": 0.0}]
+    if backbone:
+        groups.insert(0, {"params": backbone, "lr": config.lr, "betas": (0.9, 0.95),
+                          "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
     params = backbone + router_params
@@ -271,7 +277,7 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
         routed = [g for g in grads[len(backbone):] if g is not None]
         row["router_grad_norm"] = float(torch.linalg.vector_norm(
             torch.stack([g.norm() for g in routed]))) if routed else 0.0
-        row["lr"] = scheduler.get_last_lr()[0]  # the backbone's, for this step
+        row["lr"] = scheduler.get_last_lr()[0]  # the backbone's (frozen: routers'), this step
         return row, {p: g for p, g in zip(params, grads) if g is not None}
 
     try:
