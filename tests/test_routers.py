@@ -1056,6 +1056,18 @@ def test_cli_train_routers_then_select(tmp_path, capsys):
     assert saved["budget_range"] == [0.6, 1.0] and saved["joint"] == str(joint)
     tuned = flextron_fx.load(joint / "final")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), em.parameters()))
+    # --freeze-backbone: only the routers are saved, against the routers' own elastic model
+    frozen = tmp_path / "frozen"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["joint-tune", str(frozen), "--routers", str(run), "--steps", "2",
+                     "--batch", "2", "--seq", "16", "--eval-tokens", "32",
+                     "--freeze-backbone", "--no-progress"]) == 0
+        assert main(["select", str(frozen), "--budget", "params=0.8"]) == 0
+    assert sorted(p.name for p in (frozen / "final").iterdir()) == [
+        "routers.json", "routers.safetensors"]
+    saved = json.loads((frozen / "final" / "routers.json").read_text())["extra"]
+    assert saved["elastic"] == str(tmp_path / "elastic") and saved["joint"] == str(frozen)
     assert main(["joint-tune", str(tmp_path / "j2"), "--routers", str(tmp_path / "elastic"),
                  "--steps", "1"]) == 2
     assert "no trained routers" in capsys.readouterr().err

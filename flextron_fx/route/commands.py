@@ -185,6 +185,7 @@ def run_joint(args) -> dict:
     from ..export.checkpoint import check_target
     from ..train.command import training_text
     from .joint import JointConfig, save_tuned, tune_jointly
+    from .selection import save_routers
 
     try:
         domains = resolve_domains(args.domains)
@@ -212,7 +213,10 @@ def run_joint(args) -> dict:
     if summary["status"] == "done":
         extra = {**meta.get("extra", {}), "joint": str(run),
                  "budget_range": summary["budget_range"]}
-        save_tuned(em, run / "final", table, extra=extra, overwrite=args.overwrite)
+        if config.freeze_backbone:  # the routers' own elastic model: only they are saved
+            save_routers(em, run / "final", table, extra=extra)
+        else:
+            save_tuned(em, run / "final", table, extra=extra, overwrite=args.overwrite)
         summary["final"] = str(run / "final")
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
