@@ -24,7 +24,9 @@ projection; candidates wider than the batch's widest keep y, no signal). With on
 chosen candidate's gate (the mixture-of-experts estimator) routers got no signal for
 other widths and, on tiny models, shrank to the cheapest ones under the latency hinge.
 Static and dynamic routers; capacity routers are tuned as the dynamic routers they share
-their weights with.
+their weights with. `freeze_backbone` (`--freeze-backbone`) keeps every backbone weight and
+tunes the routers alone on this gradient: router training on the real loss instead of a
+surrogate's prediction of it.
 
 Checkpoints (backbone, routers, AdamW, budgets' and Gumbel noise's generator), exact
 resume, SIGTERM safety and `metrics.jsonl` work as in `train-elastic`. `final/` holds the
