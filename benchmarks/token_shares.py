@@ -1,7 +1,8 @@
 """Input adaptivity (paper Figure 9): which candidates dynamic routers give each domain's tokens.
 
     python benchmarks/token_shares.py ROUTERS [--budget 0.7] [--domains all] \
-        [--tokens 4096] [--json runs/token_shares.json] [--plot docs/img/token-shares.png]
+        [--tokens 4096] [--narrow 0.5] [--json runs/token_shares.json] \
+        [--plot docs/img/token-shares.png]
 
 ROUTERS is a `flextron train-routers` run in dynamic or capacity mode (or its `final/`);
 the elastic model and cost table are the ones it was trained with. At one budget T, every
@@ -11,6 +12,12 @@ Printed per domain: the token-averaged width fraction of MLP and attention ops, 
 token-averaged predicted cost (fraction of the full model's) and the held-out loss; the
 JSON holds every op's shares. The plot is one heatmap per kind of op: domains by layer,
 colour the mean width fraction its tokens got.
+
+`--narrow F`: also, per domain, how much each kind of op's width matters on that text:
+the loss of the same tokens through the elastic model without routers at full width, with
+every MLP at F (all heads), and with every attention op at F (full MLPs), and the excess
+of each over full width. Routers trained to lower the loss give width where narrowing
+costs most, so this says which direction of Figure 9 the backbone itself supports.
 """
 
 from __future__ import annotations
@@ -58,6 +65,33 @@ def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     return {"share": share, "cost_fraction": cost / table.full, "loss": nll / predicted}
 
 
+def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float) -> dict:
+    """Next-token loss of `blocks` through `plain` (an elastic model without routers) at
+    full width, every MLP at `frac` and every attention op at `frac`, and the excesses."""
+    def loss() -> float:
+        nll, n = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, blocks.shape[0], batch):
+                ids = blocks[i:i + batch]
+                logits = plain(ids)
+                logits = getattr(logits, "logits", logits)
+                nll += torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                    reduction="sum").item()
+                n += ids[:, 1:].numel()
+        return nll / n
+
+    with plain.at(1.0):
+        full = loss()
+        out = {"full": full}
+        for kind in ("mlp", "attention"):
+            if any(op.kind == kind for op in plain.ops.values()):
+                with plain.at(frac, kind=kind):
+                    out[kind] = loss()
+                out[f"{kind}_excess"] = out[kind] - full
+    return out
+
+
 def width_fraction(em, name: str, share: list[float]) -> float:
     cands = em.ops[name].candidates
     return sum(s * c for s, c in zip(share, cands)) / cands[-1]
@@ -72,6 +106,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--model", default="smollm2-135m", help="bundled model (tokenizer)")
+    ap.add_argument("--narrow", type=float, default=None, metavar="F",
+                    help="also each domain's loss with every MLP, then every attention op, "
+                         "at width fraction F, against full width (no routers)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -85,6 +122,11 @@ def main() -> None:
     routers = routers_of(em)
     set_budget(em, args.budget)
     tok = tokenizer(args.model)
+    plain = None
+    if args.narrow is not None:
+        from flextron_fx import load
+
+        plain = load(elastic)
     rows = {}
     for d in tqdm(resolve_domains(args.domains), desc="domains"):
         blocks = domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
@@ -96,13 +138,18 @@ def main() -> None:
         print(f"{d:10s} tokens {blocks.numel():6d}  mlp {w.get('mlp', float('nan')):.3f}  "
               f"attention {w.get('attention', float('nan')):.3f}  predicted cost "
               f"{rows[d]['cost_fraction']:.3f}  loss {rows[d]['loss']:.4f}", flush=True)
+        if plain is not None:
+            rows[d]["narrowed"] = narrowed_losses(plain, blocks, args.batch, args.narrow)
     out = {"routers": str(folder), "elastic": elastic, "mode": meta["mode"],
            "budget": args.budget, "metric": table.metric,
            "text": f"test split, {args.tokens} tokens per domain, blocks of {args.seq}",
+           "narrow": args.narrow,
            "ops": {n: {"kind": op.kind, "candidates": list(op.candidates)}
                    for n, op in em.ops.items()},
            "domains": rows}
     print(_table(rows))
+    if plain is not None:
+        print(_narrow_table(rows, args.narrow))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -118,6 +165,18 @@ def _table(rows: dict) -> str:
         lines.append(f"| {d} | {w.get('mlp', float('nan')):.3f} | "
                      f"{w.get('attention', float('nan')):.3f} | {r['cost_fraction']:.3f} | "
                      f"{r['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def _narrow_table(rows: dict, frac: float) -> str:
+    head = (f"| domain | loss, full width | MLP at {frac:g}: loss (excess) | "
+            f"attention at {frac:g}: loss (excess) |")
+    lines = [head, "|---|---:|---:|---:|"]
+    for d, r in rows.items():
+        n = r["narrowed"]
+        cells = [f"{n[k]:.4f} (+{n[k + '_excess']:.4f})" if k in n else "-"
+                 for k in ("mlp", "attention")]
+        lines.append(f"| {d} | {n['full']:.4f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
