@@ -37,6 +37,14 @@ from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import router_folder
 
 
+def _summed_nll(model, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of `ids` [b, seq] under `model`."""
+    logits = model(ids)
+    logits = getattr(logits, "logits", logits)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+
+
 def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     """Run `blocks` ([n, seq] ids) through the routed model; per op the share of tokens per
     candidate, plus the token-averaged cost fraction and the next-token loss."""
@@ -46,11 +54,7 @@ def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     with torch.inference_mode():
         for i in range(0, blocks.shape[0], batch):
             ids = blocks[i:i + batch]
-            logits = em(ids)
-            logits = getattr(logits, "logits", logits)
-            nll += torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                reduction="sum").item()
+            nll += _summed_nll(em, ids)
             predicted += ids[:, 1:].numel()
             for n, r in routers.items():
                 index = r.last_index
@@ -69,17 +73,10 @@ def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float) -> dic
     """Next-token loss of `blocks` through `plain` (an elastic model without routers) at
     full width, every MLP at `frac` and every attention op at `frac`, and the excesses."""
     def loss() -> float:
-        nll, n = 0.0, 0
         with torch.inference_mode():
-            for i in range(0, blocks.shape[0], batch):
-                ids = blocks[i:i + batch]
-                logits = plain(ids)
-                logits = getattr(logits, "logits", logits)
-                nll += torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                    reduction="sum").item()
-                n += ids[:, 1:].numel()
-        return nll / n
+            nll = sum(_summed_nll(plain, blocks[i:i + batch])
+                      for i in range(0, blocks.shape[0], batch))
+        return nll / blocks[:, 1:].numel()
 
     with plain.at(1.0):
         full = loss()
