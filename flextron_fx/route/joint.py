@@ -263,12 +263,10 @@ def tune_jointly(em: ElasticModel, tokens: torch.Tensor, run: str | Path, config
     was = {p: p.requires_grad for p in em.parameters()}
     for p in em.parameters():
         p.requires_grad_(id(p) in chosen or not config.freeze_backbone)
-    groups = [{"params": router_params, "lr": config.router_lr, "betas": (0.5, 0.99),
-               "weight_decay": 0.0}]
-    if backbone:
-        groups.insert(0, {"params": backbone, "lr": config.lr, "betas": (0.9, 0.95),
-                          "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+    groups = [{"params": backbone, "lr": config.lr, "betas": (0.9, 0.95),
+               "weight_decay": 0.0}] if backbone else []
+    optimizer = torch.optim.AdamW(groups + [{"params": router_params, "lr": config.router_lr,
+                                             "betas": (0.5, 0.99), "weight_decay": 0.0}])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gen = torch.Generator().manual_seed(config.seed)
     params = backbone + router_params
