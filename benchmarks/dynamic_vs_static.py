@@ -13,7 +13,8 @@ calibrations), in batches of `--batch`:
 - dynamic: the dynamic routers' argmax per token; its cost is the token mean; the
   budget goes through the routers' budget calibration (`calibrate_budget`, saved by
   `train-routers`, or measured here on `--calib-blocks` x 256 calibration tokens when the
-  folder has none or with `--recalibrate`; `--raw-budget`: the routers read T itself);
+  folder has none or with `--recalibrate`, refined only around the budgets evaluated;
+  `--raw-budget`: the routers read T itself);
 - capacity: the same routers in capacity mode (a number of tokens per candidate in every
   batch, so each batch's cost is within the budget), the budget split over the ops the way
   the routers spend it on `--calib-blocks` x 256 tokens of the calibration split
@@ -143,7 +144,8 @@ def main() -> None:
         if args.raw_budget:
             reader.calibration, calibration_used = None, None
         elif reader.calibration is None or args.recalibrate:
-            calibrate_budget(em, table, calib, batch=args.batch, progress=True)
+            calibrate_budget(em, table, calib, batch=args.batch, progress=True,
+                             budgets=budgets)
             calibration_used = (f"{calib.shape[0]} x {calib.shape[1]} tokens of the calibration "
                                 f"split of {source}")
         print("dynamic" + ("" if args.raw_budget else " (calibrated budget)"))

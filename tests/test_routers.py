@@ -522,6 +522,29 @@ def test_a_calibrated_budget_is_the_widest_input_that_spent_no_more():
     assert torch.equal(got, torch.tensor([0.4, 1.0])) and got.dtype == torch.float32
 
 
+def _spent_at(em, table, tokens, budget: float) -> float:
+    """The token-mean cost fraction the routers spend on `tokens` (batches of 4) at
+    `budget`, read through their calibration if they have one."""
+    set_budget(em, budget)
+    costs = []
+    for i in range(0, tokens.shape[0], 4):
+        output(em, tokens[i:i + 4])
+        costs.append(chosen_cost(em, table) / table.full)
+    return sum(costs) / len(costs)
+
+
+def _budget_following_routers(em) -> None:
+    """Dynamic routers on `em` whose ops widen each at its own budget, tokens a little
+    apart, so that the cost they spend climbs with the budget in many small steps."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for r in inject_routers(em, "dynamic", seed=3).values():
+            k = torch.arange(len(r.candidates), dtype=torch.float32)
+            r.w_out.weight.copy_(k[:, None].expand_as(r.w_out.weight))
+            r.w_out.bias.copy_(-k * r.w_budget.numel() * (0.3 + 0.6 * torch.rand((), generator=g)))
+            r.w_hidden.weight.normal_(0, 2 / r.w_hidden.in_features ** 0.5, generator=g)
+
+
 @pytest.mark.filterwarnings("ignore:these dynamic routers spent at least")  # T = 0.3
 def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
         tmp_path, zoo_converted):
@@ -530,20 +553,9 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
     tokens = _ids(7, batch=8, seq=6)
 
     def spent(budget: float) -> float:
-        set_budget(em, budget)
-        costs = []
-        for i in range(0, 8, 4):
-            output(em, tokens[i:i + 4])
-            costs.append(chosen_cost(em, table) / table.full)
-        return sum(costs) / len(costs)
+        return _spent_at(em, table, tokens, budget)
 
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # each op widens at its own budget, tokens a little apart
-        for r in inject_routers(em, "dynamic", seed=3).values():
-            k = torch.arange(len(r.candidates), dtype=torch.float32)
-            r.w_out.weight.copy_(k[:, None].expand_as(r.w_out.weight))
-            r.w_out.bias.copy_(-k * r.w_budget.numel() * (0.3 + 0.6 * torch.rand((), generator=g)))
-            r.w_hidden.weight.normal_(0, 2 / r.w_hidden.in_features ** 0.5, generator=g)
+    _budget_following_routers(em)
     source = budget_source(em)
     try:
         grid = [g / 20 for g in range(4, 21)]
@@ -573,7 +585,7 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
         assert fine["costs"] == pytest.approx([spent(x) for x in fine["inputs"]], abs=1e-7)
         for a, b, ca, cb in zip(fine["inputs"], fine["inputs"][1:], fine["costs"],
                                 fine["costs"][1:]):
-            assert abs(cb - ca) <= 0.01 or b - a == pytest.approx(0.0125)
+            assert abs(cb - ca) <= 0.01 or b - a < 2 * 0.0025  # halved down to `finest`
         source.calibration = fine
         for budget in [0.5, 0.55, 0.62, 0.7, 0.8, 0.9]:  # within T, and no less than before
             coarse = max((c for c in cal["costs"] if c <= budget), default=None)
@@ -597,6 +609,46 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
     load_routers(em, tmp_path / "r", "capacity")  # capacity routers split budgets their way
     try:
         assert budget_source(em).calibration is None
+    finally:
+        remove_routers(em)
+
+
+def test_a_calibration_for_given_budgets_runs_fewer_inputs_and_meets_each(zoo_converted):
+    _, em = zoo_converted("llama")
+    table = CostTable.coerce(em, width_share_costs(em))
+    tokens = _ids(7, batch=8, seq=6)
+    _budget_following_routers(em)
+    source = budget_source(em)
+    budgets, resolution = [0.55, 0.7, 0.82], 0.004
+    try:
+        full = calibrate_budget(em, table, tokens, resolution=resolution)
+        aimed = calibrate_budget(em, table, tokens, resolution=resolution, budgets=budgets)
+        assert len(aimed["inputs"]) < len(full["inputs"]) / 2
+        coarse = [g / 100 for g in range(28, 101, 4)]
+        assert set(coarse) < set(aimed["inputs"])  # the coarse grid, refined
+        costs = dict(zip(aimed["inputs"], aimed["costs"]))
+        source.calibration = None
+        assert aimed["costs"] == pytest.approx(  # what the routers really spend
+            [_spent_at(em, table, tokens, x) for x in aimed["inputs"]], abs=1e-7)
+        for t in budgets:
+            # as close under T as the full grid gets, or as the finest step allows
+            below = max(x for x in aimed["inputs"] if costs[x] <= t)
+            above = min(x for x in aimed["inputs"] if x > below)
+            assert costs[above] > t and (t - costs[below] <= resolution
+                                         or above - below < 2 * 0.0025)
+            fine = max(c for c in full["costs"] if c <= t)
+            assert costs[below] >= fine - resolution
+            source.calibration = aimed
+            assert _spent_at(em, table, tokens, t) == pytest.approx(costs[below], abs=1e-7)
+            source.calibration = None
+        # away from the budgets the coarse grid is not refined: every added input lies in a
+        # step of the coarse grid whose costs enclose one of them
+        for x in set(aimed["inputs"]) - set(coarse):
+            a, b = max(g for g in coarse if g < x), min(g for g in coarse if g > x)
+            lo, hi = sorted((costs[a], costs[b]))
+            assert any(lo <= t < hi for t in budgets)
+        with pytest.raises(WidthError, match="budgets are fractions"):
+            calibrate_budget(em, table, tokens, budgets=[0.5, 1.5])
     finally:
         remove_routers(em)
 
