@@ -17,7 +17,12 @@ from zoo import ZOO, sample_inputs
 
 import flextron_fx
 from flextron_fx.errors import TrainingError
-from flextron_fx.passes.inject_routers import inject_routers, remove_routers, set_budget
+from flextron_fx.passes.inject_routers import (
+    budget_source,
+    inject_routers,
+    remove_routers,
+    set_budget,
+)
 from flextron_fx.route import CostTable, load_routers
 from flextron_fx.route.joint import Gates, JointConfig, last_regions, save_tuned, tune_jointly
 from flextron_fx.route.train import RouterConfig, _Sampling, evaluate_routers, train_routers
@@ -221,6 +226,10 @@ def test_freezing_the_backbone_tunes_only_the_routers_on_the_real_loss(tmp_path)
     assert all(r["router_grad_norm"] > 0 for r in rows)
     first, last = (sum(r["expected_cost"] for r in part) / 4 for part in (rows[:4], rows[-4:]))
     assert last > first + 0.05, (first, last)
-    tuned = summary["eval"]["0.6"]
+    assert summary["eval"]["0.6"]["cost"] > before["cost"] + 0.05
+    # the same router input as before tuning (the end-of-run budget calibration maps 0.6
+    # to whichever input its grid spent least at, as no input spends as little as 0.6)
+    budget_source(em).calibration = None
+    tuned = evaluate_routers(em, heldout, table, (0.6,), batch=4)["0.6"]
     assert tuned["cost"] > before["cost"] + 0.05 and tuned["loss"] < before["loss"], \
         (before, tuned)
