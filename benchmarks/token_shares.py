@@ -3,6 +3,7 @@
     python benchmarks/token_shares.py ROUTERS [--budget 0.7] [--domains all] \
         [--tokens 4096] [--narrow 0.5] [--json runs/token_shares.json] \
         [--plot docs/img/token-shares.png]
+    python benchmarks/token_shares.py --elastic DIR --narrow 0.5 [--seq 256] ...
 
 ROUTERS is a `flextron train-routers` run in dynamic or capacity mode (or its `final/`);
 the elastic model and cost table are the ones it was trained with. At one budget T, every
@@ -18,6 +19,8 @@ the loss of the same tokens through the elastic model without routers at full wi
 every MLP at F (all heads), and with every attention op at F (full MLPs), and the excess
 of each over full width. Routers trained to lower the loss give width where narrowing
 costs most, so this says which direction of Figure 9 the backbone itself supports.
+`--elastic DIR` instead of ROUTERS: only that, on any saved elastic model (a `flextron
+convert` output, before any elastic training, or a training run's `final/`).
 """
 
 from __future__ import annotations
@@ -96,7 +99,10 @@ def width_fraction(em, name: str, share: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("routers", help="flextron train-routers run (dynamic or capacity) or its final/")
+    ap.add_argument("routers", nargs="?",
+                    help="flextron train-routers run (dynamic or capacity) or its final/")
+    ap.add_argument("--elastic", default=None,
+                    help="a saved elastic model instead of ROUTERS: only the --narrow table")
     ap.add_argument("--budget", type=float, default=0.7)
     ap.add_argument("--domains", default="all", help="comma-separated, or 'all' fetched")
     ap.add_argument("--tokens", type=int, default=4096, help="test tokens per domain")
@@ -109,6 +115,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    if args.elastic:
+        if args.narrow is None or args.routers:
+            ap.error("--elastic measures --narrow only, without ROUTERS")
+        narrow_only(args)
+        return
+    if not args.routers:
+        ap.error("give ROUTERS (or --elastic DIR --narrow F)")
 
     folder = router_folder(args.routers)
     em, table, meta = load_router_run(folder)
@@ -152,6 +165,23 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
         _plot(em, rows, args.budget, args.plot)
+
+
+def narrow_only(args) -> None:
+    """`--elastic`: per domain, the --narrow losses of a saved elastic model."""
+    from flextron_fx import load
+
+    plain, tok, rows = load(args.elastic), tokenizer(args.model), {}
+    for d in tqdm(resolve_domains(args.domains), desc="domains"):
+        blocks = domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
+        rows[d] = {"narrowed": narrowed_losses(plain, blocks, args.batch, args.narrow)}
+    print(_narrow_table(rows, args.narrow))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"elastic": args.elastic, "narrow": args.narrow, "text": f"test split, "
+             f"{args.tokens} tokens per domain, blocks of {args.seq}", "domains": rows},
+            indent=1))
 
 
 def _table(rows: dict) -> str:
