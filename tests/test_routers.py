@@ -577,7 +577,7 @@ def test_a_budget_calibration_keeps_dynamic_routers_within_budget_and_is_saved(
             assert got <= budget + 1e-7
             assert source.value == max(fits)
             assert got == pytest.approx(raw[grid.index(max(fits))], abs=1e-7)
-        # refined where a step of 0.05 moved the cost by more than 0.01: halved, twice at most
+        # refined where a step of 0.05 moved the cost by more than 0.01: halved down to finest
         fine = calibrate_budget(em, table, tokens, grid=grid, resolution=0.01)
         added = [x for x in fine["inputs"] if x not in grid]
         assert set(grid) < set(fine["inputs"]) and added
