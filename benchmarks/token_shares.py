@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from flextron_fx import load
 from flextron_fx.data.domains import resolve_domains
 from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
@@ -134,8 +135,6 @@ def main() -> None:
     tok = tokenizer(args.model)
     plain = None
     if args.narrow is not None:
-        from flextron_fx import load
-
         plain = load(elastic)
     rows = {}
     for d in tqdm(resolve_domains(args.domains), desc="domains"):
@@ -169,8 +168,6 @@ def main() -> None:
 
 def narrow_only(args) -> None:
     """`--elastic`: per domain, the --narrow losses of a saved elastic model."""
-    from flextron_fx import load
-
     plain, tok, rows = load(args.elastic), tokenizer(args.model), {}
     for d in tqdm(resolve_domains(args.domains), desc="domains"):
         blocks = domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
