@@ -3,7 +3,8 @@
     python benchmarks/token_shares.py ROUTERS [--budget 0.7] [--domains all] \
         [--tokens 4096] [--narrow 0.5] [--json runs/token_shares.json] \
         [--plot docs/img/token-shares.png]
-    python benchmarks/token_shares.py --elastic DIR --narrow 0.5 [--seq 256] ...
+    python benchmarks/token_shares.py --elastic DIR [--narrow 0.5] [--per-op 2] \
+        [--oracle-share 0.5] [--seq 256] [--plot runs/oracle.png] ...
 
 ROUTERS is a `flextron train-routers` run in dynamic or capacity mode (or its `final/`);
 the elastic model and cost table are the ones it was trained with. At one budget T, every
@@ -19,7 +20,15 @@ the loss of the same tokens through the elastic model without routers at full wi
 every MLP at F (all heads), and with every attention op at F (full MLPs), and the excess
 of each over full width. Routers trained to lower the loss give width where narrowing
 costs most, so this says which direction of Figure 9 the backbone itself supports.
-`--elastic DIR` instead of ROUTERS: only that, on any saved elastic model (a `flextron
+Per token as well: every token's own excess is pooled over the domains, an oracle
+narrows the `--oracle-share` of all tokens whose excess is smallest, and the table gives
+each domain's median token excess and the share of its tokens the oracle narrowed (a
+domain of many easy tokens can lose most on average and still hold most narrowable ones).
+`--per-op K` (with `--elastic`): the same oracle one op at a time, each narrowed alone to
+its smallest candidate (every K-th layer of each kind, and the last), as a table and a
+plot of domains by layer: at which layers the backbone lets a per-token router narrow a
+domain's tokens more often than others'.
+`--elastic DIR` instead of ROUTERS: only these, on any saved elastic model (a `flextron
 convert` output, before any elastic training, or a training run's `final/`).
 """
 
@@ -41,12 +50,12 @@ from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import router_folder
 
 
-def _summed_nll(model, ids: torch.Tensor) -> float:
-    """Summed next-token negative log-likelihood of `ids` [b, seq] under `model`."""
+def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of every predicted token of `ids` [b, seq]."""
     logits = model(ids)
     logits = getattr(logits, "logits", logits)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
 
 
 def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
@@ -58,7 +67,7 @@ def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     with torch.inference_mode():
         for i in range(0, blocks.shape[0], batch):
             ids = blocks[i:i + batch]
-            nll += _summed_nll(em, ids)
+            nll += _token_nll(em, ids).sum().item()
             predicted += ids[:, 1:].numel()
             for n, r in routers.items():
                 index = r.last_index
@@ -73,23 +82,71 @@ def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     return {"share": share, "cost_fraction": cost / table.full, "loss": nll / predicted}
 
 
-def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float) -> dict:
-    """Next-token loss of `blocks` through `plain` (an elastic model without routers) at
-    full width, every MLP at `frac` and every attention op at `frac`, and the excesses."""
-    def loss() -> float:
-        with torch.inference_mode():
-            nll = sum(_summed_nll(plain, blocks[i:i + batch])
-                      for i in range(0, blocks.shape[0], batch))
-        return nll / blocks[:, 1:].numel()
+def _nll_of(model, blocks: torch.Tensor, batch: int) -> torch.Tensor:
+    """Every predicted token's NLL over `blocks` [n, seq], `batch` blocks at a time."""
+    with torch.inference_mode():
+        return torch.cat([_token_nll(model, blocks[i:i + batch])
+                          for i in range(0, blocks.shape[0], batch)])
 
+
+def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float):
+    """Next-token loss of `blocks` through `plain` (an elastic model without routers) at
+    full width, every MLP at `frac` and every attention op at `frac`, and the excesses;
+    also, per kind, every token's own excess (narrowed minus full-width NLL)."""
     with plain.at(1.0):
-        full = loss()
-        out = {"full": full}
+        full = _nll_of(plain, blocks, batch)
+        out, per_token = {"full": full.mean().item()}, {}
         for kind in ("mlp", "attention"):
             if any(op.kind == kind for op in plain.ops.values()):
                 with plain.at(frac, kind=kind):
-                    out[kind] = loss()
-                out[f"{kind}_excess"] = out[kind] - full
+                    narrowed = _nll_of(plain, blocks, batch)
+                out[kind] = narrowed.mean().item()
+                out[f"{kind}_excess"] = out[kind] - out["full"]
+                per_token[kind] = narrowed - full
+    return out, per_token
+
+
+def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float) -> dict:
+    """One op at a time at its smallest candidate, the rest at full width (every `every`-th
+    op of each kind in layer order, and the last): per op and domain, the share of the
+    domain's tokens among the `share` of all tokens an oracle narrows, and the median and
+    mean token excess. Figure 9 shows one layer; this says at which layers the backbone
+    lets a per-token router narrow code and HTML more often than prose."""
+    with plain.at(1.0):
+        full = {d: _nll_of(plain, b, batch) for d, b in blocks.items()}
+        chosen = []
+        for kind in ("mlp", "attention"):
+            names = [n for n, op in plain.ops.items() if op.kind == kind]
+            chosen += [(kind, i, n) for i, n in enumerate(names)
+                       if i % every == 0 or i == len(names) - 1]
+        out = {}
+        for kind, layer, name in tqdm(chosen, desc="ops"):
+            width = plain.ops[name].candidates[0]
+            with plain.at({name: width}):
+                excess = {d: {kind: _nll_of(plain, b, batch) - full[d]}
+                          for d, b in blocks.items()}
+            shares = oracle_shares(excess, share)
+            out[name] = {"kind": kind, "layer": layer, "width": width,
+                         "full": plain.ops[name].full,
+                         "domains": {d: {**shares[d][kind],
+                                         "mean_excess": excess[d][kind].mean().item()}
+                                     for d in blocks}}
+    return out
+
+
+def oracle_shares(per_token: dict, share: float) -> dict:
+    """Which domains' tokens an oracle would narrow: pool every domain's per-token excesses
+    (one kind at a time), take the `share` of all tokens with the smallest, and count per
+    domain the fraction of its tokens among them, with its median token excess. A router
+    that lowers the loss narrows where narrowing costs least, so these shares are the
+    per-token direction of Figure 9 that the backbone allows."""
+    out = {d: {} for d in per_token}
+    for kind in {k for v in per_token.values() for k in v}:
+        pooled = torch.cat([v[kind] for v in per_token.values()])
+        cut = pooled.kthvalue(max(1, round(share * pooled.numel()))).values
+        for d, v in per_token.items():
+            out[d][kind] = {"narrowed_share": (v[kind] <= cut).float().mean().item(),
+                            "median_excess": v[kind].median().item()}
     return out
 
 
@@ -113,16 +170,32 @@ def main() -> None:
     ap.add_argument("--narrow", type=float, default=None, metavar="F",
                     help="also each domain's loss with every MLP, then every attention op, "
                          "at width fraction F, against full width (no routers)")
+    ap.add_argument("--per-op", type=int, default=None, metavar="K",
+                    help="with --elastic: narrow one op at a time to its smallest candidate "
+                         "(every K-th layer of each kind, and the last) and give the oracle's "
+                         "per-domain shares per op (--plot draws them)")
+    ap.add_argument("--oracle-share", type=float, default=0.5, metavar="Q",
+                    help="with --narrow or --per-op: the share of all tokens the oracle "
+                         "narrows, in (0, 1)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None)
+    ap.add_argument("--plot", default=None,
+                    help="the routers' widths per domain and op; with --elastic, the "
+                         "--per-op oracle's shares")
     args = ap.parse_args()
+    if not 0.0 < args.oracle_share < 1.0:
+        ap.error(f"--oracle-share is a fraction in (0, 1), got {args.oracle_share}")
+    if args.per_op is not None and args.per_op < 1:
+        ap.error(f"--per-op K takes every K-th layer, K >= 1; got {args.per_op}")
+    if args.per_op and not args.elastic:
+        ap.error("--per-op measures an elastic model without routers: give --elastic DIR "
+                 "(a router run's elastic model is in its config.json, extra.elastic)")
     if args.elastic:
-        if args.narrow is None or args.routers:
-            ap.error("--elastic measures --narrow only, without ROUTERS")
+        if (args.narrow is None and not args.per_op) or args.routers:
+            ap.error("--elastic measures --narrow and/or --per-op, without ROUTERS")
         narrow_only(args)
         return
     if not args.routers:
-        ap.error("give ROUTERS (or --elastic DIR --narrow F)")
+        ap.error("give ROUTERS (or --elastic DIR with --narrow F and/or --per-op K)")
 
     folder = router_folder(args.routers)
     em, table, meta = load_router_run(folder)
@@ -136,7 +209,7 @@ def main() -> None:
     plain = None
     if args.narrow is not None:
         plain = load(elastic)
-    rows = {}
+    rows, per_token = {}, {}
     for d in tqdm(resolve_domains(args.domains), desc="domains"):
         blocks = domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
         rows[d] = shares_of(em, routers, table, blocks, args.batch)
@@ -148,17 +221,20 @@ def main() -> None:
               f"attention {w.get('attention', float('nan')):.3f}  predicted cost "
               f"{rows[d]['cost_fraction']:.3f}  loss {rows[d]['loss']:.4f}", flush=True)
         if plain is not None:
-            rows[d]["narrowed"] = narrowed_losses(plain, blocks, args.batch, args.narrow)
+            rows[d]["narrowed"], per_token[d] = narrowed_losses(plain, blocks, args.batch,
+                                                                args.narrow)
     out = {"routers": str(folder), "elastic": elastic, "mode": meta["mode"],
            "budget": args.budget, "metric": table.metric,
            "text": f"test split, {args.tokens} tokens per domain, blocks of {args.seq}",
-           "narrow": args.narrow,
+           "narrow": args.narrow, "oracle_share": args.oracle_share,
            "ops": {n: {"kind": op.kind, "candidates": list(op.candidates)}
                    for n, op in em.ops.items()},
            "domains": rows}
     print(_table(rows))
     if plain is not None:
+        _add_oracle(rows, per_token, args.oracle_share)
         print(_narrow_table(rows, args.narrow))
+        print(_oracle_table(rows, args.narrow, args.oracle_share))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -167,18 +243,30 @@ def main() -> None:
 
 
 def narrow_only(args) -> None:
-    """`--elastic`: per domain, the --narrow losses of a saved elastic model."""
-    plain, tok, rows = load(args.elastic), tokenizer(args.model), {}
-    for d in tqdm(resolve_domains(args.domains), desc="domains"):
-        blocks = domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
-        rows[d] = {"narrowed": narrowed_losses(plain, blocks, args.batch, args.narrow)}
-    print(_narrow_table(rows, args.narrow))
+    """`--elastic`: per domain, the --narrow losses and/or the --per-op oracle of a saved
+    elastic model."""
+    plain, tok = load(args.elastic), tokenizer(args.model)
+    blocks = {d: domain_tokens(tok, d, split="test", seq_len=args.seq, max_tokens=args.tokens)
+              for d in resolve_domains(args.domains)}
+    out = {"elastic": args.elastic, "oracle_share": args.oracle_share,
+           "text": f"test split, {args.tokens} tokens per domain, blocks of {args.seq}"}
+    if args.narrow is not None:
+        rows, per_token = {}, {}
+        for d in tqdm(blocks, desc="domains"):
+            narrowed, per_token[d] = narrowed_losses(plain, blocks[d], args.batch, args.narrow)
+            rows[d] = {"narrowed": narrowed}
+        _add_oracle(rows, per_token, args.oracle_share)
+        print(_narrow_table(rows, args.narrow))
+        print(_oracle_table(rows, args.narrow, args.oracle_share))
+        out.update(narrow=args.narrow, domains=rows)
+    if args.per_op:
+        out["per_op"] = per_op_oracle(plain, blocks, args.batch, args.per_op, args.oracle_share)
+        print(_per_op_table(out["per_op"], args.oracle_share))
+        if args.plot:
+            _plot_per_op(out["per_op"], args.oracle_share, args.plot)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"elastic": args.elastic, "narrow": args.narrow, "text": f"test split, "
-             f"{args.tokens} tokens per domain, blocks of {args.seq}", "domains": rows},
-            indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 def _table(rows: dict) -> str:
@@ -202,6 +290,61 @@ def _narrow_table(rows: dict, frac: float) -> str:
                  for k in ("mlp", "attention")]
         lines.append(f"| {d} | {n['full']:.4f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def _add_oracle(rows: dict, per_token: dict, share: float) -> None:
+    for d, o in oracle_shares(per_token, share).items():
+        rows[d]["oracle"] = o
+
+
+def _oracle_table(rows: dict, frac: float, share: float) -> str:
+    kinds = [k for k in ("mlp", "attention") if any(k in r["oracle"] for r in rows.values())]
+    head = "| domain | " + " | ".join(
+        f"{k} at {frac:g}: median token excess | share of its tokens among the "
+        f"{share:.0%} an oracle narrows" for k in kinds) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(kinds)]
+    for d, r in rows.items():
+        o = r["oracle"]
+        lines.append(f"| {d} | " + " | ".join(
+            f"{o[k]['median_excess']:+.4f} | {o[k]['narrowed_share']:.3f}" for k in kinds)
+            + " |")
+    return "\n".join(lines)
+
+
+def _per_op_table(per_op: dict, share: float) -> str:
+    domains = list(next(iter(per_op.values()))["domains"])
+    lines = [(f"Share of each domain's tokens among the {share:.0%} of all an oracle "
+              "narrows, one op at its smallest candidate:"),
+             "| op | layer | width | " + " | ".join(domains) + " |",
+             "|---|---:|---:|" + "---:|" * len(domains)]
+    for r in per_op.values():
+        lines.append(f"| {r['kind']} | {r['layer']} | {r['width']}/{r['full']} | " + " | ".join(
+            f"{r['domains'][d]['narrowed_share']:.3f}" for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def _plot_per_op(per_op: dict, share: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("mlp", "attention") if any(r["kind"] == k for r in per_op.values())]
+    domains = list(next(iter(per_op.values()))["domains"])
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 2.2 + 1.6 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        rows = [r for r in per_op.values() if r["kind"] == kind]
+        grid = [[r["domains"][d]["narrowed_share"] for r in rows] for d in domains]
+        im = ax.imshow(grid, aspect="auto", cmap="coolwarm_r", vmin=share - 0.3,
+                       vmax=share + 0.3)
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_xticks(range(len(rows)), [str(r["layer"]) for r in rows], fontsize=7)
+        ax.set_xlabel(f"{kind} op narrowed alone to its smallest candidate (layer)")
+        fig.colorbar(im, ax=ax, label="share of tokens narrowed")
+    axes[0, 0].set_title(f"Which domains' tokens an oracle narrows ({share:.0%} of all tokens)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def _plot(em, rows: dict, budget: float, path: str) -> None:
