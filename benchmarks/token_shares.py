@@ -324,47 +324,50 @@ def _per_op_table(per_op: dict, share: float) -> str:
 
 
 def _plot_per_op(per_op: dict, share: float, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in ("mlp", "attention") if any(r["kind"] == k for r in per_op.values())]
     domains = list(next(iter(per_op.values()))["domains"])
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 2.2 + 1.6 * len(kinds)), squeeze=False)
-    for ax, kind in zip(axes[:, 0], kinds):
+    panels = []
+    for kind in ("mlp", "attention"):
         rows = [r for r in per_op.values() if r["kind"] == kind]
-        grid = [[r["domains"][d]["narrowed_share"] for r in rows] for d in domains]
-        im = ax.imshow(grid, aspect="auto", cmap="coolwarm_r", vmin=share - 0.3,
-                       vmax=share + 0.3)
-        ax.set_yticks(range(len(domains)), domains)
-        ax.set_xticks(range(len(rows)), [str(r["layer"]) for r in rows], fontsize=7)
-        ax.set_xlabel(f"{kind} op narrowed alone to its smallest candidate (layer)")
-        fig.colorbar(im, ax=ax, label="share of tokens narrowed")
-    axes[0, 0].set_title(f"Which domains' tokens an oracle narrows ({share:.0%} of all tokens)")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+        if rows:
+            panels.append(([[r["domains"][d]["narrowed_share"] for r in rows] for d in domains],
+                           [str(r["layer"]) for r in rows],
+                           f"{kind} op narrowed alone to its smallest candidate (layer)",
+                           "share of tokens narrowed",
+                           {"cmap": "coolwarm_r", "vmin": share - 0.3, "vmax": share + 0.3}))
+    _heatmaps(domains, panels,
+              f"Which domains' tokens an oracle narrows ({share:.0%} of all tokens)", path)
 
 
 def _plot(em, rows: dict, budget: float, path: str) -> None:
+    domains, panels = list(rows), []
+    for kind in ("mlp", "attention"):
+        names = [n for n, op in em.ops.items() if op.kind == kind]
+        if names:
+            panels.append(([[width_fraction(em, n, rows[d]["share"][n]) for n in names]
+                            for d in domains],
+                           [str(i) for i in range(len(names))], f"{kind} op (layer order)",
+                           "mean width fraction", {"cmap": "viridis", "vmin": 0, "vmax": 1}))
+    _heatmaps(domains, panels,
+              f"Width the dynamic routers give each domain's tokens, budget {budget:g}", path)
+
+
+def _heatmaps(domains: list, panels: list, title: str, path: str) -> None:
+    """One heatmap per panel, domains by op; a panel is (grid, x tick labels, x label,
+    colour bar label, imshow keywords)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("mlp", "attention") if any(op.kind == k for op in em.ops.values())]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 2.2 + 1.6 * len(kinds)), squeeze=False)
-    domains = list(rows)
-    for ax, kind in zip(axes[:, 0], kinds):
-        names = [n for n, op in em.ops.items() if op.kind == kind]
-        grid = [[width_fraction(em, n, rows[d]["share"][n]) for n in names] for d in domains]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 + 1.6 * len(panels)),
+                             squeeze=False)
+    for ax, (grid, ticks, xlabel, label, style) in zip(axes[:, 0], panels):
+        im = ax.imshow(grid, aspect="auto", **style)
         ax.set_yticks(range(len(domains)), domains)
-        ax.set_xticks(range(len(names)), [str(i) for i in range(len(names))], fontsize=7)
-        ax.set_xlabel(f"{kind} op (layer order)")
-        fig.colorbar(im, ax=ax, label="mean width fraction")
-    axes[0, 0].set_title(f"Width the dynamic routers give each domain's tokens, budget {budget:g}")
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
+        ax.set_xlabel(xlabel)
+        fig.colorbar(im, ax=ax, label=label)
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
