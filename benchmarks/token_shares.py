@@ -48,6 +48,7 @@ from flextron_fx.models import tokenizer
 from flextron_fx.route import routers_of, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import router_folder
+from flextron_fx.route.sensitivity import token_excess
 
 
 def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
@@ -106,32 +107,52 @@ def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float):
     return out, per_token
 
 
-def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float) -> dict:
+def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float,
+                  first_order: bool = False) -> dict:
     """One op at a time at its smallest candidate, the rest at full width (every `every`-th
     op of each kind in layer order, and the last): per op and domain, the share of the
     domain's tokens among the `share` of all tokens an oracle narrows, and the median and
     mean token excess. Figure 9 shows one layer; this says at which layers the backbone
-    lets a per-token router narrow code and HTML more often than prose."""
-    with plain.at(1.0):
-        full = {d: _nll_of(plain, b, batch) for d, b in blocks.items()}
-        chosen = []
-        for kind in ("mlp", "attention"):
-            names = [n for n, op in plain.ops.items() if op.kind == kind]
-            chosen += [(kind, i, n) for i, n in enumerate(names)
-                       if i % every == 0 or i == len(names) - 1]
-        out = {}
-        for kind, layer, name in tqdm(chosen, desc="ops"):
-            width = plain.ops[name].candidates[0]
+    lets a per-token router narrow code and HTML more often than prose.
+
+    A token's excess is its own loss's change with the op narrowed for every token, or
+    with `first_order` the first-order change of the whole block's loss with the op
+    narrowed for that token alone (`route.sensitivity.token_excess`: every op from one
+    forward and backward pass, the per-token routing question itself)."""
+    chosen = []
+    for kind in ("mlp", "attention"):
+        names = [n for n, op in plain.ops.items() if op.kind == kind]
+        chosen += [(kind, i, n) for i, n in enumerate(names)
+                   if i % every == 0 or i == len(names) - 1]
+    if first_order:
+        per_op = {d: _first_order(plain, b, batch) for d, b in tqdm(blocks.items(),
+                                                                   desc="domains")}
+    else:
+        with plain.at(1.0):
+            full = {d: _nll_of(plain, b, batch) for d, b in blocks.items()}
+    out = {}
+    for kind, layer, name in (chosen if first_order else tqdm(chosen, desc="ops")):
+        width = plain.ops[name].candidates[0]
+        if first_order:
+            excess = {d: {kind: per_op[d][name]} for d in blocks}
+        else:
             with plain.at({name: width}):
                 excess = {d: {kind: _nll_of(plain, b, batch) - full[d]}
                           for d, b in blocks.items()}
-            shares = oracle_shares(excess, share)
-            out[name] = {"kind": kind, "layer": layer, "width": width,
-                         "full": plain.ops[name].full,
-                         "domains": {d: {**shares[d][kind],
-                                         "mean_excess": excess[d][kind].mean().item()}
-                                     for d in blocks}}
+        shares = oracle_shares(excess, share)
+        out[name] = {"kind": kind, "layer": layer, "width": width,
+                     "full": plain.ops[name].full,
+                     "domains": {d: {**shares[d][kind],
+                                     "mean_excess": excess[d][kind].mean().item()}
+                                 for d in blocks}}
     return out
+
+
+def _first_order(plain, blocks: torch.Tensor, batch: int) -> dict:
+    """{op: first-order excess of each predicted position at the op's smallest candidate}
+    (the last position predicts nothing, so it is left out, as in the measured excess)."""
+    parts = [token_excess(plain, blocks[i:i + batch]) for i in range(0, blocks.shape[0], batch)]
+    return {op: torch.cat([p[op][:, :-1, 0].flatten() for p in parts]) for op in parts[0]}
 
 
 def oracle_shares(per_token: dict, share: float) -> dict:
@@ -174,6 +195,10 @@ def main() -> None:
                     help="with --elastic: narrow one op at a time to its smallest candidate "
                          "(every K-th layer of each kind, and the last) and give the oracle's "
                          "per-domain shares per op (--plot draws them)")
+    ap.add_argument("--first-order", action="store_true",
+                    help="with --per-op: each token's first-order excess with the op narrowed "
+                         "for it alone (one pass for every op) instead of narrowing the op "
+                         "for all tokens, one op per pass")
     ap.add_argument("--oracle-share", type=float, default=0.5, metavar="Q",
                     help="with --narrow or --per-op: the share of all tokens the oracle "
                          "narrows, in (0, 1)")
@@ -186,6 +211,8 @@ def main() -> None:
         ap.error(f"--oracle-share is a fraction in (0, 1), got {args.oracle_share}")
     if args.per_op is not None and args.per_op < 1:
         ap.error(f"--per-op K takes every K-th layer, K >= 1; got {args.per_op}")
+    if args.first_order and not args.per_op:
+        ap.error("--first-order is a way of measuring --per-op K; give --per-op")
     if args.per_op and not args.elastic:
         ap.error("--per-op measures an elastic model without routers: give --elastic DIR "
                  "(a router run's elastic model is in its config.json, extra.elastic)")
@@ -260,7 +287,9 @@ def narrow_only(args) -> None:
         print(_oracle_table(rows, args.narrow, args.oracle_share))
         out.update(narrow=args.narrow, domains=rows)
     if args.per_op:
-        out["per_op"] = per_op_oracle(plain, blocks, args.batch, args.per_op, args.oracle_share)
+        out["per_op"] = per_op_oracle(plain, blocks, args.batch, args.per_op, args.oracle_share,
+                                      args.first_order)
+        out["first_order"] = args.first_order
         print(_per_op_table(out["per_op"], args.oracle_share))
         if args.plot:
             _plot_per_op(out["per_op"], args.oracle_share, args.plot)
