@@ -135,8 +135,8 @@ def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float,
         width = plain.ops[name].candidates[0]
         if first_order:
             excess = {d: {kind: per_op[d][name]} for d in blocks}
-        else:
-            with plain.at({name: width}):
+        else:  # this op narrowed, every other at full width
+            with plain.at(1.0), plain.at({name: width}):
                 excess = {d: {kind: _nll_of(plain, b, batch) - full[d]}
                           for d, b in blocks.items()}
         shares = oracle_shares(excess, share)
