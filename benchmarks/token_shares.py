@@ -49,14 +49,13 @@ from flextron_fx.route import routers_of, set_budget
 from flextron_fx.route.commands import load_router_run
 from flextron_fx.route.selection import router_folder
 from flextron_fx.route.sensitivity import token_excess
+from flextron_fx.route.train import token_losses
 
 
 def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood of every predicted token of `ids` [b, seq]."""
     logits = model(ids)
-    logits = getattr(logits, "logits", logits)
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return token_losses(getattr(logits, "logits", logits), ids).flatten()
 
 
 def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:

@@ -14,20 +14,20 @@ large; the benchmark `token_shares.py` compares domains by it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..elastic.compensation import Compensation
 from ..elastic.ops import ElasticRegion
 from ..errors import WidthError
+from ..passes.inject_routers import routers_of
+from .train import token_losses
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of `ids` [batch, seq] under `logits`."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                           reduction="sum")
+def _summed_next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return token_losses(logits, ids).sum()
 
 
-def token_excess(em, ids: torch.Tensor, loss_fn=next_token_loss) -> dict[str, torch.Tensor]:
+def token_excess(em, ids: torch.Tensor,
+                 loss_fn=_summed_next_token_loss) -> dict[str, torch.Tensor]:
     """{op: [batch, seq, K]}: the first-order change of `loss_fn(logits, ids)` (default:
     the summed next-token loss) if token (b, t) alone ran the op at candidate k, every
     other token and op at full width. The last column (full width) is 0.
@@ -35,7 +35,7 @@ def token_excess(em, ids: torch.Tensor, loss_fn=next_token_loss) -> dict[str, to
     Ops without an `ElasticRegion` (blocks that could not be fused) are left out. The
     model runs at full width; its widths are restored afterwards.
     """
-    if _routers(em):
+    if routers_of(em):
         raise WidthError("token_excess measures the elastic model without routers: call "
                          "remove_routers(em) first (routers replace the width nodes)")
     regions = {m.block: m for m in em.graph_module.modules() if isinstance(m, ElasticRegion)}
@@ -88,8 +88,3 @@ def token_excess(em, ids: torch.Tensor, loss_fn=next_token_loss) -> dict[str, to
             # some blocks see tokens flattened ([batch * seq, d], e.g. GPT-2's Conv1D)
             result[name] = torch.stack(cols, -1).reshape(*ids.shape[:2], last + 1)
     return result
-
-
-def _routers(em):
-    from ..passes.inject_routers import routers_of  # the pass imports this package
-    return routers_of(em)
