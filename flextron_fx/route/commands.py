@@ -61,6 +61,16 @@ def add_parser(sub) -> None:
                         "the full width on this machine, N rounds per batch, and plan each "
                         "budget so the measured time stays within it (default 3; 0: plan on "
                         "the table's prediction only)")
+    p.add_argument("--signal", choices=["surrogate", "measured"], default="surrogate",
+                   help="dynamic/capacity: surrogate (Figure 3), or measured: each op's "
+                        "per-token loss excess measured at every candidate on "
+                        "--measure-blocks blocks per domain, routers fitted to the cheapest "
+                        "choices each budget allows (one pass per op and candidate first)")
+    p.add_argument("--measure", default="mlp,attention",
+                   help="measured: kinds of ops measured (comma-separated); the others keep "
+                        "--init-from's static routers")
+    p.add_argument("--measure-blocks", type=int, default=4, metavar="N",
+                   help="measured: training blocks per domain, spread over its text")
     _run_args(p)
     p.set_defaults(func=run_train)
 
@@ -124,17 +134,24 @@ def run_train(args) -> dict:
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
         surrogate_context=args.surrogate_context,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
-        init_from=args.init_from,
+        init_from=args.init_from, signal=args.signal,
+        measure=tuple(k.strip() for k in args.measure.split(",") if k.strip()),
         capacity_timing_reps=(args.capacity_timing_reps if args.capacity_timing_reps is not None
                               else 3 if args.mode == "capacity" and args.metric == "latency"
                               else 0),
         extra={"elastic": str(args.elastic), "lut": args.lut, "seq": args.seq,
-               "domains": domains})
+               "domains": domains,
+               **({"measure_blocks": args.measure_blocks} if args.signal == "measured"
+                  else {})})
     config.validate()
     em = load(args.elastic)
     cost = _cost(em, args.metric, args.lut)
-    tokens, heldout = training_text(args.model, domains, ["train", "calibration"], args.seq,
-                                    args.eval_tokens)
+    if args.measure_blocks < 1:
+        raise TrainingError(f"--measure-blocks is a number of blocks per domain >= 1, got "
+                            f"{args.measure_blocks}")
+    tokens, heldout = training_text(
+        args.model, domains, ["train", "calibration"], args.seq, args.eval_tokens,
+        per_domain=args.measure_blocks if args.signal == "measured" else None)
     max_s = None if args.max_minutes is None else 60 * args.max_minutes
     summary = train_routers(em, tokens, args.run_dir, config, cost, heldout=heldout,
                             resume=args.resume, progress=not args.no_progress,

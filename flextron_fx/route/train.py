@@ -71,6 +71,7 @@ from .surrogate import Surrogate
 TARGETS = ("loss", "excess")
 LEVELS = ("sequence", "token")
 BUDGET_LOSSES = ("hinge", "match")
+SIGNALS = ("surrogate", "measured")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class RouterConfig:
     init_from: str | None = None  # dynamic/capacity: start from this static router run
     # capacity, latency: rounds per batch of the end-of-run timing (calibrate_capacity)
     capacity_timing_reps: int = 0
+    # "surrogate" (Figure 3) or "measured" (dynamic/capacity: routers learn per-token
+    # targets from each op's measured excess at every candidate, route/measured.py)
+    signal: str = "surrogate"
+    measure: tuple[str, ...] = ("mlp", "attention")  # measured: the kinds of ops measured
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -166,6 +171,19 @@ class RouterConfig:
         if self.surrogate_explained is not None and not 0 < self.surrogate_explained < 1:
             raise TrainingError(f"surrogate_explained is a share of variance in (0, 1), got "
                                 f"{self.surrogate_explained}")
+        if self.signal not in SIGNALS:
+            raise TrainingError(f"signal must be one of {list(SIGNALS)}, got {self.signal!r}")
+        if self.signal == "measured":
+            if self.mode == "static":
+                raise TrainingError("the measured signal teaches per-token routers: use mode "
+                                    "'dynamic' or 'capacity'")
+            if not self.measure or set(self.measure) - {"mlp", "attention"}:
+                raise TrainingError(f"measure names kinds of ops, 'mlp' and/or 'attention'; "
+                                    f"got {list(self.measure)}")
+            if set(self.measure) != {"mlp", "attention"} and self.init_from is None:
+                raise TrainingError(f"measuring only {list(self.measure)} leaves the other "
+                                    "ops' routers untaught: give init_from (a static router "
+                                    "run) so they follow the budget, or measure both kinds")
         if self.latency_weight < 0 or self.memory < 1 or self.surrogate_warmup < 0:
             raise TrainingError("latency_weight and surrogate_warmup must be >= 0, memory >= 1")
 
@@ -472,7 +490,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     if config.budget_range is None:
         config = replace(config, budget_range=table.budget_range())
     table.refuse_below_minimum(config.budget_range[0])
-    check_run_folder(run, overwrite)
+    # a folder holding only measured excess is a measured run stopped before its first step
+    check_run_folder(run, overwrite or (run / "measured.pt").is_file())
     S.clean_leftovers(run)
     data = data_fingerprint(tokens)
     ckpt = S.latest(run) if resume else None
@@ -482,6 +501,12 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     if ckpt is not None:
         check_resume(run, S.read_state(ckpt), config, data)
     mode = router_mode(em)
+    excess = None
+    if config.signal == "measured":  # before the routers: each op's width is set in turn
+        from .measured import FILE, measure_excess
+
+        excess = measure_excess(em, tokens, run / FILE, config.measure, config.batch, data,
+                                progress)
     if mode is None:
         static = None
         if config.init_from is not None and ckpt is None:  # a resumed run loads its own
@@ -502,6 +527,17 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     frozen = {p: p.requires_grad for p in em.parameters()}
     for p in em.parameters():
         p.requires_grad_(False)
+    info = {"config": asdict(config), "data": data, "cost": table.to_dict()}
+    if excess is not None:
+        from .measured import fit_measured
+
+        try:
+            summary = fit_measured(em, excess, tokens, run, config, table, ckpt, info,
+                                   progress, max_seconds)
+        finally:
+            for p, was in frozen.items():
+                p.requires_grad_(was)
+        return _finish(em, summary, config, table, tokens, heldout, eval_budgets, progress)
     router_dim = sum(len(r.candidates) for r in routers.values()) \
         * (2 if config.surrogate_context else 1)
     hidden_dim = _hidden_dim(em) if config.mode != "static" else 0
@@ -521,8 +557,7 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         summary = run_steps(
             run, config, tokens, device, ckpt, state, optimizer, scheduler, gen,
             lambda ids: router_step(em, state, table, ids, config, gen),
-            info={"config": asdict(config), "data": data, "cost": table.to_dict()},
-            desc=f"train-routers ({config.mode})", plot=plot_router_run,
+            info=info, desc=f"train-routers ({config.mode})", plot=plot_router_run,
             postfix=lambda row: {"lm": f"{row['lm_loss']:.3f}",
                                  "mse": f"{row['surrogate_mse']:.4f}",
                                  "lat": f"{row['latency_loss']:.4f}"},
@@ -530,15 +565,25 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     finally:
         for p, was in frozen.items():
             p.requires_grad_(was)
+    return _finish(em, summary, config, table, tokens, heldout, eval_budgets, progress)
+
+
+def _finish(em: ElasticModel, summary: dict, config: RouterConfig, table: CostTable,
+            tokens: torch.Tensor, heldout, eval_budgets, progress: bool) -> dict:
+    """After the steps of a finished run: calibrate dynamic or capacity routers on the
+    first training blocks, evaluate on `heldout`; the summary with what was done."""
     summary.update(mode=config.mode, metric=config.metric,
                    budget_range=list(config.budget_range))
     status = summary["status"]
+    # 2 batches of blocks spread over the text (every domain, when it holds several)
+    sample = tokens[torch.linspace(0, tokens.shape[0] - 1,
+                                   min(tokens.shape[0], 2 * config.batch)).round().long()]
     if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
-        calibrate_capacity(em, table, tokens[:2 * config.batch], batch=config.batch,
+        calibrate_capacity(em, table, sample, batch=config.batch,
                            timing_reps=config.capacity_timing_reps, progress=progress)
-    elif status == "done" and config.mode == "dynamic":  # spend T where they are asked for T
-        calibrate_budget(em, table, tokens[:2 * config.batch], batch=config.batch,
-                         progress=progress)
+    elif status == "done" and config.mode == "dynamic" and config.signal != "measured":
+        # spend T where they are asked for T (the measured signal calibrates on its data)
+        calibrate_budget(em, table, sample, batch=config.batch, progress=progress)
     if heldout is not None and status == "done":
         summary["eval"] = evaluate_routers(em, heldout, table, eval_budgets, config.batch)
     return summary

@@ -125,15 +125,21 @@ def run(args) -> dict:
 
 
 def training_text(model: str, domains: list[str], splits: list[str], seq: int,
-                  eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  eval_tokens: int, per_domain: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(training blocks of `splits`, held-out blocks of the validation split, about
-    `eval_tokens` tokens) of `domains`, read with bundled `model`'s tokenizer."""
+    `eval_tokens` tokens) of `domains`, read with bundled `model`'s tokenizer. With
+    `per_domain`, that many training blocks of each domain, spread evenly over its text."""
     from ..data import token_blocks
     from ..models import tokenizer
 
     tok = tokenizer(model)
-    tokens = torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), seq)
-                        for d in domains for s in splits])
+    parts = [torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), seq) for s in splits])
+             for d in domains]
+    if per_domain is not None:
+        parts = [p[torch.linspace(0, p.shape[0] - 1, min(per_domain, p.shape[0])).round()
+                   .long()] for p in parts]
+    tokens = torch.cat(parts)
     per = max(1, eval_tokens // seq // len(domains))
     heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), seq,
                                       max_blocks=per) for d in domains])

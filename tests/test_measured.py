@@ -1,0 +1,282 @@
+"""Dynamic routers taught by measured per-token excess (route/measured.py) on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import self_sampled_tokens, width_share_costs
+from zoo import ZOO, sample_inputs
+
+import flextron_fx
+from flextron_fx.errors import TrainingError
+from flextron_fx.passes.inject_routers import (
+    inject_routers,
+    remove_routers,
+    routers_of,
+    set_budget,
+)
+from flextron_fx.route import CostTable
+from flextron_fx.route import measured as M
+from flextron_fx.route.routers import DynamicRouter
+from flextron_fx.route.train import RouterConfig, token_losses, train_routers
+from flextron_fx.train.loop import data_fingerprint, read_metrics
+
+
+def _nll(em, tokens, widths) -> torch.Tensor:
+    with torch.no_grad(), em.at(widths):
+        out = em(tokens)
+    return token_losses(getattr(out, "logits", out), tokens).flatten()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_measured_excess_is_each_ops_own_narrowed_loss_minus_full(tmp_path, zoo_converted,
+                                                                   arch):
+    _, em = zoo_converted(arch)
+    tokens = self_sampled_tokens(em, n=6, seq=9)
+    excess = M.measure_excess(em, tokens, None, batch=4, progress=False)
+    assert excess.keys() == em.ops.keys()
+    full = _nll(em, tokens, 1.0)
+    for name, e in excess.items():
+        cands = em.ops[name].candidates
+        assert e.shape == (6 * 8, len(cands))
+        assert torch.equal(e[:, -1], torch.zeros(48))
+        for k, width in enumerate(cands[:-1]):  # this op at k, every other at full width
+            want = _nll(em, tokens, {**{n: em.ops[n].full for n in em.ops}, name: width})
+            torch.testing.assert_close(e[:, k], want - full, atol=1e-5, rtol=1e-4)
+    assert em.widths == {n: op.full for n, op in em.ops.items()}  # widths restored
+
+
+def test_an_interrupted_measurement_measures_only_what_is_missing(tmp_path, zoo_converted,
+                                                                  monkeypatch):
+    _, em = zoo_converted("llama")
+    tokens = self_sampled_tokens(em, n=4, seq=7)
+    data, path = data_fingerprint(tokens), tmp_path / "measured.pt"
+    whole = M.measure_excess(em, tokens, None, progress=False)
+    mlp = M.measure_excess(em, tokens, path, kinds=("mlp",), data=data, progress=False)
+    assert set(mlp) == {n for n, op in em.ops.items() if op.kind == "mlp"}
+    passes = []
+    real = M._token_nll
+    monkeypatch.setattr(M, "_token_nll", lambda *a: passes.append(1) or real(*a))
+    both = M.measure_excess(em, tokens, path, data=data, progress=False)
+    attention = [n for n, op in em.ops.items() if op.kind == "attention"]
+    # one full-width pass, then one per attention op and narrower candidate; none for MLPs
+    assert len(passes) == 1 + sum(len(em.ops[n].candidates) - 1 for n in attention)
+    for n in whole:
+        torch.testing.assert_close(both[n], whole[n])
+    with pytest.raises(TrainingError, match="other text"):
+        M.measure_excess(em, tokens[:2], path, data=data_fingerprint(tokens[:2]),
+                         progress=False)
+
+
+def _teacher(em, n=400, seed=0, others=None, budget_range=(0.45, 0.95)):
+    """A teacher on random excesses (last column 0) and candidates' width-share costs."""
+    g = torch.Generator().manual_seed(seed)
+    table = CostTable.coerce(em, width_share_costs(em))
+    excess = {}
+    for name, op in em.ops.items():
+        if others and name in others:
+            continue
+        e = torch.rand(n, len(op.candidates), generator=g) * torch.rand(n, 1, generator=g)
+        e[:, -1] = 0
+        excess[name] = e.flip(-1).cumsum(-1).flip(-1)  # narrower costs more
+    hidden = {name: torch.randn(n, 8, generator=g) for name in em.ops}
+    return M.Teacher(excess, hidden, table, others or {}, budget_range), table
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.63, 0.8, 0.95])
+def test_targets_spend_the_budget_and_no_choice_within_it_has_less_excess(zoo_converted,
+                                                                          budget):
+    _, em = zoo_converted("llama")
+    teacher, table = _teacher(em)
+    rows = torch.arange(400)
+    want = teacher.targets(torch.full((400,), budget), rows)
+    fixed = table.fixed / table.full
+    spent = fixed + teacher.mean_cost(want)
+    assert spent <= budget + 1e-6
+    assert spent > budget - 0.02  # the budget is spent, not left over
+    best = float(teacher.excess_of(want, rows).sum())
+    g = torch.Generator().manual_seed(int(budget * 100))
+    for _ in range(200):  # random changes of the targets that stay within their cost
+        other = {}
+        for n, k in want.items():
+            shift = torch.randint(-1, 2, k.shape, generator=g)
+            other[n] = (k + shift).clamp(0, len(em.ops[n].candidates) - 1)
+        if fixed + teacher.mean_cost(other) <= spent + 1e-9:
+            assert float(teacher.excess_of(other, rows).sum()) >= best - 1e-4
+
+
+def test_unmeasured_routers_cost_counts_against_the_budget(zoo_converted):
+    _, em = zoo_converted("llama")
+    attention = [n for n, op in em.ops.items() if op.kind == "attention"]
+    wide = {}
+    for n in attention:  # routers that always give the widest candidate
+        r = DynamicRouter(n, em.ops[n].candidates, dim=8)
+        with torch.no_grad():
+            r.w_out.bias[-1] = 10.0
+        wide[n] = r
+    teacher, table = _teacher(em, others=wide)
+    rows = torch.arange(400)
+    for budget in (0.7, 0.9):
+        want = teacher.targets(torch.full((400,), budget), rows)
+        assert set(want) == set(em.ops) - set(attention)
+        spent = (table.fixed + sum(table.costs[n][-1] for n in attention)) / table.full \
+            + teacher.mean_cost(want)
+        assert budget - 0.03 < spent <= budget + 1e-6
+
+
+def test_fitting_teaches_routers_which_tokens_need_width(zoo_converted):
+    """Excess that grows with one direction of the hidden state: fitted routers give the
+    tokens along it more width and hit most targets."""
+    _, em = zoo_converted("llama")
+    g = torch.Generator().manual_seed(0)
+    n, dim = 2000, 16
+    table = CostTable.coerce(em, width_share_costs(em))
+    hidden, excess, routers = {}, {}, {}
+    for name, op in em.ops.items():
+        h = torch.randn(n, dim, generator=g)
+        need = torch.relu(h[:, 0]) * 2 + 0.05  # what narrowing costs this token
+        k = len(op.candidates)
+        excess[name] = need[:, None] * torch.linspace(1, 0, k)  # narrower costs more
+        hidden[name] = h
+        routers[name] = DynamicRouter(name, op.candidates, dim=dim, units=32)
+    teacher = M.Teacher(excess, hidden, table, {}, (0.5, 0.9))
+    params = [p for r in routers.values() for p in r.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    first = None
+    for step in range(300):
+        rows = torch.randint(0, n, (256,), generator=gen)
+        row, grads = M.measured_step(teacher, routers, rows, (0.5, 0.9), gen)
+        first = first or row
+        for p in params:
+            p.grad = grads[p]
+        opt.step()
+    assert row["agree"] > 0.85 and row["agree"] > first["agree"] + 0.2
+    assert row["router_excess"] < first["router_excess"]
+    name = next(iter(em.ops))
+    h = hidden[name][:, None, :]
+    width = routers[name].logits(torch.full((n,), 0.7), h).argmax(-1)[:, 0]
+    needy = hidden[name][:, 0] > 0.5
+    assert width[needy].float().mean() > width[~needy].float().mean() + 0.5
+    # calibrated on the same positions: the input each budget reads spends at most it
+    from flextron_fx.route.routers import BudgetSource
+
+    source = BudgetSource()
+    source.calibration = teacher.calibration(routers, [x / 100 for x in range(30, 101)])
+    costs = dict(zip(source.calibration["inputs"], source.calibration["costs"]))
+    for budget in (0.55, 0.7, 0.85):
+        spent = costs[source.router_input(budget)]
+        assert budget - 0.05 < spent <= budget
+
+
+def test_router_inputs_are_what_the_routers_read(zoo_converted):
+    _, em = zoo_converted("llama")
+    tokens = self_sampled_tokens(em, n=3, seq=7)
+    routers = inject_routers(em, "dynamic", cost=width_share_costs(em), seed=0)
+    try:
+        torch.manual_seed(0)
+        for r in routers.values():
+            with torch.no_grad():
+                r.w_hidden.weight.normal_()
+                r.w_out.weight.normal_()
+        hidden = M.router_inputs(em, routers, tokens, batch=2)
+        first = next(iter(routers))  # its input, the embeddings, does not depend on widths
+        set_budget(em, 0.6)
+        with torch.no_grad():
+            em(tokens)
+        got = routers[first].last_index[:, :-1].flatten()
+        want = routers[first].logits(torch.full((hidden[first].shape[0],), 0.6),
+                                     hidden[first][:, None, :]).argmax(-1)[:, 0]
+        assert torch.equal(got, want)
+        assert all(not r.full for r in routers.values())
+    finally:
+        remove_routers(em)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = ZOO["llama"]()
+    return flextron_fx.flextronize(model, sample_inputs("llama"), progress=False)
+
+
+def test_train_routers_with_the_measured_signal_resumes_exactly(tmp_path):
+    config = RouterConfig(steps=6, mode="dynamic", batch=2, budget_range=(0.5, 0.9),
+                          signal="measured", checkpoint_every=3, lr=1e-2)
+    em = _tiny()
+    tokens = self_sampled_tokens(em, n=6, seq=8)
+    cost = width_share_costs(em)
+    done = train_routers(em, tokens, tmp_path / "a", config, cost, progress=False,
+                         heldout=tokens[:2], eval_budgets=(0.6,))
+    assert done["status"] == "done" and (tmp_path / "a" / "measured.pt").is_file()
+    assert (tmp_path / "a" / "curves.png").is_file() and done["eval"]["0.6"]["loss"] > 0
+    whole = {k: v.clone() for k, v in em.graph_module.state_dict().items() if "router" in k}
+    rows = read_metrics(tmp_path / "a")
+    assert len(rows) == 6 and rows[-1]["ce"] < rows[0]["ce"]
+
+    em = _tiny()  # a new process
+    stopped = train_routers(em, tokens, tmp_path / "b", config, cost, progress=False,
+                            max_seconds=0.0)
+    assert stopped["status"] == "stopped"
+    em = _tiny()
+    again = train_routers(em, tokens, tmp_path / "b", config, cost, progress=False,
+                          resume=True)
+    assert again["status"] == "done"
+    resumed = {k: v for k, v in em.graph_module.state_dict().items() if "router" in k}
+    assert whole.keys() == resumed.keys() and whole
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
+    assert [r["ce"] for r in read_metrics(tmp_path / "b")] == [r["ce"] for r in rows]
+
+
+def test_the_measured_signal_refuses_what_it_cannot_teach(zoo_converted):
+    with pytest.raises(TrainingError, match="per-token routers"):
+        RouterConfig(steps=1, mode="static", signal="measured").validate()
+    with pytest.raises(TrainingError, match="init_from"):
+        RouterConfig(steps=1, mode="dynamic", signal="measured", measure=("mlp",)).validate()
+    with pytest.raises(TrainingError, match="kinds of ops"):
+        RouterConfig(steps=1, mode="dynamic", signal="measured", measure=("ffn",)).validate()
+    _, em = zoo_converted("llama")
+    inject_routers(em, "dynamic", cost=width_share_costs(em))
+    try:
+        with pytest.raises(TrainingError, match="has routers"):
+            M.measure_excess(em, self_sampled_tokens(em, n=2, seq=5), None, progress=False)
+        assert routers_of(em)
+    finally:
+        remove_routers(em)
+
+
+def test_cli_train_routers_with_the_measured_signal(tmp_path, capsys):
+    """`flextron train-routers --signal measured` on real text of two domains: measured
+    excess for every op, a calibration without forward passes, final routers saved."""
+    import json
+    import warnings
+
+    from zoo import _hf
+
+    from flextron_fx.cli import main
+
+    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
+    flextron_fx.save(em, tmp_path / "elastic")
+    run = tmp_path / "routers"
+    args = ["train-routers", str(run), "--elastic", str(tmp_path / "elastic"), "--mode",
+            "dynamic", "--metric", "params", "--signal", "measured", "--measure-blocks", "3",
+            "--domains", "wikipedia", "--steps", "4", "--batch", "2", "--seq", "16",
+            "--eval-tokens", "32", "--budget-range", "0.6", "1.0", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and len(read_metrics(run)) == 4
+    saved = torch.load(run / "measured.pt", weights_only=True)
+    assert set(saved["excess"]) == set(em.ops) and saved["data"]["blocks"] == 3
+    meta = json.loads((run / "final" / "routers.json").read_text())
+    assert meta["mode"] == "dynamic" and meta["extra"]["measure_blocks"] == 3
+    calibration = meta["budget_calibration"]
+    assert calibration and len(calibration["inputs"]) == len(calibration["costs"]) > 10
+    capsys.readouterr()
+    assert main(args[:-1] + ["--measure-blocks", "0", "--no-progress"]) == 2
+    assert "--measure-blocks" in capsys.readouterr().err
