@@ -93,3 +93,17 @@ def perturb_routers(routers: dict, seed: int = 1, scale: float = 1.0) -> None:
         for r in routers.values():
             for p in r.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def saved_real_vocab_llama(folder) -> flextron_fx.ElasticModel:
+    """A tiny Llama with SmolLM2's vocabulary (so the CLI can feed it real text), converted
+    and saved to `folder`; returns the elastic model."""
+    from zoo import _hf
+
+    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
+    flextron_fx.save(em, folder)
+    return em

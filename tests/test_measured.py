@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
-from conftest import self_sampled_tokens, width_share_costs
+from conftest import saved_real_vocab_llama, self_sampled_tokens, width_share_costs
 from zoo import ZOO, sample_inputs
 
 import flextron_fx
@@ -248,19 +251,9 @@ def test_the_measured_signal_refuses_what_it_cannot_teach(zoo_converted):
 def test_cli_train_routers_with_the_measured_signal(tmp_path, capsys):
     """`flextron train-routers --signal measured` on real text of two domains: measured
     excess for every op, a calibration without forward passes, final routers saved."""
-    import json
-    import warnings
-
-    from zoo import _hf
-
     from flextron_fx.cli import main
 
-    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
-                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=True)
-    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
-    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
-    flextron_fx.save(em, tmp_path / "elastic")
+    em = saved_real_vocab_llama(tmp_path / "elastic")
     run = tmp_path / "routers"
     args = ["train-routers", str(run), "--elastic", str(tmp_path / "elastic"), "--mode",
             "dynamic", "--metric", "params", "--signal", "measured", "--measure-blocks", "3",

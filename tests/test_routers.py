@@ -16,6 +16,7 @@ from conftest import (
     calibration,
     output,
     perturb_routers,
+    saved_real_vocab_llama,
     self_sampled_tokens,
     width_share_costs,
 )
@@ -1049,16 +1050,9 @@ def test_a_copy_of_a_routed_graph_routes_the_same(routed):
 def test_cli_train_routers_then_select(tmp_path, capsys):
     """`flextron train-routers` on real text (SmolLM2's tokenizer, a tiny Llama with its
     vocabulary), then `flextron select` on the run."""
-    from zoo import _hf
-
     from flextron_fx.cli import main
 
-    model = _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=49152, hidden_size=32,
-                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=True)
-    ids = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
-    em = flextron_fx.flextronize(model, (ids,), ids, progress=False)
-    flextron_fx.save(em, tmp_path / "elastic")
+    em = saved_real_vocab_llama(tmp_path / "elastic")
     run = tmp_path / "routers"
     args = ["train-routers", str(run), "--elastic", str(tmp_path / "elastic"), "--mode",
             "static", "--metric", "params", "--steps", "3", "--batch", "2", "--seq", "16",

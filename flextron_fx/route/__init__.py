@@ -7,6 +7,7 @@
     costs.CostTable                     per-op, per-candidate cost (latency, params, memory)
     surrogate.Surrogate                 predicts a sub-network's loss (Eq. 10)
     train.train_routers                 Figure 3: latency loss (Eq. 8) + surrogate
+    measured                            or per-token targets from measured excess
     joint.tune_jointly                  then routers and backbone on the real loss
     select.select(em, budget, table)    static routers -> per-op widths, once
 

@@ -255,9 +255,11 @@ def measured_step(teacher: Teacher, routers: dict, rows: torch.Tensor,
     loss, agree, picks = 0.0, 0.0, {}
     for name, k in want.items():
         r = routers[name]
-        logits = r.logits(budget, teacher.hidden[name][rows][:, None, :])[:, 0]
-        loss = loss + F.cross_entropy(logits.float(), k)
-        picks[name] = logits.detach().argmax(-1)
+        device = r.w_out.weight.device
+        logits = r.logits(budget.to(device),
+                          teacher.hidden[name][rows][:, None, :].to(device))[:, 0]
+        loss = loss + F.cross_entropy(logits.float(), k.to(device))
+        picks[name] = logits.detach().argmax(-1).cpu()
         agree += float((picks[name] == k).float().mean())
     loss = loss / len(want)
     params = [p for n in want for p in routers[n].parameters()]

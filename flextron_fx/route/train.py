@@ -18,7 +18,9 @@ One step on a batch of B sequences:
 Dynamic routers start from scratch (the paper) or, with `init_from`, as a trained static
 router run's routers (`DynamicRouter.start_from`). With `surrogate_level="token"` the
 surrogate predicts each token's loss from its own decisions and final hidden state (and,
-with `surrogate_context`, the mean decisions of the token and those before it).
+with `surrogate_context`, the mean decisions of the token and those before it). With
+`signal="measured"` there is no surrogate: dynamic routers learn per-token targets from
+each op's loss excess measured at every candidate (route/measured.py).
 
 Checkpoints, exact resume, SIGTERM safety and the metrics log work as in `train-elastic`
 (the same helpers); `curves.png` shows surrogate MSE, LM loss and latency loss over steps
