@@ -71,7 +71,7 @@ def test_an_interrupted_measurement_measures_only_what_is_missing(tmp_path, zoo_
                          progress=False)
 
 
-def _teacher(em, n=400, seed=0, others=None, budget_range=(0.45, 0.95)):
+def _teacher(em, n=400, seed=0, others=None, budget_range=(0.45, 0.95), token_weight=1.0):
     """A teacher on random excesses (last column 0) and candidates' width-share costs."""
     g = torch.Generator().manual_seed(seed)
     table = CostTable.coerce(em, width_share_costs(em))
@@ -83,7 +83,8 @@ def _teacher(em, n=400, seed=0, others=None, budget_range=(0.45, 0.95)):
         e[:, -1] = 0
         excess[name] = e.flip(-1).cumsum(-1).flip(-1)  # narrower costs more
     hidden = {name: torch.randn(n, 8, generator=g) for name in em.ops}
-    return M.Teacher(excess, hidden, table, others or {}, budget_range), table
+    return M.Teacher(excess, hidden, table, others or {}, budget_range,
+                     token_weight=token_weight), table
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.63, 0.8, 0.95])
@@ -106,6 +107,24 @@ def test_targets_spend_the_budget_and_no_choice_within_it_has_less_excess(zoo_co
             other[n] = (k + shift).clamp(0, len(em.ops[n].candidates) - 1)
         if fixed + teacher.mean_cost(other) <= spent + 1e-9:
             assert float(teacher.excess_of(other, rows).sum()) >= best - 1e-4
+
+
+def test_token_weight_shrinks_targets_toward_one_width_per_op(zoo_converted):
+    _, em = zoo_converted("llama")
+    rows, budget = torch.arange(400), torch.full((400,), 0.7)
+    measured = _teacher(em)[0].targets(budget, rows)
+    flat = _teacher(em, token_weight=0.0)[0]
+    same = flat.targets(budget, rows)
+    for n, k in same.items():  # every position its op's choice for the mean excess
+        assert torch.equal(k, k[:1].expand(400)), n
+    assert any(not torch.equal(measured[n], k) for n, k in same.items())
+    half = _teacher(em, token_weight=0.5)[0]
+    for n, e in half.excess.items():  # the mean kept, deviations halved
+        torch.testing.assert_close(e.mean(0), flat.excess[n][0])
+        torch.testing.assert_close(e - e.mean(0), 0.5 * (_teacher(em)[0].excess[n]
+                                                         - flat.excess[n]))
+    with pytest.raises(TrainingError, match="token_weight"):
+        RouterConfig(steps=1, mode="dynamic", signal="measured", token_weight=1.5).validate()
 
 
 def test_unmeasured_routers_cost_counts_against_the_budget(zoo_converted):

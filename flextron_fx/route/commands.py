@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
                         "--init-from's static routers")
     p.add_argument("--measure-blocks", type=int, default=4, metavar="N",
                    help="measured: training blocks per domain, spread over its text")
+    p.add_argument("--token-weight", type=float, default=0.3, metavar="W",
+                   help="measured: the share of each token's own deviation from its op's "
+                        "mean excess that its target sees (1: as measured; 0: one width "
+                        "per op)")
     _run_args(p)
     p.set_defaults(func=run_train)
 
@@ -134,7 +138,7 @@ def run_train(args) -> dict:
         target=args.target, surrogate_level=args.surrogate_level, memory=args.surrogate_memory,
         surrogate_context=args.surrogate_context,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
-        init_from=args.init_from, signal=args.signal,
+        init_from=args.init_from, signal=args.signal, token_weight=args.token_weight,
         measure=tuple(k.strip() for k in args.measure.split(",") if k.strip()),
         capacity_timing_reps=(args.capacity_timing_reps if args.capacity_timing_reps is not None
                               else 3 if args.mode == "capacity" and args.metric == "latency"

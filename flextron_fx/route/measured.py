@@ -12,7 +12,9 @@ quarters of an MLP is far outside the range where that says which tokens can be 
    --per-op`, at every candidate). One pass per op and candidate, saved op by op to
    `RUN/measured.pt`, so an interrupted run measures only what is missing.
 2. **targets**: for budget T, the cheapest sum of excesses the budget allows, op by op and
-   token by token: k*(t) = argmin_k e[op, t, k] + lambda(T) * cost[op, k] / full cost,
+   token by token: k*(t) = argmin_k e'[op, t, k] + lambda(T) * cost[op, k] / full cost,
+   e' = the op's mean excess + `token_weight` x the position's deviation from it (single
+   measurements are noisy; `token_weight` < 1 shrinks them toward the op's mean),
    with lambda(T) set by bisection so the token-mean cost of the targets (and of the
    unmeasured ops' routers) is T (a Lagrangian knapsack; it treats excesses as additive).
 3. **fit**: every measured op's router reads (T, h) for a token (h: the router's input at
@@ -21,6 +23,12 @@ quarters of an MLP is far outside the range where that says which tokens can be 
 
 Ops whose kind is not measured keep the routers they start with (`init_from`: a static
 run's, so their width follows the budget alone) and their cost counts in lambda(T).
+
+On SmolLM2 the routers it trains decide per token. With the targets as measured they lose
+to one width per op chosen from the same measurements at the same cost (single
+measurements are mostly noise); with each position's deviation from its op's mean shrunk
+to 0.3 (`RouterConfig.token_weight`, the default) they beat it at every budget
+(docs/ROUTERS.md, "Routers taught by measured excess").
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .._atomic import write_atomic
@@ -159,8 +168,13 @@ class Teacher:
     at each budget counts against it."""
 
     def __init__(self, excess: dict, hidden: dict, table: CostTable, others: dict,
-                 budget_range: tuple[float, float], grid: int = 101):
-        self.excess, self.hidden, self.table = excess, hidden, table
+                 budget_range: tuple[float, float], grid: int = 101,
+                 token_weight: float = 1.0):
+        # a position's excess counts `token_weight` of its own deviation from the op's
+        # mean (1: as measured; 0: every position the op's mean, one width per op)
+        self.excess = {n: e.mean(0, keepdim=True) + token_weight * (e - e.mean(0, keepdim=True))
+                       for n, e in excess.items()}
+        self.hidden, self.table = hidden, table
         self.costs = {n: table.tensor(n).float() / table.full for n in excess}
         self.budgets = torch.linspace(budget_range[0], budget_range[1], grid)
         fixed = table.fixed / table.full
@@ -277,14 +291,12 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
     """Steps 2 and 3 of the module's recipe on `em` with its dynamic routers injected:
     `config.steps` steps of `config.batch` blocks' worth of positions, with `run_steps`'
     checkpoints, resume, metrics and stop handling."""
-    from torch import nn
-
     from .train import run_steps
 
     routers = routers_of(em)
     others = {n: r for n, r in routers.items() if n not in excess}
     teacher = Teacher(excess, router_inputs(em, routers, tokens, config.batch), table,
-                      others, config.budget_range)
+                      others, config.budget_range, token_weight=config.token_weight)
     n = tokens.shape[0] * (tokens.shape[1] - 1)  # predicted positions, as measured
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     groups = order.reshape(tokens.shape[0], tokens.shape[1] - 1)  # a "block" of positions

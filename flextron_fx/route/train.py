@@ -130,6 +130,11 @@ class RouterConfig:
     # targets from each op's measured excess at every candidate, route/measured.py)
     signal: str = "surrogate"
     measure: tuple[str, ...] = ("mlp", "attention")  # measured: the kinds of ops measured
+    # measured: the share of a position's own deviation from its op's mean excess that its
+    # target sees (1: as measured; smaller: shrunk toward one width per op). On SmolLM2,
+    # 1 lost to one width per op from the same measurements at every budget, 0.3 beat it
+    # at every budget (docs/ROUTERS.md)
+    token_weight: float = 0.3
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -182,6 +187,9 @@ class RouterConfig:
             if not self.measure or set(self.measure) - {"mlp", "attention"}:
                 raise TrainingError(f"measure names kinds of ops, 'mlp' and/or 'attention'; "
                                     f"got {list(self.measure)}")
+            if not 0 <= self.token_weight <= 1:
+                raise TrainingError(f"token_weight is a share in [0, 1], got "
+                                    f"{self.token_weight}")
             if set(self.measure) != {"mlp", "attention"} and self.init_from is None:
                 raise TrainingError(f"measuring only {list(self.measure)} leaves the other "
                                     "ops' routers untaught: give init_from (a static router "
