@@ -32,9 +32,9 @@ from flextron_fx.data.domains import resolve_domains
 from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
 from flextron_fx.route.commands import load_router_run
-from flextron_fx.route.measured import FILE, Teacher
+from flextron_fx.route.measured import FILE, Teacher, token_nll
 from flextron_fx.route.selection import router_folder
-from flextron_fx.route.train import evaluate_routers, token_losses
+from flextron_fx.route.train import evaluate_routers
 
 
 def static_widths(excess: dict, table, budget: float, em) -> dict[str, int]:
@@ -45,14 +45,8 @@ def static_widths(excess: dict, table, budget: float, em) -> dict[str, int]:
 
 
 def static_loss(plain, widths: dict, blocks: torch.Tensor, batch: int) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode(), plain.at(widths):
-        for i in range(0, blocks.shape[0], batch):
-            ids = blocks[i:i + batch]
-            out = plain(ids)
-            nll = token_losses(getattr(out, "logits", out), ids)
-            total, count = total + float(nll.sum()), count + nll.numel()
-    return total / count
+    with plain.at(widths):
+        return float(token_nll(plain, blocks, batch).mean())
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ from flextron_fx.eval.loss import domain_tokens
 from flextron_fx.models import tokenizer
 from flextron_fx.route import routers_of, set_budget
 from flextron_fx.route.commands import load_router_run
+from flextron_fx.route.measured import token_nll
 from flextron_fx.route.selection import router_folder
 from flextron_fx.route.sensitivity import token_excess
 from flextron_fx.route.train import token_losses
@@ -82,24 +83,17 @@ def shares_of(em, routers, table, blocks: torch.Tensor, batch: int) -> dict:
     return {"share": share, "cost_fraction": cost / table.full, "loss": nll / predicted}
 
 
-def _nll_of(model, blocks: torch.Tensor, batch: int) -> torch.Tensor:
-    """Every predicted token's NLL over `blocks` [n, seq], `batch` blocks at a time."""
-    with torch.inference_mode():
-        return torch.cat([_token_nll(model, blocks[i:i + batch])
-                          for i in range(0, blocks.shape[0], batch)])
-
-
 def narrowed_losses(plain, blocks: torch.Tensor, batch: int, frac: float):
     """Next-token loss of `blocks` through `plain` (an elastic model without routers) at
     full width, every MLP at `frac` and every attention op at `frac`, and the excesses;
     also, per kind, every token's own excess (narrowed minus full-width NLL)."""
     with plain.at(1.0):
-        full = _nll_of(plain, blocks, batch)
+        full = token_nll(plain, blocks, batch)
         out, per_token = {"full": full.mean().item()}, {}
         for kind in ("mlp", "attention"):
             if any(op.kind == kind for op in plain.ops.values()):
                 with plain.at(frac, kind=kind):
-                    narrowed = _nll_of(plain, blocks, batch)
+                    narrowed = token_nll(plain, blocks, batch)
                 out[kind] = narrowed.mean().item()
                 out[f"{kind}_excess"] = out[kind] - out["full"]
                 per_token[kind] = narrowed - full
@@ -128,7 +122,7 @@ def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float,
                                                                    desc="domains")}
     else:
         with plain.at(1.0):
-            full = {d: _nll_of(plain, b, batch) for d, b in blocks.items()}
+            full = {d: token_nll(plain, b, batch) for d, b in blocks.items()}
     out = {}
     for kind, layer, name in (chosen if first_order else tqdm(chosen, desc="ops")):
         width = plain.ops[name].candidates[0]
@@ -136,7 +130,7 @@ def per_op_oracle(plain, blocks: dict, batch: int, every: int, share: float,
             excess = {d: {kind: per_op[d][name]} for d in blocks}
         else:  # this op narrowed, every other at full width
             with plain.at(1.0), plain.at({name: width}):
-                excess = {d: {kind: _nll_of(plain, b, batch) - full[d]}
+                excess = {d: {kind: token_nll(plain, b, batch) - full[d]}
                           for d, b in blocks.items()}
         shares = oracle_shares(excess, share)
         out[name] = {"kind": kind, "layer": layer, "width": width,

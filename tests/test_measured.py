@@ -58,8 +58,8 @@ def test_an_interrupted_measurement_measures_only_what_is_missing(tmp_path, zoo_
     mlp = M.measure_excess(em, tokens, path, kinds=("mlp",), data=data, progress=False)
     assert set(mlp) == {n for n, op in em.ops.items() if op.kind == "mlp"}
     passes = []
-    real = M._token_nll
-    monkeypatch.setattr(M, "_token_nll", lambda *a: passes.append(1) or real(*a))
+    real = M.token_nll
+    monkeypatch.setattr(M, "token_nll", lambda *a: passes.append(1) or real(*a))
     both = M.measure_excess(em, tokens, path, data=data, progress=False)
     attention = [n for n, op in em.ops.items() if op.kind == "attention"]
     # one full-width pass, then one per attention op and narrower candidate; none for MLPs

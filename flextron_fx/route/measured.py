@@ -44,14 +44,14 @@ from tqdm.auto import tqdm
 from .._atomic import write_atomic
 from ..elastic.model import ElasticModel
 from ..errors import TrainingError
-from ..passes.inject_routers import budget_source, routers_of
+from ..passes.inject_routers import budget_source, router_mode, routers_of
 from .costs import CostTable
 from .train import token_losses
 
 FILE = "measured.pt"
 
 
-def _token_nll(em: ElasticModel, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+def token_nll(em: ElasticModel, tokens: torch.Tensor, batch: int) -> torch.Tensor:
     """Next-token loss of every predicted position of `tokens` [n, seq], flattened
     (n * (seq - 1): the last position of a block predicts nothing)."""
     device = next(em.parameters()).device
@@ -72,8 +72,7 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
     width) is zero. `em` has no routers. Ops of `kinds` only. With `path`, every op is
     saved as soon as it is measured (with `data`, the text's fingerprint) and ops already
     there for the same text and candidates are not measured again."""
-    if any(getattr(m, "kind", None) in ("static", "dynamic", "capacity")
-           for m in em.graph_module.modules()):
+    if router_mode(em) is not None:
         raise TrainingError("measuring excess sets each op's width; the model has routers. "
                             "Measure on the elastic model before injecting routers")
     names = [n for n, op in em.ops.items() if op.kind in kinds]
@@ -89,7 +88,7 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
     if not todo:
         return done
     with em.at(1.0):
-        full = _token_nll(em, tokens, batch)
+        full = token_nll(em, tokens, batch)
     bar = tqdm(total=sum(len(em.ops[n].candidates) - 1 for n in todo), disable=not progress,
                desc="measuring excess", unit="pass", dynamic_ncols=True)
     try:
@@ -97,7 +96,7 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
             columns = []
             for width in em.ops[name].candidates[:-1]:
                 with em.at(1.0), em.at({name: width}):
-                    columns.append(_token_nll(em, tokens, batch) - full)
+                    columns.append(token_nll(em, tokens, batch) - full)
                 bar.update(1)
             columns.append(torch.zeros_like(full))
             done[name] = torch.stack(columns, -1)

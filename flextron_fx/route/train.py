@@ -66,6 +66,7 @@ from ..train.loop import (
     check_tokens,
     data_fingerprint,
     read_metrics,
+    spread_rows,
 )
 from .costs import CostTable
 from .surrogate import Surrogate
@@ -580,14 +581,13 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
 
 def _finish(em: ElasticModel, summary: dict, config: RouterConfig, table: CostTable,
             tokens: torch.Tensor, heldout, eval_budgets, progress: bool) -> dict:
-    """After the steps of a finished run: calibrate dynamic or capacity routers on the
-    first training blocks, evaluate on `heldout`; the summary with what was done."""
+    """After the steps of a finished run: calibrate dynamic or capacity routers on 2
+    batches of training blocks spread over the text (every domain, when it holds several),
+    evaluate on `heldout`; the summary with what was done."""
     summary.update(mode=config.mode, metric=config.metric,
                    budget_range=list(config.budget_range))
     status = summary["status"]
-    # 2 batches of blocks spread over the text (every domain, when it holds several)
-    sample = tokens[torch.linspace(0, tokens.shape[0] - 1,
-                                   min(tokens.shape[0], 2 * config.batch)).round().long()]
+    sample = spread_rows(tokens, 2 * config.batch)
     if status == "done" and config.mode == "capacity":  # split budgets as the routers spend
         calibrate_capacity(em, table, sample, batch=config.batch,
                            timing_reps=config.capacity_timing_reps, progress=progress)

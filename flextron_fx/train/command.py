@@ -137,8 +137,9 @@ def training_text(model: str, domains: list[str], splits: list[str], seq: int,
     parts = [torch.cat([token_blocks(tok, (t for _, t in _split(d, s)), seq) for s in splits])
              for d in domains]
     if per_domain is not None:
-        parts = [p[torch.linspace(0, p.shape[0] - 1, min(per_domain, p.shape[0])).round()
-                   .long()] for p in parts]
+        from .loop import spread_rows
+
+        parts = [spread_rows(p, per_domain) for p in parts]
     tokens = torch.cat(parts)
     per = max(1, eval_tokens // seq // len(domains))
     heldout = torch.cat([token_blocks(tok, (t for _, t in _split(d, "validation")), seq,

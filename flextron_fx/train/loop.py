@@ -150,6 +150,12 @@ def batch_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def spread_rows(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """`k` rows of `tokens` spread evenly from the first to the last (all when fewer)."""
+    n = tokens.shape[0]
+    return tokens[torch.linspace(0, n - 1, min(k, n)).round().long()]
+
+
 def validation_settings(em: ElasticModel, fractions=(0.5, 0.65, 0.8)) -> dict[str, dict]:
     """Fixed sub-networks to track: full, uniform 50 % MLP (all heads), and the uniform
     (MLP fraction, heads fraction) pair whose non-embedding parameters are closest to each
