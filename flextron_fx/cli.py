@@ -28,7 +28,7 @@ def _data(tokenizer, args):
         calib, mix = calibration_mix(tokenizer, domains, seq_len=args.seq_len,
                                      n_calib=args.calib_samples)
         source = f"{source}; calibration on {mix}"
-    return calib, held, source
+    return calib, held, source, domains
 
 
 def _config(args):
@@ -52,11 +52,12 @@ def convert(args) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tok = load(args.model)
-    calib, _, source = _data(tok, args)
+    calib, _, source, domains = _data(tok, args)
     print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     sample = (calib[:2, :16],)
     partial = Path(str(args.out).rstrip("/") + ".partial") / "calibration.safetensors"
     em = flextronize(model, sample, calib, config=_config(args), resume=partial)
+    em.note_domains("calibration", domains)
     out = save(em, args.out, overwrite=args.overwrite)
     partial.unlink(missing_ok=True)
     if partial.parent.exists():
@@ -77,7 +78,7 @@ def ablate_sorting(args) -> dict:
 
     torch.manual_seed(args.seed)
     model, tok = load(args.model)
-    calib, heldout, source = _data(tok, args)
+    calib, heldout, source, _ = _data(tok, args)
     sample = (calib[:2, :16],)
     print(f"held-out: {heldout.numel()} tokens ({source}); calibration: {calib.shape[0]} seqs")
     result: dict = {"model": args.model, "eval_source": source,
@@ -218,7 +219,7 @@ def _deploy(args, folder: str) -> None:
 
     em = load_elastic(folder)
     _, tok = load(args.model)
-    _, held, _ = _data(tok, args)
+    _, held, _, _ = _data(tok, args)
     held = held[:8]
     ids = held[:1]
     fractions = (1.0, 0.75, 0.5)

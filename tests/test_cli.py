@@ -25,6 +25,7 @@ def test_convert_then_train_from_the_saved_model(converted, tmp_path):
     assert not out.with_name("smol.partial").exists(), "calibration progress is cleaned up"
     meta = json.loads((out / "flextron.json").read_text())
     assert len(meta["ops"]) == 60 and meta["skipped"] == []
+    assert meta["domains_seen"] == {"calibration": ["wikipedia"]}
 
     run = tmp_path / "train"
     assert cli.main(["train-elastic", str(run), "--elastic", str(out), "--steps", "2",
@@ -34,6 +35,8 @@ def test_convert_then_train_from_the_saved_model(converted, tmp_path):
     assert summary["status"] == "done" and summary["step"] == 2
     assert set(summary["val"]) == {"full", "mlp50", "params50", "params65", "params80"}
     assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
+    final = json.loads((run / "final" / "flextron.json").read_text())
+    assert final["domains_seen"] == {"calibration": ["wikipedia"], "train-elastic": ["wikipedia"]}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and all("val" in r for r in rows)
 

@@ -1096,6 +1096,8 @@ def test_cli_train_routers_then_select(tmp_path, capsys):
         assert main(["select", str(joint), "--budget", "params=0.8"]) == 0
     summary = json.loads((joint / "summary.json").read_text())
     assert summary["status"] == "done" and len(read_metrics(joint)) == 2
+    # the tuned backbone records the text it was fitted to (its conversion recorded none)
+    assert flextron_fx.load(joint / "final").domains_seen == {"joint-tune": ["wikipedia"]}
     # without --budget-range, the range the routers were trained on (not the table's)
     assert summary["budget_range"] == [0.6, 1.0]
     saved = json.loads((joint / "final" / "routers.json").read_text())["extra"]
@@ -1235,3 +1237,30 @@ def test_a_dynamic_run_starts_from_a_saved_static_run(tmp_path, zoo_converted):
     assert not routers_of(em)
     with pytest.raises(flextron_fx.FlextronError, match="starts from scratch"):
         _config(init_from=str(tmp_path / "static")).validate()
+
+
+@pytest.mark.parametrize("seen, warned", [({"calibration": ["html"]}, True),
+                                          ({"calibration": ["html"],
+                                            "train-elastic": ["wikipedia"]}, False),
+                                          ({}, False)])
+def test_train_routers_warns_of_text_the_widths_were_never_fitted_to(tmp_path, seen, warned):
+    """Routers trained on a domain that neither the calibration nor the elastic training of
+    the model saw get a warning naming it and the way out; a model whose record is empty
+    (converted by the Python API) gets none."""
+    from flextron_fx.cli import main
+
+    em = saved_real_vocab_llama(tmp_path / "elastic")
+    em.domains_seen = seen
+    flextron_fx.save(em, tmp_path / "elastic")
+    assert flextron_fx.load(tmp_path / "elastic").domains_seen == seen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train-routers", str(tmp_path / "run"), "--elastic",
+                     str(tmp_path / "elastic"), "--metric", "params", "--steps", "1",
+                     "--batch", "1", "--seq", "16", "--eval-tokens", "16", "--budget-range",
+                     "0.6", "1.0", "--no-progress"]) == 0
+    ours = [str(w.message) for w in caught if "was fitted to other text" in str(w.message)]
+    assert len(ours) == warned
+    if warned:
+        assert "calibration: html" in ours[0] and "than wikipedia" in ours[0]
+        assert "--calib-domains wikipedia" in ours[0]

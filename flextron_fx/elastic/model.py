@@ -66,6 +66,9 @@ class ElasticModel(nn.Module):
                               candidates(b, config), dict(b.sizes)) for b in blocks}
         self.skipped: list = []  # blocks left dense, with reasons (analyze.Skipped)
         self.orders: dict = {}  # block -> axis -> stored order of original indices
+        # text domains each stage fitted the widths to, as the CLI records them:
+        # {"calibration": [...], "train-elastic": [...]}; empty when not known
+        self.domains_seen: dict[str, list[str]] = {}
         self._programs: dict[tuple, object] = {}  # widths -> static program (see forward)
         # How many static programs to keep: the most recently used sets of widths.
         self.programs_kept = 8
@@ -88,6 +91,12 @@ class ElasticModel(nn.Module):
 
     def full_widths(self) -> dict[str, int]:
         return {name: op.full for name, op in self.ops.items()}
+
+    def note_domains(self, stage: str, domains: list[str]) -> None:
+        """Record that `stage` ("calibration", "train-elastic", "joint-tune") fitted the
+        widths to text of `domains` (kept in `domains_seen`, saved with the model)."""
+        seen = self.domains_seen.setdefault(stage, [])
+        seen += [d for d in domains if d not in seen]
 
     def set_full(self) -> None:
         self.set_widths(1.0)

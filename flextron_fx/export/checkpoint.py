@@ -77,6 +77,7 @@ def save(em: ElasticModel, path: str | os.PathLike,
         "widths": em.widths,
         "orders": em.orders,
         "skipped": [vars(s) for s in em.skipped],
+        "domains_seen": em.domains_seen,
         "aliases": aliases,
         "compensation": {name: mod.block for name, mod in comp.items()},
     }
@@ -178,6 +179,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None,
     except WidthError as exc:
         raise _damaged(path, META, f"its widths do not fit the model ({exc})") from exc
     em.orders = meta.get("orders", {})
+    em.domains_seen = meta.get("domains_seen", {})
     return em
 
 

@@ -117,6 +117,29 @@ def _cost(em, metric: str, lut: str | None):
     return CostModel(em, LatencyTable.load(lut) if lut else None)
 
 
+def warn_unseen_domains(em, domains: list[str], elastic) -> list[str]:
+    """Warn when routers are to be trained on text domains that the elastic model's widths
+    were never fitted to (neither its calibration nor its elastic training saw them); returns
+    those domains. A model sorted and compensated on one domain loses far more at narrow
+    widths on the others (docs/ROUTERS.md, "Which text the widths were fitted to"), so
+    routers taught on its losses narrow its own domain's tokens most."""
+    import warnings
+
+    if not em.domains_seen:  # converted by the Python API or before this was recorded
+        return []
+    seen = {d for ds in em.domains_seen.values() for d in ds}
+    unseen = [d for d in domains if d not in seen]
+    if unseen:
+        stages = "; ".join(f"{k}: {', '.join(v)}" for k, v in em.domains_seen.items())
+        warnings.warn(
+            f"{elastic} was fitted to other text ({stages}) than {', '.join(unseen)}: its "
+            "narrow widths lose far more on text it did not see, and routers trained on "
+            "those losses will narrow the seen domains' tokens most. To route across "
+            f"domains, convert with --calib-domains {','.join(domains)} (or train-elastic "
+            "on them) first", stacklevel=2)
+    return unseen
+
+
 def run_train(args) -> dict:
     from .. import load
     from .._atomic import write_atomic
@@ -149,6 +172,7 @@ def run_train(args) -> dict:
                   else {})})
     config.validate()
     em = load(args.elastic)
+    warn_unseen_domains(em, domains, args.elastic)
     cost = _cost(em, args.metric, args.lut)
     if args.measure_blocks < 1:
         raise TrainingError(f"--measure-blocks is a number of blocks per domain >= 1, got "
@@ -216,6 +240,7 @@ def run_joint(args) -> dict:
     check_target(run / "final", args.overwrite)
     mode = "dynamic" if read_mode(args.routers) == "capacity" else None
     em, table, meta = load_router_run(args.routers, mode)
+    warn_unseen_domains(em, domains, meta.get("extra", {}).get("elastic", args.routers))
     # default: the range the routers were trained on (older router files: the table's)
     budget_range = args.budget_range or meta.get("extra", {}).get("budget_range")
     config = JointConfig(
@@ -237,6 +262,7 @@ def run_joint(args) -> dict:
         if config.freeze_backbone:  # the routers' own elastic model: only they are saved
             save_routers(em, run / "final", table, extra=extra)
         else:
+            em.note_domains("joint-tune", domains)
             save_tuned(em, run / "final", table, extra=extra, overwrite=args.overwrite)
         summary["final"] = str(run / "final")
     write_atomic(run / "summary.json", json.dumps(summary, indent=1))

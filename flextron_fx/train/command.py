@@ -115,6 +115,7 @@ def run(args) -> dict:
     state = full_model_state(em.graph_module)  # every rank joins the gather under FSDP
     if rank == 0:
         if summary["status"] == "done":
+            em.note_domains("train-elastic", domains)
             save(em, run_dir / "final", state=state, overwrite=args.overwrite)
             summary["final"] = str(run_dir / "final")
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
