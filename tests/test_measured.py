@@ -127,6 +127,49 @@ def test_token_weight_shrinks_targets_toward_one_width_per_op(zoo_converted):
         RouterConfig(steps=1, mode="dynamic", signal="measured", token_weight=1.5).validate()
 
 
+def test_excess_predicted_from_the_hidden_state_denoises_and_is_cross_fitted():
+    """Excess = a linear read of the hidden state + noise as large as the signal: the
+    prediction is nearer the noiseless excess than the measurement, a position's own
+    measurement does not move its prediction, and the share explained is the signal's."""
+    g = torch.Generator().manual_seed(0)
+    blocks, per, dim = 6, 200, 12
+    n = blocks * per
+    h = torch.randn(n, dim, generator=g)
+    true = torch.stack([h[:, 0] + 0.5 * h[:, 1] + 2.0, 0.3 * h[:, 0] + 0.5,
+                        torch.zeros(n)], -1)
+    noise = torch.randn(n, 3, generator=g) * torch.tensor([1.1, 0.33, 0.0])
+    excess, hidden = {"op": true + noise}, {"op": h}
+    predicted, explained = M.predicted_excess(excess, hidden, blocks)
+    got = predicted["op"]
+    assert got.shape == (n, 3) and torch.equal(got[:, -1], torch.zeros(n))
+    assert ((got - true) ** 2).mean() < 0.1 * ((excess["op"] - true) ** 2).mean()
+    assert 0.4 < explained["op"] < 0.6  # signal and noise carry equal variance
+    # one position's measurement does not move its own prediction (at a fixed strength:
+    # the strength is chosen on every fold's held-out error), only the other folds'
+    one = M.predicted_excess(excess, hidden, blocks, alphas=(1.0,))[0]["op"]
+    spiked = excess["op"].clone()
+    spiked[5] += 100.0
+    again = M.predicted_excess({"op": spiked}, hidden, blocks, alphas=(1.0,))[0]["op"]
+    torch.testing.assert_close(again[5], one[5], atol=1e-6, rtol=0.0)
+    assert (again[per + 7] - one[per + 7]).abs().max() > 0.01
+
+
+def test_targets_shrunk_toward_a_prediction(zoo_converted):
+    """With a center per position the targets see center + token_weight x deviation."""
+    _, em = zoo_converted("llama")
+    base = _teacher(em)[0]
+    center = {n: e.flip(0) for n, e in base.excess.items()}  # any per-position center
+    table = CostTable.coerce(em, width_share_costs(em))
+    for w in (0.0, 0.25):
+        t = M.Teacher(base.excess, base.hidden, table, {}, (0.5, 0.9), token_weight=w,
+                      center=center)
+        for n, e in t.excess.items():
+            torch.testing.assert_close(e, center[n] + w * (base.excess[n] - center[n]))
+    with pytest.raises(TrainingError, match="shrink_toward"):
+        RouterConfig(steps=1, mode="dynamic", signal="measured",
+                     shrink_toward="median").validate()
+
+
 def test_unmeasured_routers_cost_counts_against_the_budget(zoo_converted):
     _, em = zoo_converted("llama")
     attention = [n for n, op in em.ops.items() if op.kind == "attention"]

@@ -75,6 +75,10 @@ def add_parser(sub) -> None:
                    help="measured: the share of each token's own deviation from its op's "
                         "mean excess that its target sees (1: as measured; 0: one width "
                         "per op)")
+    p.add_argument("--shrink-toward", choices=["mean", "hidden"], default="mean",
+                   help="measured: what each token's excess is shrunk toward: its op's mean, "
+                        "or what the router's input (the hidden state) predicts of it (a "
+                        "cross-fitted ridge regression per op)")
     _run_args(p)
     p.set_defaults(func=run_train)
 
@@ -162,6 +166,7 @@ def run_train(args) -> dict:
         surrogate_context=args.surrogate_context,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         init_from=args.init_from, signal=args.signal, token_weight=args.token_weight,
+        shrink_toward=args.shrink_toward,
         measure=tuple(k.strip() for k in args.measure.split(",") if k.strip()),
         capacity_timing_reps=(args.capacity_timing_reps if args.capacity_timing_reps is not None
                               else 3 if args.mode == "capacity" and args.metric == "latency"

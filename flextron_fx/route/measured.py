@@ -168,10 +168,12 @@ class Teacher:
 
     def __init__(self, excess: dict, hidden: dict, table: CostTable, others: dict,
                  budget_range: tuple[float, float], grid: int = 101,
-                 token_weight: float = 1.0):
-        # a position's excess counts `token_weight` of its own deviation from the op's
-        # mean (1: as measured; 0: every position the op's mean, one width per op)
-        self.excess = {n: e.mean(0, keepdim=True) + token_weight * (e - e.mean(0, keepdim=True))
+                 token_weight: float = 1.0, center: dict | None = None):
+        # a position's excess counts `token_weight` of its own deviation from its center
+        # (1: as measured). The center is the op's mean (0: one width per op), or with
+        # `center` {op: [N, K]} a prediction per position (predicted_excess)
+        center = center or {n: e.mean(0, keepdim=True) for n, e in excess.items()}
+        self.excess = {n: center[n] + token_weight * (e - center[n])
                        for n, e in excess.items()}
         self.hidden, self.table = hidden, table
         self.costs = {n: table.tensor(n).float() / table.full for n in excess}
@@ -257,6 +259,44 @@ class Teacher:
         return sum(e[rows].gather(1, picks[n][:, None])[:, 0] for n, e in self.excess.items())
 
 
+def predicted_excess(excess: dict, hidden: dict, blocks: int, folds: int = 3,
+                     alphas=tuple(10.0 ** p for p in range(-3, 3))) -> tuple[dict, dict]:
+    """What each router's input can know of its op's measured excess: per op, a ridge
+    regression of every candidate's excess on the full-width hidden state, cross-fitted
+    (a position is predicted by the fit on the blocks of the other folds, so its own
+    noise is not learned back), its strength chosen per op by the held-out error.
+
+    `excess` {op: [N, K]}, `hidden` {op: [N, dim]}, N = `blocks` x positions per block
+    (block-major, as measured). Returns ({op: [N, K] prediction}, {op: share of the
+    excess's variance the prediction explains, held out})."""
+    predicted, explained = {}, {}
+    for name, e in excess.items():
+        x, n = hidden[name].double(), e.shape[0]
+        fold = torch.arange(n) // (n // blocks) % folds
+        errors, guesses = [], []
+        for f in range(folds):
+            fit, out = fold != f, fold == f
+            mu, sd = x[fit].mean(0), x[fit].std(0).clamp_min(1e-6)
+            ym = e[fit].double().mean(0)
+            u, s, vt = torch.linalg.svd((x[fit] - mu) / sd, full_matrices=False)
+            uty, xo = u.T @ (e[fit].double() - ym), (x[out] - mu) / sd
+            rows = []
+            for a in alphas:
+                w = vt.T @ ((s / (s ** 2 + a * fit.sum())).unsqueeze(1) * uty)
+                rows.append(xo @ w + ym)
+            guesses.append(torch.stack(rows))  # [alphas, n_out, K]
+            errors.append(((guesses[-1] - e[out].double()) ** 2).sum((1, 2)))
+        best = int(torch.stack(errors).sum(0).argmin())
+        guess = torch.empty_like(e, dtype=torch.float64)
+        for f in range(folds):
+            guess[fold == f] = guesses[f][best]
+        guess[:, -1] = 0  # full width: no excess by definition
+        predicted[name] = guess.to(e.dtype)
+        spread = float(((e.double() - e.double().mean(0)) ** 2).sum())
+        explained[name] = 1 - float(((guess - e.double()) ** 2).sum()) / max(spread, 1e-12)
+    return predicted, explained
+
+
 def measured_step(teacher: Teacher, routers: dict, rows: torch.Tensor,
                   budget_range: tuple[float, float], gen: torch.Generator):
     """One fitting step on positions `rows`: budgets drawn per position, the teacher's
@@ -294,8 +334,16 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
 
     routers = routers_of(em)
     others = {n: r for n, r in routers.items() if n not in excess}
-    teacher = Teacher(excess, router_inputs(em, routers, tokens, config.batch), table,
-                      others, config.budget_range, token_weight=config.token_weight)
+    hidden = router_inputs(em, routers, tokens, config.batch)
+    center = None
+    if config.shrink_toward == "hidden":
+        center, explained = predicted_excess(excess, hidden, tokens.shape[0])
+        info["hidden_explains"] = {n: round(v, 4) for n, v in explained.items()}
+        if progress:
+            print(f"the routers' inputs explain {sum(explained.values()) / len(explained):.1%}"
+                  f" of the measured excess (held out, mean over {len(explained)} ops)")
+    teacher = Teacher(excess, hidden, table, others, config.budget_range,
+                      token_weight=config.token_weight, center=center)
     n = tokens.shape[0] * (tokens.shape[1] - 1)  # predicted positions, as measured
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     groups = order.reshape(tokens.shape[0], tokens.shape[1] - 1)  # a "block" of positions

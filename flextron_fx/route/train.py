@@ -136,6 +136,9 @@ class RouterConfig:
     # 1 lost to one width per op from the same measurements at every budget, 0.3 beat it
     # at every budget (docs/ROUTERS.md)
     token_weight: float = 0.3
+    # measured: what a position's excess is shrunk toward, "mean" (its op's) or "hidden"
+    # (what its op's router input predicts of it, measured.predicted_excess)
+    shrink_toward: str = "mean"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -191,6 +194,9 @@ class RouterConfig:
             if not 0 <= self.token_weight <= 1:
                 raise TrainingError(f"token_weight is a share in [0, 1], got "
                                     f"{self.token_weight}")
+            if self.shrink_toward not in ("mean", "hidden"):
+                raise TrainingError(f"shrink_toward is 'mean' or 'hidden', got "
+                                    f"{self.shrink_toward!r}")
             if set(self.measure) != {"mlp", "attention"} and self.init_from is None:
                 raise TrainingError(f"measuring only {list(self.measure)} leaves the other "
                                     "ops' routers untaught: give init_from (a static router "
