@@ -152,6 +152,11 @@ def test_excess_predicted_from_the_hidden_state_denoises_and_is_cross_fitted():
     again = M.predicted_excess({"op": spiked}, hidden, blocks, alphas=(1.0,))[0]["op"]
     torch.testing.assert_close(again[5], one[5], atol=1e-6, rtol=0.0)
     assert (again[per + 7] - one[per + 7]).abs().max() > 0.01
+    # one block: folds of parts of it; too few positions: a clear error
+    single = M.predicted_excess({"op": excess["op"][:per]}, {"op": h[:per]}, 1)[1]["op"]
+    assert 0.3 < single < 0.7
+    with pytest.raises(TrainingError, match="--shrink-toward mean"):
+        M.predicted_excess({"op": excess["op"][:4]}, {"op": h[:4]}, 1)
 
 
 def test_targets_shrunk_toward_a_prediction(zoo_converted):
@@ -165,6 +170,9 @@ def test_targets_shrunk_toward_a_prediction(zoo_converted):
                       center=center)
         for n, e in t.excess.items():
             torch.testing.assert_close(e, center[n] + w * (base.excess[n] - center[n]))
+    hidden = RouterConfig(steps=1, mode="dynamic", signal="measured")
+    mean = RouterConfig(steps=1, mode="dynamic", signal="measured", shrink_toward="mean")
+    assert (hidden.shrink_toward, hidden.token_weight, mean.token_weight) == ("hidden", 0, 0.3)
     with pytest.raises(TrainingError, match="shrink_toward"):
         RouterConfig(steps=1, mode="dynamic", signal="measured",
                      shrink_toward="median").validate()

@@ -71,14 +71,15 @@ def add_parser(sub) -> None:
                         "--init-from's static routers")
     p.add_argument("--measure-blocks", type=int, default=4, metavar="N",
                    help="measured: training blocks per domain, spread over its text")
-    p.add_argument("--token-weight", type=float, default=0.3, metavar="W",
-                   help="measured: the share of each token's own deviation from its op's "
-                        "mean excess that its target sees (1: as measured; 0: one width "
-                        "per op)")
-    p.add_argument("--shrink-toward", choices=["mean", "hidden"], default="mean",
-                   help="measured: what each token's excess is shrunk toward: its op's mean, "
-                        "or what the router's input (the hidden state) predicts of it (a "
-                        "cross-fitted ridge regression per op)")
+    p.add_argument("--shrink-toward", choices=["hidden", "mean"], default="hidden",
+                   help="measured: what each token's measured excess is shrunk toward: what "
+                        "the router's input (the hidden state) predicts of it (a ridge "
+                        "regression per op, cross-fitted over the measured blocks), or its "
+                        "op's mean")
+    p.add_argument("--token-weight", type=float, default=None, metavar="W",
+                   help="measured: the share of each token's own deviation from that which "
+                        "its target keeps (1: as measured; 0 toward the mean: one width per "
+                        "op); default 0 toward hidden, 0.3 toward the mean")
     _run_args(p)
     p.set_defaults(func=run_train)
 

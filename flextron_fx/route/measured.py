@@ -13,10 +13,14 @@ quarters of an MLP is far outside the range where that says which tokens can be 
    `RUN/measured.pt`, so an interrupted run measures only what is missing.
 2. **targets**: for budget T, the cheapest sum of excesses the budget allows, op by op and
    token by token: k*(t) = argmin_k e'[op, t, k] + lambda(T) * cost[op, k] / full cost,
-   e' = the op's mean excess + `token_weight` x the position's deviation from it (single
-   measurements are noisy; `token_weight` < 1 shrinks them toward the op's mean),
    with lambda(T) set by bisection so the token-mean cost of the targets (and of the
    unmeasured ops' routers) is T (a Lagrangian knapsack; it treats excesses as additive).
+   Single measurements are mostly noise, so e' shrinks each position's excess toward a
+   center: e' = center + `token_weight` x (e - center). The center is what the router's
+   own input can know of it (`shrink_toward="hidden"`, the default: a ridge regression of
+   the excess on the full-width hidden state, cross-fitted over the measured blocks,
+   `predicted_excess`), or the op's mean excess (`"mean"`; `token_weight` 0 is then one
+   width per op).
 3. **fit**: every measured op's router reads (T, h) for a token (h: the router's input at
    full width) and learns k* by cross-entropy; budgets drawn per token from the budget
    range. Only the routers train; no forward pass of the model per step.
@@ -24,10 +28,11 @@ quarters of an MLP is far outside the range where that says which tokens can be 
 Ops whose kind is not measured keep the routers they start with (`init_from`: a static
 run's, so their width follows the budget alone) and their cost counts in lambda(T).
 
-On SmolLM2 the routers it trains decide per token. With the targets as measured they lose
-to one width per op chosen from the same measurements at the same cost (single
-measurements are mostly noise); with each position's deviation from its op's mean shrunk
-to 0.3 (`RouterConfig.token_weight`, the default) they beat it at every budget
+On SmolLM2 (converted on eight domains) the routers it trains decide per token. With the
+targets as measured they lose
+to one width per op chosen from the same measurements at the same cost; shrunk toward the
+op's mean (token_weight 0.3) they beat it at every budget by 0.01-0.06 nats, shrunk all the
+way to the hidden state's prediction (token_weight 0, the default) by 0.05-0.11
 (docs/ROUTERS.md, "Routers taught by measured excess").
 """
 
@@ -269,10 +274,16 @@ def predicted_excess(excess: dict, hidden: dict, blocks: int, folds: int = 3,
     `excess` {op: [N, K]}, `hidden` {op: [N, dim]}, N = `blocks` x positions per block
     (block-major, as measured). Returns ({op: [N, K] prediction}, {op: share of the
     excess's variance the prediction explains, held out})."""
+    if min(e.shape[0] for e in excess.values()) < 2 * folds:
+        raise TrainingError(f"predicting the excess from the hidden state needs at least "
+                            f"{2 * folds} measured positions; measure more text "
+                            f"(--measure-blocks) or use --shrink-toward mean")
     predicted, explained = {}, {}
     for name, e in excess.items():
         x, n = hidden[name].double(), e.shape[0]
-        fold = torch.arange(n) // (n // blocks) % folds
+        # folds of whole blocks (a block's positions share their context), or of parts of
+        # blocks where there are fewer blocks than folds
+        fold = torch.arange(n) // max(1, n // max(blocks, folds)) % folds
         errors, guesses = [], []
         for f in range(folds):
             fit, out = fold != f, fold == f

@@ -131,15 +131,20 @@ class RouterConfig:
     # targets from each op's measured excess at every candidate, route/measured.py)
     signal: str = "surrogate"
     measure: tuple[str, ...] = ("mlp", "attention")  # measured: the kinds of ops measured
-    # measured: the share of a position's own deviation from its op's mean excess that its
-    # target sees (1: as measured; smaller: shrunk toward one width per op). On SmolLM2,
-    # 1 lost to one width per op from the same measurements at every budget, 0.3 beat it
-    # at every budget (docs/ROUTERS.md)
-    token_weight: float = 0.3
-    # measured: what a position's excess is shrunk toward, "mean" (its op's) or "hidden"
-    # (what its op's router input predicts of it, measured.predicted_excess)
-    shrink_toward: str = "mean"
+    # measured: what a position's excess is shrunk toward, "hidden" (what its op's router
+    # input predicts of it, measured.predicted_excess) or "mean" (its op's mean excess),
+    # and the share of its own deviation from that its target keeps (1: as measured).
+    # Default 0 toward hidden, 0.3 toward mean: on SmolLM2 the best of each, and hidden
+    # beat mean at every budget (docs/ROUTERS.md, "Shrunk toward what the hidden state
+    # predicts")
+    shrink_toward: str = "hidden"
+    token_weight: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.token_weight is None:  # frozen: set once, here
+            object.__setattr__(self, "token_weight",
+                               0.0 if self.shrink_toward == "hidden" else 0.3)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -191,12 +196,12 @@ class RouterConfig:
             if not self.measure or set(self.measure) - {"mlp", "attention"}:
                 raise TrainingError(f"measure names kinds of ops, 'mlp' and/or 'attention'; "
                                     f"got {list(self.measure)}")
-            if not 0 <= self.token_weight <= 1:
-                raise TrainingError(f"token_weight is a share in [0, 1], got "
-                                    f"{self.token_weight}")
             if self.shrink_toward not in ("mean", "hidden"):
                 raise TrainingError(f"shrink_toward is 'mean' or 'hidden', got "
                                     f"{self.shrink_toward!r}")
+            if not 0 <= self.token_weight <= 1:
+                raise TrainingError(f"token_weight is a share in [0, 1], got "
+                                    f"{self.token_weight}")
             if set(self.measure) != {"mlp", "attention"} and self.init_from is None:
                 raise TrainingError(f"measuring only {list(self.measure)} leaves the other "
                                     "ops' routers untaught: give init_from (a static router "

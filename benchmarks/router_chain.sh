@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 13's numbers on one backbone: every stage on the eight text domains.
+#
+#     benchmarks/router_chain.sh [RUN_ROOT]        # default runs/chain
+#     MAX_MINUTES=60 benchmarks/router_chain.sh    # stop each training stage after 60 min
+#
+# Stages, in order; each is skipped when its output exists and resumed from its
+# checkpoints when it was interrupted, so the chain can be run again and again (also
+# across sessions) until it is through:
+#   convert      sorted and compensated on the eight domains' calibration text
+#   train        train-elastic over MLP *and* head widths on the eight domains
+#   lut          the prefill 1x256 latency table of the trained backbone
+#   static       static routers (latency budgets, surrogate of Figure 3)
+#   dynamic      per-token routers taught by measured excess, shrunk toward what the
+#                hidden state predicts (--shrink-toward hidden)
+#   benchmarks   Figure 13 (router_budgets.py), per token against per op
+#                (measured_routers.py), token shares at 0.6 (Figure 9), profile-check
+# Alone on a 2-core CPU: convert 3 min, train about 25 s a step, lut 3 min, static
+# routers about 30 min, dynamic routers about 40 min (measuring), benchmarks about an hour.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=${1:-runs/chain}
+FX=${FX:-.venv/bin/flextron}
+PY=${PY:-.venv/bin/python}
+LIMIT=()
+if [[ -n "${MAX_MINUTES:-}" ]]; then LIMIT=(--max-minutes "$MAX_MINUTES"); fi
+mkdir -p "$R"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/chain.log"; }
+
+# a training stage: done when RUN/final exists; resumed when RUN holds checkpoints
+train() {
+    local run=$1; shift
+    if [[ -f "$run/final/flextron.json" || -f "$run/final/routers.json" ]]; then
+        log "skip $run (done)"; return 0
+    fi
+    local resume=()
+    if [[ -d "$run/checkpoints" ]] && compgen -G "$run/checkpoints/*" >/dev/null; then
+        resume=(--resume)
+    fi
+    log "run $* $run ${resume[*]:-}"
+    "$FX" "$@" "$run" "${resume[@]}" "${LIMIT[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
+        >>"$R/chain.log" || true
+    if [[ ! -f "$run/final/flextron.json" && ! -f "$run/final/routers.json" ]]; then
+        log "stopped in $run (run the chain again to resume)"; exit 3
+    fi
+}
+
+once() {  # a one-shot stage: skipped when its output file exists
+    local out=$1; shift
+    if [[ -e "$out" ]]; then log "skip $out"; return 0; fi
+    log "run $*"
+    "$@" >>"$R/chain.log" 2>&1
+}
+
+once "$R/convert/flextron.json" "$FX" convert --calib-domains all --calib-samples 128 \
+    --heldout-tokens 2048 --out "$R/convert"
+train "$R/train" train-elastic --elastic "$R/convert" --domains all --steps 240 --batch 4 \
+    --seq 256 --samples 2 --sampler uniform --loss kd --lr 3e-4 --warmup 10 \
+    --checkpoint-every 10 --eval-every 60 --eval-tokens 4096
+once "$R/lut.json" "$FX" profile "$R/train" --shapes 1x256 --threads 2 --json "$R/lut.json"
+train "$R/static" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
+    --mode static --metric latency --domains all --steps 420 --budget-range 0.45 1.0 \
+    --target excess --surrogate-threshold 0.15 --checkpoint-every 20
+train "$R/dynamic" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
+    --mode dynamic --metric latency --signal measured --measure-blocks 3 --domains all \
+    --shrink-toward hidden --token-weight 0 --steps 600 --batch 4 --seq 256 \
+    --eval-tokens 4096 --checkpoint-every 200
+once "$R/router_budgets.json" "$PY" benchmarks/router_budgets.py "$R/static" \
+    --budgets 0.5,0.6,0.7,0.8 --blocks 8 --json "$R/router_budgets.json" \
+    --plot "$R/router-budgets.png"
+once "$R/measured_routers.json" "$PY" benchmarks/measured_routers.py "$R/dynamic" \
+    --tokens 1024 --json "$R/measured_routers.json"
+once "$R/shares_06.json" "$PY" benchmarks/token_shares.py "$R/dynamic" --budget 0.6 \
+    --tokens 8192 --json "$R/shares_06.json" --plot "$R/shares_06.png"
+once "$R/profile_check.json" "$FX" profile-check "$R/train" --lut "$R/lut.json" \
+    --json "$R/profile_check.json"
+log "chain done"
