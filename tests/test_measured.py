@@ -334,6 +334,9 @@ def test_cli_train_routers_with_the_measured_signal(tmp_path, capsys):
         assert main(args) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done" and len(read_metrics(run)) == 4
+    # by default shrunk toward the hidden state's prediction, its share explained reported
+    assert set(summary["hidden_explains"]) == set(em.ops)
+    assert all(v <= 1 for v in summary["hidden_explains"].values())
     saved = torch.load(run / "measured.pt", weights_only=True)
     assert set(saved["excess"]) == set(em.ops) and saved["data"]["blocks"] == 3
     meta = json.loads((run / "final" / "routers.json").read_text())

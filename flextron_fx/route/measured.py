@@ -371,6 +371,8 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
         info=info, desc="train-routers (measured)", plot=plot_measured_run,
         postfix=lambda row: {"ce": f"{row['ce']:.3f}", "agree": f"{row['agree']:.3f}"},
         progress=progress, max_seconds=max_seconds)
+    if center is not None:  # what the hidden state explains of each op's excess, held out
+        summary["hidden_explains"] = info["hidden_explains"]
     if summary["status"] == "done" and config.mode == "dynamic":
         # the budget each router input spends, read off the teacher's positions (a forward
         # calibration, calibrate_budget, took half an hour on SmolLM2)
