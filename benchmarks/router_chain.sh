@@ -16,7 +16,7 @@
 #   benchmarks   Figure 13 (router_budgets.py), per token against per op
 #                (measured_routers.py), token shares at 0.6 (Figure 9), profile-check
 # Alone on a 2-core CPU: convert 3 min, train about 25 s a step, lut 3 min, static
-# routers about 30 min, dynamic routers about 40 min (measuring), benchmarks about an hour.
+# routers about 30 min, dynamic routers about 80 min (measuring 6 blocks per domain), benchmarks about an hour.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:-runs/chain}
@@ -62,7 +62,7 @@ train "$R/static" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
     --mode static --metric latency --domains all --steps 420 --budget-range 0.45 1.0 \
     --target excess --surrogate-threshold 0.15 --checkpoint-every 20
 train "$R/dynamic" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
-    --mode dynamic --metric latency --signal measured --measure-blocks 3 --domains all \
+    --mode dynamic --metric latency --signal measured --measure-blocks 6 --domains all \
     --shrink-toward hidden --token-weight 0 --steps 600 --batch 4 --seq 256 \
     --eval-tokens 4096 --checkpoint-every 200
 once "$R/router_budgets.json" "$PY" benchmarks/router_budgets.py "$R/static" \
