@@ -14,9 +14,12 @@
 #   dynamic      per-token routers taught by measured excess, shrunk toward what the
 #                hidden state predicts (--shrink-toward hidden)
 #   benchmarks   Figure 13 (router_budgets.py), per token against per op
-#                (measured_routers.py), token shares at 0.6 (Figure 9), profile-check
-# Alone on a 2-core CPU: convert 3 min, train about 25 s a step, lut 3 min, static
-# routers about 30 min, dynamic routers about 80 min (measuring 6 blocks per domain), benchmarks about an hour.
+#                (measured_routers.py), token shares at 0.6 (Figure 9), dynamic against
+#                static and capacity timing (dynamic_vs_static.py), profile-check of the
+#                prefill table (some hours after profile) and of a decode table
+# Alone on a 2-core CPU: convert 3 min, train about 20 s a step, lut 3 min, static
+# routers about 30 min, dynamic routers about 80 min (measuring 6 blocks per domain),
+# benchmarks about two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:-runs/chain}
@@ -72,6 +75,16 @@ once "$R/measured_routers.json" "$PY" benchmarks/measured_routers.py "$R/dynamic
     --tokens 1024 --json "$R/measured_routers.json"
 once "$R/shares_06.json" "$PY" benchmarks/token_shares.py "$R/dynamic" --budget 0.6 \
     --tokens 8192 --json "$R/shares_06.json" --plot "$R/shares_06.png"
+once "$R/dvs_mixed.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
+    --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 0 --kinds static,dynamic \
+    --domains all --recalibrate --calib-blocks 16 --json "$R/dvs_mixed.json"
+once "$R/dvs_capacity.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
+    --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 5 --kinds capacity \
+    --precision 0.02 --domains all --json "$R/dvs_capacity.json"
 once "$R/profile_check.json" "$FX" profile-check "$R/train" --lut "$R/lut.json" \
-    --json "$R/profile_check.json"
+    --json "$R/profile_check.json" --plot "$R/profile_check.png"
+once "$R/lut_decode.json" "$FX" profile "$R/train" --mode decode --shapes 1x256 --threads 2 \
+    --json "$R/lut_decode.json"
+once "$R/profile_check_decode.json" "$FX" profile-check "$R/train" \
+    --lut "$R/lut_decode.json" --json "$R/profile_check_decode.json"
 log "chain done"
