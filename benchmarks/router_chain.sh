@@ -52,39 +52,43 @@ once() {  # a one-shot stage: skipped when its output file exists
     local out=$1; shift
     if [[ -e "$out" ]]; then log "skip $out"; return 0; fi
     log "run $*"
-    "$@" >>"$R/chain.log" 2>&1
+    "$@" >>"$R/chain.log" 2>&1 || { log "failed: $* (see $R/chain.log)"; exit 4; }
 }
 
-once "$R/convert/flextron.json" "$FX" convert --calib-domains all --calib-samples 128 \
-    --heldout-tokens 2048 --out "$R/convert"
-train "$R/train" train-elastic --elastic "$R/convert" --domains all --steps 240 --batch 4 \
-    --seq 256 --samples 2 --sampler uniform --loss kd --lr 3e-4 --warmup 10 \
-    --checkpoint-every 10 --eval-every 60 --eval-tokens 4096
-once "$R/lut.json" "$FX" profile "$R/train" --shapes 1x256 --threads 2 --json "$R/lut.json"
-train "$R/static" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
-    --mode static --metric latency --domains all --steps 420 --budget-range 0.45 1.0 \
-    --target excess --surrogate-threshold 0.15 --checkpoint-every 20
-train "$R/dynamic" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
-    --mode dynamic --metric latency --signal measured --measure-blocks 6 --domains all \
-    --shrink-toward hidden --token-weight 0 --steps 600 --batch 4 --seq 256 \
-    --eval-tokens 4096 --checkpoint-every 200
-once "$R/router_budgets.json" "$PY" benchmarks/router_budgets.py "$R/static" \
-    --budgets 0.5,0.6,0.7,0.8 --blocks 8 --json "$R/router_budgets.json" \
-    --plot "$R/router-budgets.png"
-once "$R/measured_routers.json" "$PY" benchmarks/measured_routers.py "$R/dynamic" \
-    --tokens 1024 --json "$R/measured_routers.json"
-once "$R/shares_06.json" "$PY" benchmarks/token_shares.py "$R/dynamic" --budget 0.6 \
-    --tokens 8192 --json "$R/shares_06.json" --plot "$R/shares_06.png"
-once "$R/dvs_mixed.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
-    --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 0 --kinds static,dynamic \
-    --domains all --recalibrate --calib-blocks 16 --json "$R/dvs_mixed.json"
-once "$R/dvs_capacity.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
-    --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 5 --kinds capacity \
-    --precision 0.02 --domains all --json "$R/dvs_capacity.json"
-once "$R/profile_check.json" "$FX" profile-check "$R/train" --lut "$R/lut.json" \
-    --json "$R/profile_check.json" --plot "$R/profile_check.png"
-once "$R/lut_decode.json" "$FX" profile "$R/train" --mode decode --shapes 1x256 --threads 2 \
-    --json "$R/lut_decode.json"
-once "$R/profile_check_decode.json" "$FX" profile-check "$R/train" \
-    --lut "$R/lut_decode.json" --json "$R/profile_check_decode.json"
-log "chain done"
+main() {  # one function, read whole before it runs: the file can be edited meanwhile
+    once "$R/convert/flextron.json" "$FX" convert --calib-domains all --calib-samples 128 \
+        --heldout-tokens 2048 --out "$R/convert"
+    train "$R/train" train-elastic --elastic "$R/convert" --domains all --steps 240 --batch 4 \
+        --seq 256 --samples 2 --sampler uniform --loss kd --lr 3e-4 --warmup 10 \
+        --checkpoint-every 10 --eval-every 60 --eval-tokens 4096
+    once "$R/lut.json" "$FX" profile "$R/train" --shapes 1x256 --threads 2 --json "$R/lut.json"
+    train "$R/static" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
+        --mode static --metric latency --domains all --steps 420 --budget-range 0.45 1.0 \
+        --target excess --surrogate-threshold 0.15 --checkpoint-every 20
+    train "$R/dynamic" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
+        --mode dynamic --metric latency --signal measured --measure-blocks 6 --domains all \
+        --shrink-toward hidden --token-weight 0 --steps 600 --batch 4 --seq 256 \
+        --eval-tokens 4096 --checkpoint-every 200
+    once "$R/router_budgets.json" "$PY" benchmarks/router_budgets.py "$R/static" \
+        --budgets 0.5,0.6,0.7,0.8 --blocks 8 --json "$R/router_budgets.json" \
+        --plot "$R/router-budgets.png"
+    once "$R/measured_routers.json" "$PY" benchmarks/measured_routers.py "$R/dynamic" \
+        --tokens 1024 --json "$R/measured_routers.json"
+    once "$R/shares_06.json" "$PY" benchmarks/token_shares.py "$R/dynamic" --budget 0.6 \
+        --tokens 8192 --json "$R/shares_06.json" --plot "$R/shares_06.png"
+    once "$R/dvs_mixed.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
+        --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 0 --kinds static,dynamic \
+        --domains all --recalibrate --calib-blocks 16 --json "$R/dvs_mixed.json"
+    once "$R/dvs_capacity.json" "$PY" benchmarks/dynamic_vs_static.py "$R/static" "$R/dynamic" \
+        --budgets 0.5,0.6,0.7,0.8 --blocks 32 --batch 4 --reps 5 --kinds capacity \
+        --precision 0.02 --domains all --json "$R/dvs_capacity.json"
+    once "$R/profile_check.json" "$FX" profile-check "$R/train" --lut "$R/lut.json" \
+        --json "$R/profile_check.json" --plot "$R/profile_check.png"
+    once "$R/lut_decode.json" "$FX" profile "$R/train" --mode decode --shapes 1x256 --threads 2 \
+        --json "$R/lut_decode.json"
+    once "$R/profile_check_decode.json" "$FX" profile-check "$R/train" \
+        --lut "$R/lut_decode.json" --json "$R/profile_check_decode.json"
+    log "chain done"
+}
+
+main
