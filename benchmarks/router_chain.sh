@@ -41,8 +41,10 @@ train() {
         resume=(--resume)
     fi
     log "run $* $run ${resume[*]:-}"
+    local rc=0
     "$FX" "$@" "$run" "${resume[@]}" "${LIMIT[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
-        >>"$R/chain.log" || true
+        >>"$R/chain.log" || rc=${PIPESTATUS[0]}
+    if [[ $rc != 0 ]]; then log "failed in $run (exit $rc; see $R/chain.log)"; exit 4; fi
     if [[ ! -f "$run/final/flextron.json" && ! -f "$run/final/routers.json" ]]; then
         log "stopped in $run (run the chain again to resume)"; exit 3
     fi
@@ -63,7 +65,7 @@ main() {  # one function, read whole before it runs: the file can be edited mean
         --checkpoint-every 10 --eval-every 60 --eval-tokens 4096
     once "$R/lut.json" "$FX" profile "$R/train" --shapes 1x256 --threads 2 --json "$R/lut.json"
     train "$R/static" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
-        --mode static --metric latency --domains all --steps 420 --budget-range 0.45 1.0 \
+        --mode static --metric latency --domains all --steps 420 \
         --target excess --surrogate-threshold 0.15 --checkpoint-every 20
     train "$R/dynamic" train-routers --elastic "$R/train/final" --lut "$R/lut.json" \
         --mode dynamic --metric latency --signal measured --measure-blocks 6 --domains all \
