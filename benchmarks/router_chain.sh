@@ -32,10 +32,12 @@ if [[ -n "${MAX_MINUTES:-}" ]]; then LIMIT=(--max-minutes "$MAX_MINUTES"); fi
 mkdir -p "$R"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/chain.log"; }
 
+finished() { [[ -f "$1/final/flextron.json" || -f "$1/final/routers.json" ]]; }
+
 # a training stage: done when RUN/final exists; resumed when RUN holds checkpoints
 train() {
     local run=$1; shift
-    if [[ -f "$run/final/flextron.json" || -f "$run/final/routers.json" ]]; then
+    if finished "$run"; then
         log "skip $run (done)"; return 0
     fi
     local resume=()
@@ -47,7 +49,7 @@ train() {
     "$FX" "$@" "$run" "${resume[@]}" "${LIMIT[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
         >>"$R/chain.log" || rc=${PIPESTATUS[0]}
     if [[ $rc != 0 ]]; then log "failed in $run (exit $rc; see $R/chain.log)"; exit 4; fi
-    if [[ ! -f "$run/final/flextron.json" && ! -f "$run/final/routers.json" ]]; then
+    if ! finished "$run"; then
         log "stopped in $run (run the chain again to resume)"; exit 3
     fi
 }

@@ -29,11 +29,11 @@ Ops whose kind is not measured keep the routers they start with (`init_from`: a 
 run's, so their width follows the budget alone) and their cost counts in lambda(T).
 
 On SmolLM2 (converted on eight domains) the routers it trains decide per token. With the
-targets as measured they lose
-to one width per op chosen from the same measurements at the same cost; shrunk toward the
-op's mean (token_weight 0.3) they beat it at every budget by 0.01-0.06 nats, shrunk all the
-way to the hidden state's prediction (token_weight 0, the default) by 0.05-0.11
-(docs/ROUTERS.md, "Routers taught by measured excess").
+targets as measured they lose to one width per op chosen from the same measurements at
+the same cost; shrunk toward the op's mean (token_weight 0.3) they beat it at every budget
+by 0.01-0.06 nats, shrunk all the way to the hidden state's prediction (token_weight 0,
+the default) by 0.05-0.11 (docs/ROUTERS.md, "Shrunk toward what the hidden state
+predicts").
 """
 
 from __future__ import annotations
