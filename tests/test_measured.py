@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from flextron_fx.route import CostTable
 from flextron_fx.route import measured as M
 from flextron_fx.route.routers import DynamicRouter
 from flextron_fx.route.train import RouterConfig, token_losses, train_routers
-from flextron_fx.train.loop import data_fingerprint, read_metrics
+from flextron_fx.train.loop import check_resume, data_fingerprint, read_metrics
 
 
 def _nll(em, tokens, widths) -> torch.Tensor:
@@ -299,6 +300,19 @@ def test_train_routers_with_the_measured_signal_resumes_exactly(tmp_path):
     for k, v in whole.items():
         assert torch.equal(v, resumed[k]), k
     assert [r["ce"] for r in read_metrics(tmp_path / "b")] == [r["ce"] for r in rows]
+
+
+def test_a_run_saved_before_shrink_toward_existed_resumes_only_toward_the_mean(tmp_path):
+    """Runs that predate `shrink_toward` shrank toward the mean: resuming one with today's
+    default (the hidden state) is refused by name, toward the mean it goes on."""
+    old = RouterConfig(steps=6, mode="dynamic", signal="measured", shrink_toward="mean")
+    saved = json.loads(json.dumps(asdict(old)))
+    del saved["shrink_toward"]
+    data = {"blocks": 6, "seq": 8, "sha256": "0"}
+    state = {"config": saved, "data": data}
+    check_resume(tmp_path, state, old, data)
+    with pytest.raises(TrainingError, match="shrink_toward"):
+        check_resume(tmp_path, state, replace(old, shrink_toward="hidden"), data)
 
 
 def test_the_measured_signal_refuses_what_it_cannot_teach(zoo_converted):

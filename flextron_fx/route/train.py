@@ -34,6 +34,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,9 @@ class RouterConfig:
     shrink_toward: str = "hidden"
     token_weight: float | None = None
     extra: dict = field(default_factory=dict)
+    # what a run saved before a field existed ran with, where that is not today's default
+    # (check_resume compares a resumed run against it)
+    BEFORE_FIELD: ClassVar[dict] = {"shrink_toward": "mean"}
 
     def __post_init__(self) -> None:
         if self.token_weight is None:  # frozen: set once, here

@@ -454,7 +454,9 @@ def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) 
     differ from those of its checkpoint (`saved_state`, its state.json)."""
     saved = saved_state["config"]
     mine = json.loads(json.dumps(asdict(config)))
-    defaults = {f.name: f.default for f in fields(config)}  # runs older than a field
+    # runs older than a field ran with its default then: today's, or BEFORE_FIELD's
+    defaults = {f.name: f.default for f in fields(config)}
+    defaults.update(getattr(config, "BEFORE_FIELD", {}))
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
             if k not in ("steps", "extra") and saved.get(k, defaults[k]) != v}
     if diff:
