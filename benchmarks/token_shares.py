@@ -12,7 +12,9 @@ domain's `test` split (`flextron data fetch`) is run through the routed model in
 of 256 tokens, and for every op the share of tokens that chose each candidate is counted.
 Printed per domain: the token-averaged width fraction of MLP and attention ops, the
 token-averaged predicted cost (fraction of the full model's) and the held-out loss; the
-JSON holds every op's shares. The plot is one heatmap per kind of op: domains by layer,
+JSON holds every op's shares. Then Figure 9's claim layer by layer (`versus_prose` in the
+JSON): for every domain that is not English prose (Wikipedia, arXiv, books), at how many
+layers of each kind its tokens got a narrower mean width than every prose domain's. The plot is one heatmap per kind of op: domains by layer,
 colour the mean width fraction its tokens got.
 
 `--narrow F`: also, per domain, how much each kind of op's width matters on that text:
@@ -251,6 +253,9 @@ def main() -> None:
                    for n, op in em.ops.items()},
            "domains": rows}
     print(_table(rows))
+    out["versus_prose"] = versus_prose(em, rows)
+    if out["versus_prose"]:
+        print(_versus_prose_table(out["versus_prose"]))
     if plain is not None:
         _add_oracle(rows, per_token, args.oracle_share)
         print(_narrow_table(rows, args.narrow))
@@ -289,6 +294,43 @@ def narrow_only(args) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+PROSE = ("wikipedia", "arxiv", "books")  # English prose: Figure 9's reference
+
+
+def versus_prose(em, rows: dict) -> dict:
+    """Figure 9's claim layer by layer: for each kind of op and each domain that is not
+    English prose, at how many layers its tokens got a narrower mean width than every
+    English prose domain's (and than the widest). Empty without a prose domain."""
+    prose = [d for d in PROSE if d in rows]
+    if not prose:
+        return {}
+    out = {}
+    for kind in ("mlp", "attention"):
+        names = [n for n, op in em.ops.items() if op.kind == kind]
+        if not names:
+            continue
+        width = {d: [width_fraction(em, n, r["share"][n]) for n in names]
+                 for d, r in rows.items()}
+        out[kind] = {d: {"layers": len(names),
+                         "narrower_than_all_prose": sum(
+                             w < min(width[p][i] for p in prose) for i, w in enumerate(ws)),
+                         "narrower_than_some_prose": sum(
+                             w < max(width[p][i] for p in prose) for i, w in enumerate(ws))}
+                     for d, ws in width.items() if d not in prose}
+    return out
+
+
+def _versus_prose_table(vs: dict) -> str:
+    lines = ["| domain | " + " | ".join(f"{k} layers narrower than all prose (than some)"
+                                        for k in vs) + " |",
+             "|---|" + "---:|" * len(vs)]
+    for d in next(iter(vs.values())):
+        lines.append(f"| {d} | " + " | ".join(
+            f"{v[d]['narrower_than_all_prose']} ({v[d]['narrower_than_some_prose']}) "
+            f"of {v[d]['layers']}" for v in vs.values()) + " |")
+    return "\n".join(lines)
 
 
 def _table(rows: dict) -> str:
