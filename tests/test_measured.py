@@ -302,6 +302,43 @@ def test_train_routers_with_the_measured_signal_resumes_exactly(tmp_path):
     assert [r["ce"] for r in read_metrics(tmp_path / "b")] == [r["ce"] for r in rows]
 
 
+def test_static_routers_taught_by_measured_excess_pick_each_ops_cheapest_mean(tmp_path):
+    """Static routers with the measured signal learn, for every budget, the per-op widths
+    that minimise the summed mean excess at that cost (the Lagrangian choice from the
+    measured excess), and no per-token option applies to them."""
+    config = RouterConfig(steps=150, mode="static", batch=2, budget_range=(0.5, 0.95),
+                          signal="measured", lr=3e-2)
+    assert (config.shrink_toward, config.token_weight) == ("mean", 0)
+    em = _tiny()
+    tokens = self_sampled_tokens(em, n=4, seq=8)
+    cost = width_share_costs(em)
+    # excess as if measured (a random tiny model gains from narrowing): narrower costs more
+    g = torch.Generator().manual_seed(0)
+    excess = {}
+    for name, op in em.ops.items():
+        e = torch.rand(4 * 7, len(op.candidates), generator=g) * 4 * torch.rand(1, generator=g)
+        e[:, -1] = 0
+        excess[name] = e.flip(-1).cumsum(-1).flip(-1)
+    M._write(tmp_path / "s" / M.FILE, excess, data_fingerprint(tokens), em)
+    done = train_routers(em, tokens, tmp_path / "s", config, cost, progress=False,
+                         heldout=tokens[:2], eval_budgets=(0.6, 0.9))
+    assert done["status"] == "done" and "hidden_explains" not in done
+    teacher = M.Teacher(excess, {}, CostTable.coerce(em, cost), {}, config.budget_range,
+                        token_weight=0.0)
+    routers, costs = routers_of(em), []
+    for budget in (0.55, 0.7, 0.9):
+        want = {n: int(k) for n, k in
+                teacher.targets(torch.tensor([budget]), torch.tensor([0])).items()}
+        got = {n: int(routers[n].logits(torch.tensor([budget])).argmax()) for n in want}
+        assert got == want, budget
+        costs.append(teacher.mean_cost({n: torch.tensor([k]) for n, k in want.items()}))
+    assert costs[0] < costs[1] < costs[2]  # the targets follow the budget
+    assert done["eval"]["0.6"]["cost"] < done["eval"]["0.9"]["cost"] <= 0.9
+    for bad in ({"shrink_toward": "hidden"}, {"token_weight": 0.3}):
+        with pytest.raises(TrainingError, match="one width per op"):
+            RouterConfig(steps=1, mode="static", signal="measured", **bad).validate()
+
+
 def test_a_run_saved_before_shrink_toward_existed_resumes_only_toward_the_mean(tmp_path):
     """Runs that predate `shrink_toward` shrank toward the mean: resuming one with today's
     default (the hidden state) is refused by name, toward the mean it goes on."""
@@ -316,8 +353,6 @@ def test_a_run_saved_before_shrink_toward_existed_resumes_only_toward_the_mean(t
 
 
 def test_the_measured_signal_refuses_what_it_cannot_teach(zoo_converted):
-    with pytest.raises(TrainingError, match="per-token routers"):
-        RouterConfig(steps=1, mode="static", signal="measured").validate()
     with pytest.raises(TrainingError, match="init_from"):
         RouterConfig(steps=1, mode="dynamic", signal="measured", measure=("mlp",)).validate()
     with pytest.raises(TrainingError, match="kinds of ops"):
@@ -360,3 +395,20 @@ def test_cli_train_routers_with_the_measured_signal(tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:-1] + ["--measure-blocks", "0", "--no-progress"]) == 2
     assert "--measure-blocks" in capsys.readouterr().err
+    # static routers from the same measurements (copied: nothing measured again)
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "measured.pt").write_bytes((run / "measured.pt").read_bytes())
+    with_static = [static if a == str(run) else a for a in args]
+    with_static[with_static.index("dynamic")] = "static"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([str(a) for a in with_static]) == 0
+    assert json.loads((static / "final" / "routers.json").read_text())["mode"] == "static"
+    assert torch.load(static / "measured.pt", weights_only=True)["excess"].keys() == \
+        saved["excess"].keys()
+    json_out = tmp_path / "select.json"
+    assert main(["select", str(static), "--budget", "params=0.8", "--json", str(json_out)]) == 0
+    assert json.loads(json_out.read_text())
+    assert main([str(a) for a in with_static] + ["--shrink-toward", "hidden"]) == 2
+    assert "one width per op" in capsys.readouterr().err

@@ -62,19 +62,21 @@ def add_parser(sub) -> None:
                         "budget so the measured time stays within it (default 3; 0: plan on "
                         "the table's prediction only)")
     p.add_argument("--signal", choices=["surrogate", "measured"], default="surrogate",
-                   help="dynamic/capacity: surrogate (Figure 3), or measured: each op's "
-                        "per-token loss excess measured at every candidate on "
-                        "--measure-blocks blocks per domain, routers fitted to the cheapest "
-                        "choices each budget allows (one pass per op and candidate first)")
+                   help="surrogate (Figure 3), or measured: each op's per-token loss excess "
+                        "measured at every candidate on --measure-blocks blocks per domain, "
+                        "routers fitted to the cheapest choices each budget allows, per token "
+                        "(dynamic, capacity) or per op (static); one pass per op and "
+                        "candidate first")
     p.add_argument("--measure", default="mlp,attention",
                    help="measured: kinds of ops measured (comma-separated); the others keep "
                         "--init-from's static routers")
     p.add_argument("--measure-blocks", type=int, default=4, metavar="N",
                    help="measured: training blocks per domain, spread over its text")
-    p.add_argument("--shrink-toward", choices=["hidden", "mean"], default="hidden",
-                   help="measured: what each token's measured excess is shrunk toward: what "
-                        "the router's input (the hidden state) predicts of it (a ridge "
-                        "regression per op, cross-fitted over the measured blocks), or its "
+    p.add_argument("--shrink-toward", choices=["hidden", "mean"], default=None,
+                   help="measured, per-token routers: what each token's measured excess is "
+                        "shrunk toward: what the router's input (the hidden state) predicts "
+                        "of it (a ridge regression per op, cross-fitted over the measured "
+                        "blocks; the default), or its op's mean. Static routers learn each "
                         "op's mean")
     p.add_argument("--token-weight", type=float, default=None, metavar="W",
                    help="measured: the share of each token's own deviation from that which "

@@ -1,4 +1,4 @@
-"""Dynamic routers taught by measured per-token excess (`train-routers --signal measured`).
+"""Routers taught by measured per-token excess (`train-routers --signal measured`).
 
 The surrogate (route/train.py) and the real loss's gradient (route/joint.py) both left
 per-token routers on SmolLM2 choosing one width per op for every token: a straight-through
@@ -24,6 +24,10 @@ quarters of an MLP is far outside the range where that says which tokens can be 
 3. **fit**: every measured op's router reads (T, h) for a token (h: the router's input at
    full width) and learns k* by cross-entropy; budgets drawn per token from the budget
    range. Only the routers train; no forward pass of the model per step.
+
+Static routers (one width per op for a budget) learn the same way from T alone, their
+targets each op's mean excess (center "mean", token_weight 0): the per-op Lagrangian
+choice, with no surrogate to trust first.
 
 Ops whose kind is not measured keep the routers they start with (`init_from`: a static
 run's, so their width follows the budget alone) and their cost counts in lambda(T).
@@ -319,9 +323,12 @@ def measured_step(teacher: Teacher, routers: dict, rows: torch.Tensor,
     loss, agree, picks = 0.0, 0.0, {}
     for name, k in want.items():
         r = routers[name]
-        device = r.w_out.weight.device
-        logits = r.logits(budget.to(device),
-                          teacher.hidden[name][rows][:, None, :].to(device))[:, 0]
+        device = next(r.parameters()).device
+        if r.kind == "static":  # one width per op for a budget: from T alone
+            logits = r.logits(budget.to(device))
+        else:
+            logits = r.logits(budget.to(device),
+                              teacher.hidden[name][rows][:, None, :].to(device))[:, 0]
         loss = loss + F.cross_entropy(logits.float(), k.to(device))
         picks[name] = logits.detach().argmax(-1).cpu()
         agree += float((picks[name] == k).float().mean())
@@ -345,7 +352,9 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
 
     routers = routers_of(em)
     others = {n: r for n, r in routers.items() if n not in excess}
-    hidden = router_inputs(em, routers, tokens, config.batch)
+    # static routers read the budget alone (and their targets are each op's mean excess)
+    hidden = {} if config.mode == "static" else router_inputs(em, routers, tokens,
+                                                                config.batch)
     center = None
     if config.shrink_toward == "hidden":
         center, explained = predicted_excess(excess, hidden, tokens.shape[0])

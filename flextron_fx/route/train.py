@@ -19,8 +19,9 @@ Dynamic routers start from scratch (the paper) or, with `init_from`, as a traine
 router run's routers (`DynamicRouter.start_from`). With `surrogate_level="token"` the
 surrogate predicts each token's loss from its own decisions and final hidden state (and,
 with `surrogate_context`, the mean decisions of the token and those before it). With
-`signal="measured"` there is no surrogate: dynamic routers learn per-token targets from
-each op's loss excess measured at every candidate (route/measured.py).
+`signal="measured"` there is no surrogate: routers learn targets from each op's loss
+excess measured at every candidate, per token (dynamic, capacity) or per op for a budget
+(static) (route/measured.py).
 
 Checkpoints, exact resume, SIGTERM safety and the metrics log work as in `train-elastic`
 (the same helpers); `curves.png` shows surrogate MSE, LM loss and latency loss over steps
@@ -128,8 +129,8 @@ class RouterConfig:
     init_from: str | None = None  # dynamic/capacity: start from this static router run
     # capacity, latency: rounds per batch of the end-of-run timing (calibrate_capacity)
     capacity_timing_reps: int = 0
-    # "surrogate" (Figure 3) or "measured" (dynamic/capacity: routers learn per-token
-    # targets from each op's measured excess at every candidate, route/measured.py)
+    # "surrogate" (Figure 3) or "measured" (routers learn targets from each op's measured
+    # excess at every candidate, route/measured.py: per token, or per op for static ones)
     signal: str = "surrogate"
     measure: tuple[str, ...] = ("mlp", "attention")  # measured: the kinds of ops measured
     # measured: what a position's excess is shrunk toward, "hidden" (what its op's router
@@ -137,18 +138,22 @@ class RouterConfig:
     # and the share of its own deviation from that its target keeps (1: as measured).
     # Default 0 toward hidden, 0.3 toward mean: on SmolLM2 the best of each, and hidden
     # beat mean at every budget (docs/ROUTERS.md, "Shrunk toward what the hidden state
-    # predicts")
-    shrink_toward: str = "hidden"
+    # predicts"). Static routers pick one width per op for a budget: their targets are
+    # each op's mean excess (None: "mean" and 0 for them, "hidden" for the others)
+    shrink_toward: str | None = None
     token_weight: float | None = None
     extra: dict = field(default_factory=dict)
     # what a run saved before a field existed ran with, where that is not today's default
     # (check_resume compares a resumed run against it)
     BEFORE_FIELD: ClassVar[dict] = {"shrink_toward": "mean"}
 
-    def __post_init__(self) -> None:
-        if self.token_weight is None:  # frozen: set once, here
+    def __post_init__(self) -> None:  # frozen: defaults resolved once, here
+        static = self.mode == "static"
+        if self.shrink_toward is None:
+            object.__setattr__(self, "shrink_toward", "mean" if static else "hidden")
+        if self.token_weight is None:
             object.__setattr__(self, "token_weight",
-                               0.0 if self.shrink_toward == "hidden" else 0.3)
+                               0.0 if static or self.shrink_toward == "hidden" else 0.3)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -194,9 +199,12 @@ class RouterConfig:
         if self.signal not in SIGNALS:
             raise TrainingError(f"signal must be one of {list(SIGNALS)}, got {self.signal!r}")
         if self.signal == "measured":
-            if self.mode == "static":
-                raise TrainingError("the measured signal teaches per-token routers: use mode "
-                                    "'dynamic' or 'capacity'")
+            if self.mode == "static" and (self.shrink_toward, self.token_weight) != ("mean", 0):
+                raise TrainingError(
+                    f"static routers pick one width per op for a budget, taught by each op's "
+                    f"mean measured excess; shrink_toward {self.shrink_toward!r} and "
+                    f"token_weight {self.token_weight} are for per-token routers: leave them "
+                    "unset (or use mode 'dynamic')")
             if not self.measure or set(self.measure) - {"mlp", "attention"}:
                 raise TrainingError(f"measure names kinds of ops, 'mlp' and/or 'attention'; "
                                     f"got {list(self.measure)}")
