@@ -352,9 +352,10 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
 
     routers = routers_of(em)
     others = {n: r for n, r in routers.items() if n not in excess}
-    # static routers read the budget alone (and their targets are each op's mean excess)
-    hidden = {} if config.mode == "static" else router_inputs(em, routers, tokens,
-                                                                config.batch)
+    static = config.mode == "static"
+    if static:  # read the budget alone; every position's target is its op's mean excess's
+        excess = {n: e.mean(0, keepdim=True) for n, e in excess.items()}
+    hidden = {} if static else router_inputs(em, routers, tokens, config.batch)
     center = None
     if config.shrink_toward == "hidden":
         center, explained = predicted_excess(excess, hidden, tokens.shape[0])
@@ -376,7 +377,8 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
     gen = torch.Generator().manual_seed(config.seed)
     summary = run_steps(
         run, config, groups, torch.device("cpu"), ckpt, module, optimizer, scheduler, gen,
-        lambda rows: measured_step(teacher, routers, rows.flatten(), config.budget_range, gen),
+        lambda rows: measured_step(teacher, routers, rows.flatten() * (not static),
+                                   config.budget_range, gen),
         info=info, desc="train-routers (measured)", plot=plot_measured_run,
         postfix=lambda row: {"ce": f"{row['ce']:.3f}", "agree": f"{row['agree']:.3f}"},
         progress=progress, max_seconds=max_seconds)
