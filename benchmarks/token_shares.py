@@ -14,8 +14,9 @@ Printed per domain: the token-averaged width fraction of MLP and attention ops, 
 token-averaged predicted cost (fraction of the full model's) and the held-out loss; the
 JSON holds every op's shares. Then Figure 9's claim layer by layer (`versus_prose` in the
 JSON): for every domain that is not English prose (Wikipedia, arXiv, books), at how many
-layers of each kind its tokens got a narrower mean width than every prose domain's. The plot is one heatmap per kind of op: domains by layer,
-colour the mean width fraction its tokens got.
+layers of each kind its tokens got a narrower mean width than every prose domain's. The
+plot is one heatmap per kind of op: domains by layer, colour the mean width fraction its
+tokens got.
 
 `--narrow F`: also, per domain, how much each kind of op's width matters on that text:
 the loss of the same tokens through the elastic model without routers at full width, with

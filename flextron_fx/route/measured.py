@@ -353,7 +353,7 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
     routers = routers_of(em)
     others = {n: r for n, r in routers.items() if n not in excess}
     static = config.mode == "static"
-    if static:  # read the budget alone; every position's target is its op's mean excess's
+    if static:  # they read the budget alone, and learn each op's mean excess
         excess = {n: e.mean(0, keepdim=True) for n, e in excess.items()}
     hidden = {} if static else router_inputs(em, routers, tokens, config.batch)
     center = None
