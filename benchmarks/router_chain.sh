@@ -49,7 +49,7 @@ train() {
     fi
     log "run $* $run ${resume[*]:-}"
     local rc=0
-    "$FX" "$@" "$run" "${resume[@]}" "${LIMIT[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
+    "$FX" "$@" "$run" "${resume[@]}" "${LIMIT[@]}" 2>&1 | tr '\r' '\n' | grep -v -E "[0-9]+%\|" \
         >>"$R/chain.log" || rc=${PIPESTATUS[0]}
     if [[ $rc != 0 ]]; then log "failed in $run (exit $rc; see $R/chain.log)"; exit 4; fi
     if ! finished "$run"; then
