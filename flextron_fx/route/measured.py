@@ -377,8 +377,9 @@ def fit_measured(em: ElasticModel, excess: dict, tokens: torch.Tensor, run: Path
     gen = torch.Generator().manual_seed(config.seed)
     summary = run_steps(
         run, config, groups, torch.device("cpu"), ckpt, module, optimizer, scheduler, gen,
-        lambda rows: measured_step(teacher, routers, rows.flatten() * (not static),
-                                   config.budget_range, gen),
+        lambda rows: measured_step(  # static: every position reads its op's mean, row 0
+            teacher, routers, rows.flatten() if not static else torch.zeros_like(
+                rows.flatten()), config.budget_range, gen),
         info=info, desc="train-routers (measured)", plot=plot_measured_run,
         postfix=lambda row: {"ce": f"{row['ce']:.3f}", "agree": f"{row['agree']:.3f}"},
         progress=progress, max_seconds=max_seconds)
