@@ -53,23 +53,70 @@ def test_measured_excess_is_each_ops_own_narrowed_loss_minus_full(tmp_path, zoo_
 def test_an_interrupted_measurement_measures_only_what_is_missing(tmp_path, zoo_converted,
                                                                   monkeypatch):
     _, em = zoo_converted("llama")
-    tokens = self_sampled_tokens(em, n=4, seq=7)
+    tokens = self_sampled_tokens(em, n=6, seq=7)
     data, path = data_fingerprint(tokens), tmp_path / "measured.pt"
-    whole = M.measure_excess(em, tokens, None, progress=False)
-    mlp = M.measure_excess(em, tokens, path, kinds=("mlp",), data=data, progress=False)
+    whole = M.measure_excess(em, tokens, None, batch=2, progress=False)
+    mlp = M.measure_excess(em, tokens, path, kinds=("mlp",), batch=2, data=data,
+                           progress=False)
     assert set(mlp) == {n for n, op in em.ops.items() if op.kind == "mlp"}
-    passes = []
-    real = M.token_nll
-    monkeypatch.setattr(M, "token_nll", lambda *a: passes.append(1) or real(*a))
-    both = M.measure_excess(em, tokens, path, data=data, progress=False)
+    passes = {"full": 0, "narrowed": 0}
+    real_full, real_nll = M.Rerun.full, M.Rerun.nll
+
+    def full(self, ids):
+        passes["full"] += 1
+        return real_full(self, ids)
+
+    def crash_in_third_batch(self, name, width):
+        passes["narrowed"] += 1
+        if passes["full"] == 3:
+            raise KeyboardInterrupt
+        return real_nll(self, name, width)
+
+    monkeypatch.setattr(M.Rerun, "full", full)
+    monkeypatch.setattr(M.Rerun, "nll", crash_in_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        M.measure_excess(em, tokens, path, batch=2, data=data, progress=False)
     attention = [n for n, op in em.ops.items() if op.kind == "attention"]
-    # one full-width pass, then one per attention op and narrower candidate; none for MLPs
-    assert len(passes) == 1 + sum(len(em.ops[n].candidates) - 1 for n in attention)
+    per_batch = sum(len(em.ops[n].candidates) - 1 for n in attention)
+    assert passes == {"full": 3, "narrowed": 2 * per_batch + 1}  # none for the MLPs
+    # the first two batches were saved; the rest is measured on resuming, nothing twice
+    passes.update(full=0, narrowed=0)
+    monkeypatch.setattr(M.Rerun, "nll", lambda self, *a: passes.update(
+        narrowed=passes["narrowed"] + 1) or real_nll(self, *a))
+    both = M.measure_excess(em, tokens, path, batch=2, data=data, progress=False)
+    assert passes == {"full": 1, "narrowed": per_batch}
     for n in whole:
         torch.testing.assert_close(both[n], whole[n])
     with pytest.raises(TrainingError, match="other text"):
         M.measure_excess(em, tokens[:2], path, data=data_fingerprint(tokens[:2]),
                          progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_narrowed_op_reruns_only_the_graph_downstream_of_its_width(zoo_converted, arch):
+    _, em = zoo_converted(arch)
+    tokens = self_sampled_tokens(em, n=2, seq=9)
+    names = list(em.ops)
+    rerun = M.Rerun(em, names)
+    ran = []
+    real = rerun.interpreter.run_node
+    rerun.interpreter.run_node = lambda node: ran.append(node) or real(node)
+    with torch.no_grad():
+        full = rerun.full(tokens)
+        torch.testing.assert_close(full, _nll(em, tokens, 1.0))
+        counts = {}
+        for name in names:
+            ran.clear()
+            width = em.ops[name].candidates[0]
+            got = rerun.nll(name, width)
+            torch.testing.assert_close(got, _nll(em, tokens, {name: width}), atol=1e-6,
+                                       rtol=1e-5)
+            counts[name] = len(ran)
+    graph = len(em.graph_module.graph.nodes)
+    assert counts[names[0]] < graph and counts[names[-1]] < graph / 2
+    assert [counts[n] for n in names] == sorted((counts[n] for n in names), reverse=True)
+    # nothing of the model before the narrowed op runs again: not even the embedding
+    assert not any(n.op == "placeholder" for n in ran)
 
 
 def _teacher(em, n=400, seed=0, others=None, budget_range=(0.45, 0.95), token_weight=1.0):

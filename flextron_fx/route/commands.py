@@ -65,8 +65,8 @@ def add_parser(sub) -> None:
                    help="surrogate (Figure 3), or measured: each op's per-token loss excess "
                         "measured at every candidate on --measure-blocks blocks per domain, "
                         "routers fitted to the cheapest choices each budget allows, per token "
-                        "(dynamic, capacity) or per op (static); one pass per op and "
-                        "candidate first")
+                        "(dynamic, capacity) or per op (static); first one pass per op "
+                        "and candidate over the graph downstream of the op")
     p.add_argument("--measure", default="mlp,attention",
                    help="measured: kinds of ops measured (comma-separated); the others keep "
                         "--init-from's static routers")

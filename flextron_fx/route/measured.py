@@ -9,8 +9,10 @@ quarters of an MLP is far outside the range where that says which tokens can be 
 1. **measure**: per op and candidate k, one pass over the text with that op at k for every
    token and every other op at full width; a token's excess e[op, t, k] is its own
    next-token loss there minus at full width (the oracle of `benchmarks/token_shares.py
-   --per-op`, at every candidate). One pass per op and candidate, saved op by op to
-   `RUN/measured.pt`, so an interrupted run measures only what is missing.
+   --per-op`, at every candidate). Per batch one full-width pass, then per op and
+   candidate only the part of the graph the op's width reaches (`Rerun`: about half of
+   SmolLM2 for the average op); saved batch by batch to `RUN/measured.pt`, so an
+   interrupted run measures only what is missing.
 2. **targets**: for budget T, the cheapest sum of excesses the budget allows, op by op and
    token by token: k*(t) = argmin_k e'[op, t, k] + lambda(T) * cost[op, k] / full cost,
    with lambda(T) set by bisection so the token-mean cost of the targets (and of the
@@ -47,11 +49,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .._atomic import write_atomic
-from ..elastic.model import ElasticModel
+from ..elastic.model import ElasticModel, check_call
 from ..errors import TrainingError
 from ..passes.inject_routers import budget_source, router_mode, routers_of
 from .costs import CostTable
@@ -78,9 +80,13 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
                    progress: bool = True) -> dict[str, torch.Tensor]:
     """{op: [n * (seq - 1), K] excess}: column k is every position's next-token loss with
     that op alone at candidate k (every token) minus at full width; the last column (full
-    width) is zero. `em` has no routers. Ops of `kinds` only. With `path`, every op is
-    saved as soon as it is measured (with `data`, the text's fingerprint) and ops already
-    there for the same text and candidates are not measured again."""
+    width) is zero. `em` has no routers. Ops of `kinds` only.
+
+    Batch by batch: one full-width pass, then per op and narrower candidate only the part
+    of the graph that op's width reaches (`Rerun`; on SmolLM2 about half the model on
+    average). With `path`, what is measured is saved after every batch (with `data`, the
+    text's fingerprint), and positions already there for the same text and candidates are
+    not measured again."""
     if router_mode(em) is not None:
         raise TrainingError("measuring excess sets each op's width; the model has routers. "
                             "Measure on the elastic model before injecting routers")
@@ -91,29 +97,108 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
     path = None if path is None else Path(path)
     done = _read(path, data, em) if path is not None and path.is_file() else {}
     done = {n: v for n, v in done.items() if n in names}
-    if done and progress:
-        print(f"reusing {len(done)} of {len(names)} measured ops from {path}")
-    todo = [n for n in names if n not in done]
-    if not todo:
+    per_block = tokens.shape[1] - 1
+    total = tokens.shape[0] * per_block
+    rows = {n: done[n].shape[0] if n in done else 0 for n in names}
+    if progress and any(rows.values()):
+        print(f"reusing {path}: {sum(rows.values()):,} of {len(names) * total:,} op "
+              "positions already measured")
+    starts = range(0, tokens.shape[0], batch)
+    need = [[n for n in names if rows[n] < min(i + batch, tokens.shape[0]) * per_block]
+            for i in starts]
+    if not any(need):
         return done
-    with em.at(1.0):
-        full = token_nll(em, tokens, batch)
-    bar = tqdm(total=sum(len(em.ops[n].candidates) - 1 for n in todo), disable=not progress,
-               desc="measuring excess", unit="pass", dynamic_ncols=True)
+    rerun = Rerun(em, names)
+    device = next(em.parameters()).device
+    bar = tqdm(total=sum(len(em.ops[n].candidates) - 1 for ops in need for n in ops),
+               disable=not progress, desc="measuring excess", unit="pass", dynamic_ncols=True)
     try:
-        for name in todo:
-            columns = []
-            for width in em.ops[name].candidates[:-1]:
-                with em.at(1.0), em.at({name: width}):
-                    columns.append(token_nll(em, tokens, batch) - full)
-                bar.update(1)
-            columns.append(torch.zeros_like(full))
-            done[name] = torch.stack(columns, -1)
+        for i, ops in zip(starts, need):
+            if not ops:
+                continue
+            ids = tokens[i:i + batch].to(device)
+            with torch.inference_mode():
+                full = rerun.full(ids)
+                for name in ops:
+                    columns = []
+                    for width in em.ops[name].candidates[:-1]:
+                        columns.append(rerun.nll(name, width) - full)
+                        bar.update(1)
+                    columns.append(torch.zeros_like(full))
+                    new = torch.stack(columns, -1)[rows[name] - i * per_block:]
+                    done[name] = new if name not in done else torch.cat([done[name], new])
+                    rows[name] = done[name].shape[0]
             if path is not None:
                 _write(path, done, data, em)
     finally:
         bar.close()
     return done
+
+
+class Rerun:
+    """One op's excess without running the whole model again: `full(ids)` runs the graph
+    at full width and keeps the values that the part downstream of any op's width node
+    reads; `nll(op, width)` then runs only that part (torch.fx's partial evaluation,
+    `Interpreter.run(initial_env=...)`), every other value taken from the full pass.
+
+    Exact: nothing upstream of an op's width node, nor beside it, depends on its width. On
+    a decoder the part after layer l is the rest of the stack and the head, about half the
+    model for the average op."""
+
+    def __init__(self, em: ElasticModel, names):
+        self.em = em
+        gm = em.graph_module
+        self.interpreter = fx.Interpreter(gm)
+        nodes = list(gm.graph.nodes)
+        width = em.width_nodes()
+        self.before: dict[str, list[fx.Node]] = {}  # each op's nodes its width does not reach
+        read = set()  # values some op's part reads from outside it
+        for name in names:
+            reached = {width[name]}
+            for node in nodes:  # graph order is topological
+                if any(i in reached for i in node.all_input_nodes):
+                    reached.add(node)
+            self.before[name] = [n for n in nodes if n not in reached]
+            read |= {i for n in reached for i in n.all_input_nodes if i not in reached}
+        self.read = read
+        self.values: dict[fx.Node, object] = {}
+        self.ids = None
+
+    def full(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token losses of `ids` at full width; keeps what `nll` reads."""
+        check_call((ids,), self.em.sample_shape)
+        keeping = _Keeping(self.em.graph_module, self.read)
+        with self.em.at(1.0):
+            out = keeping.run(ids)
+        self.values, self.ids = keeping.kept, ids
+        return self._losses(out)
+
+    def nll(self, name: str, width: int) -> torch.Tensor:
+        """Token losses of the last `full` batch with op `name` at `width`, others full."""
+        env = {n: self.values.get(n) for n in self.before[name]}  # None: never read
+        with self.em.at(1.0), self.em.at({name: width}):
+            out = self.interpreter.run(self.ids, initial_env=env)
+        return self._losses(out)
+
+    def _losses(self, out) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else out
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return token_losses(logits, self.ids).flatten().float().cpu()
+
+
+class _Keeping(fx.Interpreter):
+    """Runs a graph and keeps the values of the nodes in `keep`."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set):
+        super().__init__(gm)
+        self.keep, self.kept = keep, {}
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        if node in self.keep:
+            self.kept[node] = value
+        return value
 
 
 def _write(path: Path, excess: dict, data: dict | None, em: ElasticModel) -> None:
