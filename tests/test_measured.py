@@ -92,6 +92,27 @@ def test_an_interrupted_measurement_measures_only_what_is_missing(tmp_path, zoo_
                          progress=False)
 
 
+def test_measuring_stops_after_an_op_when_its_time_is_up_and_resumes(tmp_path,
+                                                                      zoo_converted):
+    _, em = zoo_converted("gpt2")
+    tokens = self_sampled_tokens(em, n=4, seq=7)
+    data, path = data_fingerprint(tokens), tmp_path / "measured.pt"
+    whole = M.measure_excess(em, tokens, None, batch=2, progress=False)
+    first, *rest = list(em.ops)
+    for _ in range(len(em.ops)):  # one op a call: its rows of one batch, then the next's
+        assert M.measure_excess(em, tokens, path, batch=2, data=data, progress=False,
+                                max_seconds=0) is None
+    saved = torch.load(path, weights_only=True)["excess"]
+    assert {n: e.shape[0] for n, e in saved.items()} == {n: 12 for n in em.ops}
+    assert M.measure_excess(em, tokens, path, batch=2, data=data, progress=False,
+                            max_seconds=0) is None
+    saved = torch.load(path, weights_only=True)["excess"]
+    assert saved[first].shape[0] == 24 and all(saved[n].shape[0] == 12 for n in rest)
+    got = M.measure_excess(em, tokens, path, batch=2, data=data, progress=False)
+    for n in whole:
+        torch.testing.assert_close(got[n], whole[n])
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_narrowed_op_reruns_only_the_graph_downstream_of_its_width(zoo_converted, arch):
     _, em = zoo_converted(arch)
@@ -427,7 +448,11 @@ def test_cli_train_routers_with_the_measured_signal(tmp_path, capsys):
             "--eval-tokens", "32", "--budget-range", "0.6", "1.0", "--no-progress"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(args) == 0
+        assert main(args + ["--max-minutes", "0"]) == 0  # stops after measuring one op
+        stopped = json.loads((run / "summary.json").read_text())
+        assert stopped["status"] == "stopped" and stopped["stage"] == "measuring"
+        assert len(torch.load(run / "measured.pt", weights_only=True)["excess"]) == 1
+        assert main(args) == 0  # goes on from there
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done" and len(read_metrics(run)) == 4
     # by default shrunk toward the hidden state's prediction, its share explained reported

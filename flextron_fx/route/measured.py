@@ -45,6 +45,7 @@ predicts").
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from .._atomic import write_atomic
 from ..elastic.model import ElasticModel, check_call
 from ..errors import TrainingError
 from ..passes.inject_routers import budget_source, router_mode, routers_of
+from ..train.loop import _Stop
 from .costs import CostTable
 from .train import token_losses
 
@@ -77,7 +79,8 @@ def token_nll(em: ElasticModel, tokens: torch.Tensor, batch: int) -> torch.Tenso
 
 def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | None,
                    kinds=("mlp", "attention"), batch: int = 4, data: dict | None = None,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
+                   progress: bool = True,
+                   max_seconds: float | None = None) -> dict[str, torch.Tensor] | None:
     """{op: [n * (seq - 1), K] excess}: column k is every position's next-token loss with
     that op alone at candidate k (every token) minus at full width; the last column (full
     width) is zero. `em` has no routers. Ops of `kinds` only.
@@ -86,7 +89,8 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
     of the graph that op's width reaches (`Rerun`; on SmolLM2 about half the model on
     average). With `path`, what is measured is saved after every batch (with `data`, the
     text's fingerprint), and positions already there for the same text and candidates are
-    not measured again."""
+    not measured again. On SIGTERM or Ctrl-C, or after `max_seconds`, it saves what it has
+    after the op being measured and returns None (run it again to go on)."""
     if router_mode(em) is not None:
         raise TrainingError("measuring excess sets each op's width; the model has routers. "
                             "Measure on the elastic model before injecting routers")
@@ -112,13 +116,13 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
     device = next(em.parameters()).device
     bar = tqdm(total=sum(len(em.ops[n].candidates) - 1 for ops in need for n in ops),
                disable=not progress, desc="measuring excess", unit="pass", dynamic_ncols=True)
+    start = time.perf_counter()
     try:
-        for i, ops in zip(starts, need):
-            if not ops:
-                continue
-            ids = tokens[i:i + batch].to(device)
-            with torch.inference_mode():
-                full = rerun.full(ids)
+        with _Stop() as stop, torch.inference_mode():
+            for i, ops in zip(starts, need):
+                if not ops:
+                    continue
+                full = rerun.full(tokens[i:i + batch].to(device))
                 for name in ops:
                     columns = []
                     for width in em.ops[name].candidates[:-1]:
@@ -128,8 +132,13 @@ def measure_excess(em: ElasticModel, tokens: torch.Tensor, path: str | Path | No
                     new = torch.stack(columns, -1)[rows[name] - i * per_block:]
                     done[name] = new if name not in done else torch.cat([done[name], new])
                     rows[name] = done[name].shape[0]
-            if path is not None:
-                _write(path, done, data, em)
+                    late = max_seconds is not None and time.perf_counter() - start > max_seconds
+                    if stop.requested or late:
+                        if path is not None:
+                            _write(path, done, data, em)
+                        return None
+                if path is not None:
+                    _write(path, done, data, em)
     finally:
         bar.close()
     return done

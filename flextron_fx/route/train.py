@@ -509,8 +509,8 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     token blocks `tokens` [n, seq] against `cost` (a `CostTable`, a profiler `CostModel` or
     {op: [cost per candidate]}); checkpoints and metrics go to `run`.
 
-    The backbone stays frozen. On SIGTERM or Ctrl-C the run checkpoints and returns;
-    `resume=True` continues from the newest checkpoint exactly as if never stopped. With
+    The backbone stays frozen. On SIGTERM or Ctrl-C the run checkpoints and returns (while
+    measuring excess, `signal="measured"`: it saves what it measured); `resume=True` continues from the newest checkpoint exactly as if never stopped. With
     `heldout`, the summary holds each of `eval_budgets`' held-out loss and predicted cost.
 
     Example:
@@ -540,7 +540,11 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
         from .measured import FILE, measure_excess
 
         excess = measure_excess(em, tokens, run / FILE, config.measure, config.batch, data,
-                                progress)
+                                progress, max_seconds)
+        if excess is None:  # stopped while measuring; what it measured is in RUN/measured.pt
+            return {"status": "stopped", "step": 0, "tokens": 0, "elapsed_s": 0.0,
+                    "stage": "measuring", "mode": config.mode, "metric": config.metric,
+                    "budget_range": list(config.budget_range)}
     if mode is None:
         static = None
         if config.init_from is not None and ckpt is None:  # a resumed run loads its own
