@@ -420,6 +420,25 @@ def test_a_run_saved_before_shrink_toward_existed_resumes_only_toward_the_mean(t
         check_resume(tmp_path, state, replace(old, shrink_toward="hidden"), data)
 
 
+def test_resuming_compares_only_the_settings_a_runs_signal_reads(tmp_path):
+    """A surrogate run saved before the measured signal's fields existed resumes; one that
+    differs in a setting it reads is refused, and measured runs ignore surrogate fields."""
+    old = RouterConfig(steps=6, mode="dynamic")
+    saved = json.loads(json.dumps(asdict(old)))
+    for name in ("shrink_toward", "token_weight", "measure"):
+        del saved[name]
+    data = {"blocks": 6, "seq": 8, "sha256": "0"}
+    state = {"config": saved, "data": data}
+    check_resume(tmp_path, state, old, data)
+    with pytest.raises(TrainingError, match="tau"):
+        check_resume(tmp_path, state, replace(old, tau=0.5), data)
+    measured = RouterConfig(steps=6, mode="dynamic", signal="measured")
+    state = {"config": json.loads(json.dumps(asdict(measured))), "data": data}
+    check_resume(tmp_path, state, replace(measured, tau=0.5, memory=64), data)
+    with pytest.raises(TrainingError, match="token_weight"):
+        check_resume(tmp_path, state, replace(measured, token_weight=0.3), data)
+
+
 def test_the_measured_signal_refuses_what_it_cannot_teach(zoo_converted):
     with pytest.raises(TrainingError, match="init_from"):
         RouterConfig(steps=1, mode="dynamic", signal="measured", measure=("mlp",)).validate()

@@ -146,6 +146,16 @@ class RouterConfig:
     # what a run saved before a field existed ran with, where that is not today's default
     # (check_resume compares a resumed run against it)
     BEFORE_FIELD: ClassVar[dict] = {"shrink_toward": "mean"}
+    # fields that only one signal reads (check_resume ignores the other signal's)
+    SURROGATE_ONLY: ClassVar[tuple] = (
+        "surrogate_lr", "latency_weight", "budget_loss", "tau", "surrogate_threshold",
+        "surrogate_explained", "surrogate_warmup", "target", "surrogate_level",
+        "surrogate_context", "surrogate_hidden", "memory")
+    MEASURED_ONLY: ClassVar[tuple] = ("measure", "shrink_toward", "token_weight")
+
+    def unused_fields(self) -> set[str]:
+        """Fields this run's signal does not read: a resumed run may differ on them."""
+        return set(self.SURROGATE_ONLY if self.signal == "measured" else self.MEASURED_ONLY)
 
     def __post_init__(self) -> None:  # frozen: defaults resolved once, here
         static = self.mode == "static"

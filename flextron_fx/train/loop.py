@@ -457,8 +457,9 @@ def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) 
     # runs older than a field ran with its default then: today's, or BEFORE_FIELD's
     defaults = {f.name: f.default for f in fields(config)}
     defaults.update(getattr(config, "BEFORE_FIELD", {}))
+    unused = config.unused_fields() if hasattr(config, "unused_fields") else set()
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
-            if k not in ("steps", "extra") and saved.get(k, defaults[k]) != v}
+            if k not in ("steps", "extra", *unused) and saved.get(k, defaults[k]) != v}
     if diff:
         raise TrainingError(f"resuming {run} with different settings {diff} (saved, "
                             "given); resume with the run's own settings")
