@@ -451,7 +451,8 @@ def data_fingerprint(tokens: torch.Tensor) -> dict:
 
 def check_resume(run: Path, saved_state: dict, config: TrainConfig, data: dict) -> None:
     """Refuse to resume `run` when the settings, the number of steps or the training data
-    differ from those of its checkpoint (`saved_state`, its state.json)."""
+    differ from those of its checkpoint (`saved_state`, its state.json). Settings the run
+    does not read (the config's `unused_fields()`, where it has one) are not compared."""
     saved = saved_state["config"]
     mine = json.loads(json.dumps(asdict(config)))
     # runs older than a field ran with its default then: today's, or BEFORE_FIELD's
