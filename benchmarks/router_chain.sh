@@ -23,7 +23,7 @@
 #                static and capacity timing (dynamic_vs_static.py), profile-check of the
 #                prefill table (some hours after profile) and of a decode table
 # Alone on a 2-core CPU: convert 3-4 min, train about 16-20 s a step, lut 3 min, dynamic
-# routers 42 min (measuring 6 blocks per domain: 36 min, 2026-12-05), static routers a
+# routers 42 min (measuring 6 blocks per domain: 37 min, 2026-12-05), static routers a
 # minute or two, benchmarks about two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
