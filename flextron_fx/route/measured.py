@@ -57,7 +57,7 @@ from .._atomic import write_atomic
 from ..elastic.model import ElasticModel, check_call
 from ..errors import TrainingError
 from ..passes.inject_routers import budget_source, router_mode, routers_of
-from ..train.loop import _Stop
+from ..train.loop import _logits, _Stop
 from .costs import CostTable
 from .train import token_losses
 
@@ -190,10 +190,7 @@ class Rerun:
         return self._losses(out)
 
     def _losses(self, out) -> torch.Tensor:
-        logits = out.logits if hasattr(out, "logits") else out
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        return token_losses(logits, self.ids).flatten().float().cpu()
+        return token_losses(_logits(out), self.ids).flatten().float().cpu()
 
 
 class _Keeping(fx.Interpreter):

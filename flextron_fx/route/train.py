@@ -520,8 +520,9 @@ def train_routers(em: ElasticModel, tokens: torch.Tensor, run: str | Path, confi
     {op: [cost per candidate]}); checkpoints and metrics go to `run`.
 
     The backbone stays frozen. On SIGTERM or Ctrl-C the run checkpoints and returns (while
-    measuring excess, `signal="measured"`: it saves what it measured); `resume=True` continues from the newest checkpoint exactly as if never stopped. With
-    `heldout`, the summary holds each of `eval_budgets`' held-out loss and predicted cost.
+    measuring excess, `signal="measured"`: it saves what it measured); `resume=True`
+    continues from the newest checkpoint exactly as if never stopped. With `heldout`, the
+    summary holds each of `eval_budgets`' held-out loss and predicted cost.
 
     Example:
         >>> cfg = RouterConfig(steps=300, mode="static")                   # doctest: +SKIP
